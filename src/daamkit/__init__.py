@@ -1,3 +1,24 @@
-"""daamkit: Diffusion Attentive Attribution Maps for diffusers pipelines."""
+"""daamkit: Diffusion Attentive Attribution Maps for diffusers pipelines.
+
+```python
+from daamkit import trace
+with trace(pipe) as tc:
+    image = pipe("a dog on a bench").images[0]
+    dog = tc.heat_maps(0).word("dog")
+```
+"""
+
+from .aggregate import AggregationConfig, LayerInfo
+from .trace import SUPPORTED_FAMILIES, Trace, TraceError, UnsupportedPipelineError, trace
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AggregationConfig",
+    "LayerInfo",
+    "SUPPORTED_FAMILIES",
+    "Trace",
+    "TraceError",
+    "UnsupportedPipelineError",
+    "trace",
+]

@@ -1,0 +1,259 @@
+"""Streaming aggregation of per-layer attention maps into DAAM heat maps.
+
+Capture hands us, for every traced attention call, the probabilities of image queries over text keys
+for the images of one branch (conditional or negative). We fold them into running sums at once, so
+memory is O(images x tokens x grid) and does not grow with the number of steps; per-step, per-layer
+or per-head tensors are only kept when the user asks for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Mode = Literal["daam", "reference"]
+BLOCKS = ("down", "mid", "up", "single", "joint", "double")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One traced text-image attention module."""
+
+    name: str  # module path in the denoiser, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    block: str  # "down" / "mid" / "up" for UNets; "joint" / "double" / "single" for transformers
+    index: int  # position among the traced layers, in forward order
+    heads: int
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """What to aggregate and what to keep. The defaults follow the DAAM definition.
+
+    steps: denoising steps to include (0-based index of the denoiser call within a generation);
+        ``None`` = all. A ``range`` or any sequence of ints.
+    layers: layer selectors; a selector is a block kind (``"down"``, ``"mid"``, ``"up"``), a name
+        prefix (``"up_blocks.1"``) or a full module name. ``None`` = all cross-attention layers.
+    factors: keep only layers whose grid is the latent grid downsampled by one of these factors
+        (SD 1.5 at 512 px: 1 -> 64x64, 2 -> 32x32, 4 -> 16x16, 8 -> 8x8 mid block).
+    heads: head indices to include; ``None`` = all.
+    keep_steps / keep_layers / keep_heads: keep separate sums per step / layer / head so that
+        ``Trace.heat_maps`` can select them after the run (costs memory proportional to that count).
+    negative: also aggregate the negative-prompt (unconditional) branch of classifier-free guidance.
+    mode: ``"daam"`` upsamples every call's head-averaged map bicubically to the grid, clamps at 0 and
+        sums; ``"reference"`` reproduces PyPI ``daam`` 0.2.0 exactly (see ``reference()``).
+    grid: (height, width) of the aggregation grid; ``None`` = the latent grid of the generation.
+    """
+
+    steps: Sequence[int] | range | None = None
+    layers: Sequence[str] | None = None
+    factors: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+    keep_steps: bool = False
+    keep_layers: bool = False
+    keep_heads: bool = False
+    negative: bool = False
+    mode: Mode = "daam"
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("daam", "reference"):
+            raise ValueError(f"mode must be 'daam' or 'reference', got {self.mode!r}")
+        if self.mode == "reference" and (self.keep_steps or self.keep_layers or self.keep_heads):
+            raise ValueError("the 'reference' mode keeps per-layer/head sums internally; keep_* options are not allowed")
+        if self.steps is not None and any(int(s) < 0 for s in self.steps):
+            raise ValueError(f"steps must be non-negative step indices, got {list(self.steps)}")
+        if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
+            raise ValueError(f"grid must be (height, width) with positive sizes, got {self.grid}")
+
+    @classmethod
+    def reference(cls, **overrides: object) -> AggregationConfig:
+        """The preset that reproduces PyPI ``daam`` 0.2.0.
+
+        For each cross-attention layer of the down and up blocks (mid block excluded) and each head,
+        the conditional branch's probabilities over the text keys are summed over all steps at the
+        layer's own resolution; each (layer, head) sum is then upsampled bicubically
+        (``align_corners=False``) to the latent grid, clamped at 0, and the result is the mean over
+        all (layer, head) pairs.
+        """
+        base = dict(layers=("down", "up"), mode="reference")
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> AggregationConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def selects_layer(self, layer: LayerInfo, factor: int) -> bool:
+        if self.factors is not None and factor not in set(self.factors):
+            return False
+        if self.layers is None:
+            return True
+        return any(_layer_matches(sel, layer) for sel in self.layers)
+
+    def selects_step(self, step: int) -> bool:
+        return self.steps is None or step in set(self.steps)
+
+
+def _layer_matches(selector: str, layer: LayerInfo) -> bool:
+    if selector in BLOCKS:
+        return layer.block == selector
+    return layer.name == selector or layer.name.startswith(selector.rstrip(".") + ".")
+
+
+def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int, int]:
+    """The (h, w, factor) of a layer whose image sequence has ``tokens`` positions.
+
+    UNet downsamplers use stride 2 with padding, so odd sizes round up at each level.
+    """
+    h, w = latent_hw
+    factor = 1
+    while h * w > tokens:
+        h, w, factor = math.ceil(h / 2), math.ceil(w / 2), factor * 2
+    if h * w != tokens:
+        raise ValueError(
+            f"cannot place {tokens} image positions on a grid derived from the latent size {latent_hw}"
+        )
+    return h, w, factor
+
+
+@dataclass
+class _BranchSums:
+    sums: dict[tuple[int | None, str | None], torch.Tensor] = field(default_factory=dict)
+    layers_seen: set[str] = field(default_factory=set)
+    steps_seen: set[int] = field(default_factory=set)
+    # reference mode: (layer) -> (B, heads, T, h, w) sums over steps at native resolution
+    native: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Accumulator:
+    """Running sums of attention maps for one generation (one call of the pipeline)."""
+
+    def __init__(self, config: AggregationConfig, latent_hw: tuple[int, int], num_images: int):
+        self.config = config
+        self.latent_hw = latent_hw
+        self.grid = tuple(config.grid) if config.grid is not None else tuple(latent_hw)
+        self.num_images = num_images
+        self.branches: dict[str, _BranchSums] = {}
+        self.num_tokens: int | None = None
+        self.layers: dict[str, LayerInfo] = {}
+
+    # ---- writing -----------------------------------------------------------------------------
+    def add(self, layer: LayerInfo, step: int, probs: torch.Tensor, branch: str = "cond") -> None:
+        """Fold one call's probabilities in.
+
+        probs: (B, heads, N, T) softmax over the T text keys for the N image queries of the layer,
+        for the B images of ``branch``, in image order.
+        """
+        cfg = self.config
+        b, heads, n, t = probs.shape
+        h, w, factor = layer_grid(self.latent_hw, n)
+        if not (cfg.selects_step(step) and cfg.selects_layer(layer, factor)):
+            return
+        if self.num_tokens is None:
+            self.num_tokens = t
+        elif t != self.num_tokens:
+            raise ValueError(f"layer {layer.name} sees {t} text tokens, other layers {self.num_tokens}")
+        if cfg.heads is not None:
+            bad = [i for i in cfg.heads if not 0 <= i < heads]
+            if bad:
+                raise ValueError(f"heads {bad} out of range: layer {layer.name} has {heads} heads (0..{heads - 1})")
+            probs = probs[:, list(cfg.heads)]
+        self.layers[layer.name] = layer
+        sums = self.branches.setdefault(branch, _BranchSums())
+        sums.layers_seen.add(layer.name)
+        sums.steps_seen.add(step)
+        # (B, heads, N, T) -> (B, heads, T, h, w)
+        maps = probs.float().permute(0, 1, 3, 2).reshape(b, probs.shape[1], t, h, w)
+
+        if cfg.mode == "reference":
+            acc = sums.native.get(layer.name)
+            sums.native[layer.name] = maps.clone() if acc is None else acc.add_(maps)
+            return
+
+        if not cfg.keep_heads:
+            maps = maps.mean(dim=1, keepdim=True)
+        up = _upsample(maps, self.grid).clamp_(min=0)
+        key = (step if cfg.keep_steps else None, layer.name if cfg.keep_layers else None)
+        acc = sums.sums.get(key)
+        if acc is None:
+            sums.sums[key] = up
+        else:
+            acc.add_(up)
+
+    # ---- reading -----------------------------------------------------------------------------
+    def result(
+        self,
+        branch: str = "cond",
+        steps: Iterable[int] | None = None,
+        layers: Sequence[str] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Aggregated maps (B, T, gh, gw): sum over steps of the mean over layers (and heads)."""
+        cfg = self.config
+        if branch not in self.branches:
+            if branch == "negative" and not cfg.negative:
+                raise ValueError("negative-branch maps were not recorded: pass negative=True to trace()")
+            raise ValueError(f"no attention was recorded for the {branch!r} branch (did the pipeline run inside the trace?)")
+        sums = self.branches[branch]
+
+        if cfg.mode == "reference":
+            if steps is not None or layers is not None or heads is not None:
+                raise ValueError("the 'reference' mode gives the reference aggregate only; select steps/layers/heads in trace()")
+            total, count = None, 0
+            for native in sums.native.values():  # one layer at a time keeps the peak small
+                b, hd, t, h, w = native.shape
+                up = _upsample(native.reshape(b, hd * t, h, w), self.grid).clamp_(min=0)
+                part = up.reshape(b, hd, t, *self.grid).sum(dim=1)
+                total = part if total is None else total.add_(part)
+                count += hd
+            return total / count
+
+        if steps is not None and not cfg.keep_steps:
+            raise ValueError("selecting steps after the run needs keep_steps=True in trace() (or steps=... in trace())")
+        if layers is not None and not cfg.keep_layers:
+            raise ValueError("selecting layers after the run needs keep_layers=True in trace() (or layers=... in trace())")
+        if heads is not None and not cfg.keep_heads:
+            raise ValueError("selecting heads after the run needs keep_heads=True in trace() (or heads=... in trace())")
+        step_set = set(steps) if steps is not None else None
+        chosen_layers = {
+            name
+            for name in sums.layers_seen
+            if layers is None or any(_layer_matches(sel, self.layers[name]) for sel in layers)
+        }
+        if not chosen_layers:
+            raise ValueError(f"no recorded layer matches {list(layers or [])}; recorded: {sorted(sums.layers_seen)}")
+        total = None
+        for (step, name), acc in sums.sums.items():
+            if step_set is not None and step not in step_set:
+                continue
+            if name is not None and name not in chosen_layers:
+                continue
+            if heads is not None:
+                acc = acc[:, list(heads)]
+            total = acc.clone() if total is None else total.add_(acc)
+        if total is None:
+            raise ValueError(f"no recorded step matches {sorted(step_set or [])}; recorded: {sorted(sums.steps_seen)}")
+        # mean over layers (the sum above ran over every selected layer) and over heads
+        return total.mean(dim=1) / len(chosen_layers)
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.branches.values()
+            for t in list(s.sums.values()) + list(s.native.values())
+        )
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling of (..., h, w) maps to ``size``, as the reference implementation does."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]) if maps.dim() != 4 else maps
+    if tuple(flat.shape[-2:]) == tuple(size):
+        out = flat.clone()
+    else:
+        out = F.interpolate(flat, size=size, mode="bicubic", align_corners=False)
+    return out.reshape(*lead, *size)

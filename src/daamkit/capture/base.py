@@ -1,0 +1,66 @@
+"""What every family's capture reports to the trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from ..aggregate import LayerInfo
+
+
+@dataclass(frozen=True)
+class DenoiserCall:
+    """One forward call of the denoiser (UNet or transformer)."""
+
+    batch: int  # rows in the denoiser batch (CFG halves included)
+    latent_hw: tuple[int, int]  # latent grid (height, width) of the image tokens
+    timestep: float
+
+
+class CaptureSink(Protocol):
+    def on_denoiser_call(self, call: DenoiserCall) -> None: ...
+
+    def branch_rows(self, batch: int) -> dict[str, slice]:
+        """Which rows of a denoiser batch belong to each branch ("cond", optionally "negative")."""
+        ...
+
+    def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None: ...
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, norm_q=None, norm_k=None, head_first: bool = False
+) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys, per head, in fp32: (B, heads, Nq, Nk).
+
+    q: (B, Nq, heads*d) and k: (B, Nk, heads*d) as the projections return them, or already split as
+    (B, heads, N, d) when ``head_first``. ``norm_q``/``norm_k`` are the module's own q/k norms, applied
+    where its processor applies them (after the head split).
+    """
+    if not head_first:
+        b, nq, c = q.shape
+        d = c // heads
+        q = q.view(b, nq, heads, d).transpose(1, 2)
+        k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
+    if norm_q is not None:
+        q = norm_q(q)
+    if norm_k is not None:
+        k = norm_k(k)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    return scores.softmax(dim=-1)
+
+
+class HookSet:
+    """Handles of every hook a capture installed, removed together."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self.handles.append(handle)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()

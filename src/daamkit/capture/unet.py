@@ -1,0 +1,143 @@
+"""Cross-attention capture for UNet pipelines: SD 1.x / 2.x, SDXL, their img2img / inpainting /
+ControlNet variants.
+
+Why hooks and not a replacement processor: the query and key projections are computed anyway by
+whatever processor the pipeline has (SDPA, sliced, xformers, LoRA-wrapped layers, IP-Adapter), so we
+read them off ``attn.to_q`` / ``attn.to_k`` as they are produced and only add the (queries x text
+tokens) product and softmax for the branch we need. The processor and its fused kernel stay in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..aggregate import LayerInfo
+from .base import CaptureSink, DenoiserCall, HookSet, attention_probs
+
+
+class DenoiserPreHook:
+    """Forward pre-hook on the denoiser: tells the sink that a new step starts.
+
+    Its class doubles as the marker that a trace is attached (see ``is_traced``).
+    """
+
+    def __init__(self, sink: CaptureSink, patch_size: int = 1):
+        self.sink = sink
+        self.patch_size = patch_size
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor):
+            timestep = float(timestep.flatten()[0].item()) if timestep.numel() else 0.0
+        h, w = sample.shape[-2:]
+        p = self.patch_size
+        self.sink.on_denoiser_call(
+            DenoiserCall(batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0))
+        )
+
+
+def is_traced(module: nn.Module) -> bool:
+    return any(isinstance(h, DenoiserPreHook) for h in module._forward_pre_hooks.values())
+
+
+def _block_of(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head, head)
+
+
+def cross_attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The text-image attention modules of a UNet, in forward order."""
+    from diffusers.models.attention_processor import Attention
+
+    found = [
+        (name, m)
+        for name, m in unet.named_modules()
+        if isinstance(m, Attention) and getattr(m, "is_cross_attention", False)
+    ]
+    # named_modules lists up_blocks after mid_block only by registration order; make it forward order
+    order = {"down": 0, "mid": 1, "up": 2}
+    return sorted(found, key=lambda nm: order.get(_block_of(nm[0]), 3))
+
+
+class _LayerTap:
+    """The three hooks of one cross-attention module."""
+
+    def __init__(self, layer: LayerInfo, attn: nn.Module, sink: CaptureSink):
+        self.layer = layer
+        self.attn = attn
+        self.sink = sink
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+
+    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.q = self.k = None
+
+    def save_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.q is None:  # first call per forward: the query projection of the image tokens
+            self.q = out.detach()
+
+    def save_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.k is None:  # first call per forward: the text keys (IP-Adapter keys use to_k_ip)
+            self.k = out.detach()
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        q, k = self.q, self.k
+        self.q = self.k = None
+        if q is None:
+            return
+        if k is None:  # fused key/value projection: compute the keys ourselves
+            ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            if isinstance(ehs, tuple):  # IP-Adapter passes (text, image embeds)
+                ehs = ehs[0]
+            if ehs is None:
+                return
+            if self.attn.norm_cross:
+                ehs = self.attn.norm_encoder_hidden_states(ehs)
+            with torch.no_grad():
+                k = nn.functional.linear(ehs, self.attn.to_k.weight, self.attn.to_k.bias)
+        if q.dim() != 3:
+            return
+        attn = self.attn
+        for branch, rows in self.sink.branch_rows(q.shape[0]).items():
+            with torch.no_grad():
+                probs = attention_probs(
+                    q[rows], k[rows], attn.heads, attn.scale, getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+                )
+            self.sink.on_attention(self.layer, probs, branch)
+
+
+class UNetCapture:
+    """Installs and removes the hooks on one UNet."""
+
+    family = "unet"
+
+    def __init__(self, unet: nn.Module):
+        self.denoiser = unet
+        self.modules = cross_attention_layers(unet)
+        if not self.modules:
+            raise ValueError("this UNet has no cross-attention layers: it is not a text-conditioned UNet")
+        self.layers = [
+            LayerInfo(name=name, block=_block_of(name), index=i, heads=int(m.heads))
+            for i, (name, m) in enumerate(self.modules)
+        ]
+        self.hooks = HookSet()
+
+    def attach(self, sink: CaptureSink) -> None:
+        try:
+            self.hooks.add(self.denoiser.register_forward_pre_hook(DenoiserPreHook(sink), with_kwargs=True))
+            for layer, (_, attn) in zip(self.layers, self.modules, strict=True):
+                tap = _LayerTap(layer, attn, sink)
+                self.hooks.add(attn.register_forward_pre_hook(tap.reset, with_kwargs=True))
+                self.hooks.add(attn.to_q.register_forward_hook(tap.save_q))
+                self.hooks.add(attn.to_k.register_forward_hook(tap.save_k))
+                self.hooks.add(attn.register_forward_hook(tap.after, with_kwargs=True))
+        except BaseException:
+            self.hooks.remove()
+            raise
+
+    def detach(self) -> None:
+        self.hooks.remove()

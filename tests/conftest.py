@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory) -> str:
+    """A directory with Stable Diffusion's CLIP tokenizer (real ids), built offline."""
+    from daamkit.vocab import clip_tokenizer
+
+    d = tmp_path_factory.mktemp("clip_tokenizer")
+    clip_tokenizer(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_2_dir(tmp_path_factory) -> str:
+    """SDXL's second tokenizer: same vocabulary, pads with '!' (id 0)."""
+    from daamkit.vocab import clip_tokenizer
+
+    d = tmp_path_factory.mktemp("clip_tokenizer_2")
+    clip_tokenizer(d, pad_token="!")
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def sd_tokenizer(clip_tokenizer_dir):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
