@@ -1,0 +1,286 @@
+"""Pictures of heat maps: PIL overlays and matplotlib plots.
+
+Kept apart from the data objects in :mod:`daamkit.heatmap` (whose ``overlay``/``plot``/``plot_grid``
+methods delegate here) so that computing maps never imports matplotlib.
+
+Only matplotlib's object-oriented API is used: figures are ``matplotlib.figure.Figure`` objects that are
+not registered with pyplot, so nothing here selects a backend, opens windows, or leaks figures into
+pyplot's global state; it works headless and from threads. Save with :func:`save_figure` (or
+``fig.savefig``); to show one in a notebook, simply return/display the Figure.
+
+Heat values are drawn normalised to [0, 1] (the DAAM convention) with a fixed colour scale, so colours
+mean the same thing on every panel; pass ``normalize=False`` to see raw attention mass instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+import numpy as np
+import PIL.Image
+import torch
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from daamkit.heatmap import GlobalHeatMap, WordHeatMap
+
+__all__ = [
+    "colorize",
+    "heat_image",
+    "overlay",
+    "plot_grid",
+    "plot_word",
+    "save_figure",
+    "save_heat_image",
+    "save_overlay",
+]
+
+
+def _cmap(cmap: str | Colormap) -> Colormap:
+    return cmap if isinstance(cmap, Colormap) else matplotlib.colormaps[cmap]
+
+
+def _heat_array(heat: Any) -> np.ndarray:
+    if isinstance(heat, torch.Tensor):
+        heat = heat.detach().cpu().float().numpy()
+    arr = np.asarray(heat, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"heat must be a 2-D (height, width) array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("heat holds NaN or inf values")
+    return arr
+
+
+def colorize(heat: Any, cmap: str | Colormap = "jet") -> np.ndarray:
+    """(H, W) heat in [0, 1] (values outside are clipped) -> uint8 RGB array (H, W, 3)."""
+    h = np.clip(_heat_array(heat), 0.0, 1.0)
+    rgb = _cmap(cmap)(h)[..., :3]
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def heat_image(heat: Any, cmap: str | Colormap = "jet") -> PIL.Image.Image:
+    """The heat map alone as a coloured RGB image (no photo underneath)."""
+    return PIL.Image.fromarray(colorize(heat, cmap))
+
+
+def overlay(
+    image: PIL.Image.Image,
+    heat: Any,
+    alpha: float = 0.5,
+    cmap: str | Colormap = "jet",
+    weighted: bool = False,
+) -> PIL.Image.Image:
+    """Blend the coloured heat map over ``image``; returns an RGB image of the image's size.
+
+    ``heat`` is (H, W) in [0, 1] (clipped), numpy or torch, and must match the image's (height, width):
+    use ``WordHeatMap.overlay`` to expand a grid map first. With ``weighted=False`` every pixel gets
+    ``(1 - alpha) * image + alpha * colour`` (the look of the DAAM paper's figures); with
+    ``weighted=True`` the opacity is ``alpha * heat``, so cold regions show the untouched image.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    rgb = image.convert("RGB")
+    h = np.clip(_heat_array(heat), 0.0, 1.0)
+    if h.shape != (rgb.height, rgb.width):
+        raise ValueError(
+            f"heat has shape {h.shape} but the image is (height, width) = {(rgb.height, rgb.width)}; "
+            "expand the map to the image size first (WordHeatMap.overlay does this)"
+        )
+    base = np.asarray(rgb, dtype=np.float64) / 255.0
+    colour = _cmap(cmap)(h)[..., :3]
+    a = alpha * h[..., None] if weighted else alpha
+    out = (1.0 - a) * base + a * colour
+    return PIL.Image.fromarray(np.round(np.clip(out, 0.0, 1.0) * 255).astype(np.uint8))
+
+
+def _panel_heat(word_map: WordHeatMap, size: tuple[int, int], normalize: bool) -> np.ndarray:
+    t = word_map.normalized(size) if normalize else word_map.expand(size)
+    return t.cpu().numpy()
+
+
+def _draw(
+    ax: Axes,
+    heat: np.ndarray,
+    image: PIL.Image.Image | None,
+    norm: Normalize,
+    cmap: Colormap,
+    alpha: float,
+    title: str | None,
+) -> None:
+    if image is not None:
+        ax.imshow(np.asarray(image.convert("RGB")))
+    # Without a photo the map is drawn opaque: alpha would only wash out the colours.
+    ax.imshow(heat, cmap=cmap, norm=norm, alpha=alpha if image is not None else 1.0, interpolation="nearest")
+    if title:
+        ax.set_title(title)
+    ax.set_axis_off()
+
+
+def _colorbar_mappable(norm: Normalize, cmap: Colormap) -> ScalarMappable:
+    # A separate, opaque mappable: a colour bar taken from the blended image would show faded colours.
+    return ScalarMappable(norm=norm, cmap=cmap)
+
+
+def _size_for(word_map: WordHeatMap, image: PIL.Image.Image | None) -> tuple[int, int]:
+    return (image.height, image.width) if image is not None else word_map.image_size
+
+
+def plot_word(
+    word_map: WordHeatMap,
+    image: PIL.Image.Image | None = None,
+    ax: Axes | None = None,
+    colorbar: bool = True,
+    title: str | None = None,
+    cmap: str | Colormap = "jet",
+    alpha: float = 0.5,
+    normalize: bool = True,
+    vmax: float | None = None,
+) -> Axes:
+    """Draw one word's map (over ``image`` if given) and return the Axes.
+
+    With ``ax=None`` a new pyplot-free Figure is made (``ax.figure``). The map is expanded to the image's
+    size if an image is given, else to the map's ``image_size``. ``title`` defaults to the word;
+    pass ``""`` for none. With ``normalize=False`` the colour scale runs from 0 to ``vmax`` (default:
+    the map's maximum).
+    """
+    size = _size_for(word_map, image)
+    heat = _panel_heat(word_map, size, normalize)
+    if ax is None:
+        h, w = size
+        fig = Figure(figsize=(4.0 * w / h + (0.8 if colorbar else 0.0), 4.0), layout="constrained")
+        ax = fig.add_subplot()
+    top = 1.0 if normalize else (vmax if vmax is not None else float(heat.max()) or 1.0)
+    norm = Normalize(vmin=0.0, vmax=top)
+    cm = _cmap(cmap)
+    _draw(ax, heat, image, norm, cm, alpha, word_map.word if title is None else title)
+    if colorbar:
+        ax.figure.colorbar(_colorbar_mappable(norm, cm), ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
+def plot_grid(
+    global_map: GlobalHeatMap,
+    image: PIL.Image.Image | None = None,
+    words: Sequence[str | tuple[str, WordHeatMap]] | None = None,
+    ncols: int = 4,
+    colorbar: bool = True,
+    shared_scale: bool = True,
+    normalize: bool = True,
+    cmap: str | Colormap = "jet",
+    alpha: float = 0.5,
+    panel_size: float = 2.5,
+    include_image: bool = False,
+    title: str | None = None,
+) -> Figure:
+    """A Figure with one panel per word, the word as each panel's title.
+
+    ``words``: word queries (default: every distinct non-punctuation word, ``global_map.words``) or
+    ``(label, WordHeatMap)`` pairs such as ``global_map.items(per_occurrence=True)``.
+    ``shared_scale=True`` puts all panels on one colour scale with a single colour bar (with
+    ``normalize=False`` the scale runs to the largest value of any panel, so panels compare magnitudes);
+    ``False`` gives each panel its own bar. ``include_image=True`` adds the plain image as a first panel.
+    Unused grid cells are removed, so ``fig.axes`` holds the panels followed by the colour bars.
+    Uses constrained layout; save with :func:`save_figure` (tight bounding box) for papers.
+    """
+    entries: list[tuple[str, WordHeatMap]] = []
+    for item in global_map.words if words is None else words:
+        if isinstance(item, str):
+            entries.append((item, global_map.word(item)))
+        else:
+            label, wm = item
+            entries.append((label, wm))
+    if not entries:
+        raise ValueError("no words to plot (the prompt has no non-punctuation words?)")
+    if include_image and image is None:
+        raise ValueError("include_image=True needs an image")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+
+    size = (image.height, image.width) if image is not None else global_map.image_size
+    heats = [_panel_heat(wm, size, normalize) for _, wm in entries]
+    n_panels = len(heats) + (1 if include_image else 0)
+    ncols = min(ncols, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    h, w = size
+    extra_w = 0.8 if colorbar else 0.0
+    fig = Figure(
+        figsize=(panel_size * ncols * w / h + extra_w, panel_size * nrows + (0.4 if title else 0.0)),
+        layout="constrained",
+    )
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    flat = list(grid.ravel())
+    for ax in flat[n_panels:]:
+        ax.remove()  # empty cells would only leave blank frames
+    panels = flat[:n_panels]
+    if include_image:
+        assert image is not None
+        panels[0].imshow(np.asarray(image.convert("RGB")))
+        panels[0].set_title("image")
+        panels[0].set_axis_off()
+        word_axes = panels[1:]
+    else:
+        word_axes = panels
+
+    cm = _cmap(cmap)
+    if normalize:
+        shared_top = 1.0
+    else:
+        shared_top = max(float(x.max()) for x in heats) or 1.0
+    for ax, (label, _), heat in zip(word_axes, entries, heats, strict=True):
+        top = shared_top if (normalize or shared_scale) else (float(heat.max()) or 1.0)
+        norm = Normalize(vmin=0.0, vmax=top)
+        _draw(ax, heat, image, norm, cm, alpha, label)
+        if colorbar and not shared_scale:
+            fig.colorbar(_colorbar_mappable(norm, cm), ax=ax, fraction=0.046, pad=0.04)
+    if colorbar and shared_scale:
+        fig.colorbar(
+            _colorbar_mappable(Normalize(vmin=0.0, vmax=shared_top), cm), ax=panels, shrink=0.9, pad=0.02
+        )
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 150, **kwargs: Any) -> Path:
+    """Save ``fig`` (format from the suffix: png, pdf, svg...) with a tight bounding box; makes parent
+    folders. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs.setdefault("bbox_inches", "tight")
+    fig.savefig(path, dpi=dpi, **kwargs)
+    return path
+
+
+def save_overlay(
+    word_map: WordHeatMap,
+    image: PIL.Image.Image,
+    path: str | Path,
+    alpha: float = 0.5,
+    cmap: str | Colormap = "jet",
+    weighted: bool = False,
+) -> Path:
+    """Write ``word_map.overlay(image)`` as an image file (format from the suffix). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    word_map.overlay(image, alpha=alpha, cmap=cmap, weighted=weighted).save(path)
+    return path
+
+
+def save_heat_image(
+    word_map: WordHeatMap,
+    path: str | Path,
+    cmap: str | Colormap = "jet",
+    size: Sequence[int] | None = None,
+) -> Path:
+    """Write the normalised map alone as a coloured image of ``size`` (default: the image size)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heat_image(word_map.normalized(size), cmap).save(path)
+    return path
