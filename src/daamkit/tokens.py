@@ -14,6 +14,8 @@ chunk boundary, so ``"dog,"`` gives the words ``dog`` and ``,`` for both tokeniz
 query works for every encoder of a pipeline. Consequences worth knowing: ``"dog's"`` is the two words
 ``dog`` and ``'s``; a number is one word per digit (CLIP sees ``1 2 3``); both are still found by the
 queries ``"dog's"`` and ``"123"`` because :meth:`TokenAlignment.find` matches runs of consecutive words.
+A word never splits a token, so a sentencepiece token spanning two chunks (T5's ``▁12``) keeps them one
+word (``12``; the query ``"12"`` finds it, ``"1"`` does not).
 
 Matching is on whole words only: ``"dog"`` never matches ``"hotdog"`` nor ``"sunflowerdog"`` (which
 CLIP splits into ``sun flower dog</w>``), because a word is never split by a query.
@@ -24,7 +26,8 @@ and no positions, so asking for them raises :class:`TruncatedWordError` instead 
 found". A word cut in the middle (e.g. ``hippopotamus`` -> ``hippo potam | us``) keeps the positions of
 the tokens the model saw and is marked ``truncated=True``: the model did attend to those tokens, so
 their map is real, and the flag tells the caller it is a partial word. Only words with no positions
-at all count as "past the cut".
+at all count as "past the cut". Without the original prompt, :func:`recover_prompt` rebuilds one from
+the ids and the text diffusers reports as truncated.
 """
 
 from __future__ import annotations

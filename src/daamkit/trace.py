@@ -274,7 +274,7 @@ class Trace:
         return [self.heat_maps(i, **kwargs) for i in range(self.num_images)]
 
     def _alignment(self, gen: _Generation, i: int, prompt: str | None, branch: str):
-        from .tokens import align
+        from .tokens import align, recover_prompt
 
         calls = gen.text_calls
         primary = next((c.encoder for c in calls), None)
@@ -298,11 +298,10 @@ class Trace:
         row = min(i * rows // gen.num_images, rows - 1)
         ids = call.ids[row].tolist()
         if prompt is None and call.removed is not None and row < len(call.removed):
-            removed = call.removed[row].replace(tokenizer.eos_token or "", " ").replace(tokenizer.pad_token or "", " ")
-            removed = " ".join(removed.split())
+            # batch_decode keeps the EOS/pad tokens of shorter rows; a pad '!' (SDXL) may be real text
+            removed = " ".join(call.removed[row].replace(tokenizer.eos_token or "<|endoftext|>", " ").split())
             if removed:
-                visible = tokenizer.decode(ids, skip_special_tokens=True)
-                prompt = f"{visible} {removed}"
+                prompt = recover_prompt(tokenizer, ids, removed)
         return align(tokenizer, ids, prompt)
 
 
