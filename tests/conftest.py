@@ -32,3 +32,13 @@ def sd_tokenizer(clip_tokenizer_dir):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer_dir(tmp_path_factory) -> str:
+    """A T5 sentencepiece tokenizer trained here on a small vocabulary (the Flux/SD3 code path)."""
+    from tiny_pipes import t5_tokenizer
+
+    d = tmp_path_factory.mktemp("t5_tokenizer")
+    t5_tokenizer(str(d))
+    return str(d)

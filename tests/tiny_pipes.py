@@ -153,3 +153,105 @@ def tiny_controlnet(sd: StableDiffusionPipeline, seed: int = 0) -> StableDiffusi
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------- diffusion transformers ---
+T5_WORDS = (
+    "a the an dog dogs cat red blue green yellow on of and bench mat photo hippopotamus photorealistic "
+    "sunflower circle square star heart above below in with tree house car bird"
+).split()
+
+
+def t5_tokenizer(out_dir: str):
+    """A T5 tokenizer on a small sentencepiece model trained here (no hub): Flux/SD3's code path."""
+    import io
+    import random
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    rng = random.Random(0)
+    sents = [
+        " ".join(rng.choice(T5_WORDS) for _ in range(rng.randint(3, 10))) + rng.choice([".", ",", "!", ""])
+        for _ in range(600)
+    ]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sents), model_writer=model, vocab_size=120, hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        minloglevel=2, num_threads=1,
+    )
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "spiece.model").write_bytes(model.getvalue())
+    tok = T5TokenizerFast.from_pretrained(str(d), extra_ids=0, model_max_length=512)
+    tok.save_pretrained(str(d))
+    return tok
+
+
+def _t5(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(vocab_size=200, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, dropout_rate=0.0,
+                 relative_attention_num_buckets=8, decoder_start_token_id=0)
+    ).eval()
+
+
+def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5TokenizerFast
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        qk_norm="rms_norm",
+    )
+    torch.manual_seed(seed + 1)
+    te1 = CLIPTextModelWithProjection(_text_config())
+    te2 = CLIPTextModelWithProjection(_text_config())
+    te3 = _t5(seed + 2)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=te1, text_encoder_2=te2, text_encoder_3=te3,
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir), tokenizer_2=CLIPTokenizer.from_pretrained(clip_2_dir),
+        tokenizer_3=T5TokenizerFast.from_pretrained(t5_dir),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux(clip_dir: str, t5_dir: str, seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5TokenizerFast
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    torch.manual_seed(seed + 1)
+    te1 = CLIPTextModel(_text_config())
+    te2 = _t5(seed + 2)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=te1, text_encoder_2=te2,
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir), tokenizer_2=T5TokenizerFast.from_pretrained(t5_dir),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

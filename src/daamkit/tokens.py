@@ -43,6 +43,7 @@ __all__ = [
     "Word",
     "WordNotFoundError",
     "align",
+    "concat_alignments",
     "recover_prompt",
     "split_words",
 ]
@@ -508,3 +509,47 @@ def align(
         max_length=int(max_length),
         prompt=prompt,
     )
+
+
+def concat_alignments(parts: Sequence[TokenAlignment], total: int | None = None) -> TokenAlignment:
+    """One alignment for a context made of several encoders' sequences laid end to end.
+
+    SD3's joint attention sees [CLIP (77) | T5 (max_sequence_length)] tokens of the same prompt, so a
+    word's map should pool its positions in both parts. Both tokenizations give the same word
+    sequence (a word is a CLIP pre-tokenizer chunk for every tokenizer), so words are merged by index;
+    a word is truncated only if every part cut it. If the parts disagree on the words (they were
+    built from different prompts), the later part's positions are not attributed to any word rather
+    than to a wrong one. ``total`` pads the token list (e.g. SD3 without T5: zeros, no words).
+    """
+    if not parts:
+        raise ValueError("concat_alignments needs at least one alignment")
+    tokens: list[str] = []
+    offsets = []
+    for p in parts:
+        offsets.append(len(tokens))
+        tokens.extend(p.tokens)
+    if total is not None:
+        if total < len(tokens):
+            raise ValueError(f"the parts have {len(tokens)} tokens, more than the context's {total}")
+        tokens.extend(["<none>"] * (total - len(tokens)))
+    longest = max(parts, key=lambda p: len(p.words))
+    words = []
+    for i, base in enumerate(longest.words):
+        positions: list[int] = []
+        truncated = True
+        for p, off in zip(parts, offsets, strict=True):
+            if i < len(p.words) and p.words[i].text.lower() == base.text.lower():
+                positions.extend(off + q for q in p.words[i].positions)
+                truncated = truncated and p.words[i].truncated
+        words.append(
+            Word(
+                text=base.text.lower(),
+                index=i,
+                occurrence=base.occurrence,
+                positions=tuple(positions),
+                truncated=truncated,
+                is_punctuation=base.is_punctuation,
+            )
+        )
+    prompt = next((p.prompt for p in parts if p.prompt), None)
+    return TokenAlignment(tokens=tuple(tokens), words=tuple(words), max_length=len(tokens), prompt=prompt)

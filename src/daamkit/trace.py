@@ -24,10 +24,13 @@ from torch import nn
 
 from .aggregate import Accumulator, AggregationConfig, LayerInfo
 from .capture.base import DenoiserCall, HookSet
+from .capture.flux import FluxCapture
+from .capture.mmdit import SD3Capture
 from .capture.unet import UNetCapture, is_traced
 
 SUPPORTED_FAMILIES = (
-    "Stable Diffusion 1.x/2.x and SDXL UNet pipelines (text-to-image, img2img, inpainting, ControlNet)"
+    "Stable Diffusion 1.x/2.x and SDXL UNet pipelines (text-to-image, img2img, inpainting, ControlNet), "
+    "Stable Diffusion 3/3.5 (SD3Transformer2DModel) and Flux (FluxTransformer2DModel)"
 )
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
@@ -58,6 +61,7 @@ class _Generation:
     text_calls: list[_TextCall]
     step: int = 0
     last_timestep: float = 0.0
+    negative_call: bool = False  # the current denoiser call runs the negative prompt alone (Flux true CFG)
     timesteps: list[float] = field(default_factory=list)
 
 
@@ -80,7 +84,7 @@ class _TruncationLog(logging.Handler):
             self.pending = [str(r) for r in removed]
 
 
-def detect_capture(pipe: Any) -> UNetCapture:
+def detect_capture(pipe: Any) -> UNetCapture | SD3Capture | FluxCapture:
     """The capture for this pipeline's family, or a clear error naming the supported ones."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
@@ -89,6 +93,13 @@ def detect_capture(pipe: Any) -> UNetCapture:
         if isinstance(unet, UNet2DConditionModel):
             return UNetCapture(unet)
     transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+        if isinstance(transformer, SD3Transformer2DModel):
+            return SD3Capture(transformer)
+        if isinstance(transformer, FluxTransformer2DModel):
+            return FluxCapture(transformer)
     kind = type(transformer).__name__ if transformer is not None else type(unet).__name__ if unet is not None else None
     what = f"{type(pipe).__name__}" + (f" with a {kind} denoiser" if kind else "")
     raise UnsupportedPipelineError(f"daamkit cannot trace {what}. Supported: {SUPPORTED_FAMILIES}.")
@@ -158,6 +169,16 @@ class Trace:
 
     def on_denoiser_call(self, call: DenoiserCall) -> None:
         gen = self._gen
+        if (
+            gen is not None
+            and not self._text_since_denoiser
+            and self.capture.repeated_timestep_is_negative
+            and call.timestep == gen.last_timestep
+            and call.batch == gen.call.batch
+        ):
+            gen.negative_call = True  # same step again: the negative prompt's own call
+            gen.cfg = True
+            return
         new = (
             gen is None
             or self._text_since_denoiser
@@ -177,6 +198,7 @@ class Trace:
             )
         else:
             gen.step += 1
+        gen.negative_call = False
         gen.last_timestep = call.timestep
         gen.timesteps.append(call.timestep)
         self._text_since_denoiser = False
@@ -195,6 +217,8 @@ class Trace:
         gen = self._gen
         if gen is None or not self.config.selects_step(gen.step):
             return {}
+        if gen.negative_call:
+            return {"negative": slice(0, batch)} if self.config.negative else {}
         if not gen.cfg:
             return {"cond": slice(0, batch)}
         n = batch // 2
@@ -253,8 +277,8 @@ class Trace:
         if not 0 <= i < gen.num_images:
             raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
         maps = gen.accumulator.result(branch, steps=steps, layers=layers, heads=heads)[i]
-        alignment = self._alignment(gen, i, prompt, branch)
-        scale = int(getattr(self.pipe, "vae_scale_factor", 8))
+        alignment = self._alignment(gen, i, prompt, branch, total=int(maps.shape[0]))
+        scale = self.capture.cell_pixels(self.pipe)
         h, w = gen.call.latent_hw
         meta = {
             "family": self.capture.family,
@@ -273,33 +297,49 @@ class Trace:
     def all_heat_maps(self, **kwargs: Any) -> list:
         return [self.heat_maps(i, **kwargs) for i in range(self.num_images)]
 
-    def _alignment(self, gen: _Generation, i: int, prompt: str | None, branch: str):
+    def _alignment(self, gen: _Generation, i: int, prompt: str | None, branch: str, total: int):
+        from .tokens import concat_alignments
+
+        called = list(dict.fromkeys(c.encoder for c in gen.text_calls))
+        encoders = self.capture.context_encoders(called)
+        if not encoders:
+            encoders = self.capture.context_encoders(list(TEXT_ENCODERS))[:1] or ["text_encoder"]
+        parts, used = [], 0
+        for k, enc in enumerate(encoders):
+            tok = getattr(self.pipe, _TOKENIZER_OF[enc], None)
+            length = total - used if k == len(encoders) - 1 else int(getattr(tok, "model_max_length", 77))
+            parts.append(self._encoder_alignment(gen, enc, i, prompt, branch, length))
+            used += len(parts[-1].tokens)
+        if len(parts) == 1 and len(parts[0].tokens) == total:
+            return parts[0]
+        return concat_alignments(parts, total=total)
+
+    def _encoder_alignment(
+        self, gen: _Generation, encoder: str, i: int, prompt: str | None, branch: str, length: int
+    ):
         from .tokens import align, recover_prompt
 
-        calls = gen.text_calls
-        primary = next((c.encoder for c in calls), None)
-        own = [c for c in calls if c.encoder == primary]
+        own = [c for c in gen.text_calls if c.encoder == encoder]
         index = 0 if branch == "cond" else 1
         call = own[index] if len(own) > index else None
-        tokenizer = getattr(self.pipe, _TOKENIZER_OF.get(primary or "text_encoder", "tokenizer"), None)
+        tokenizer = getattr(self.pipe, _TOKENIZER_OF[encoder], None)
         if tokenizer is None:
-            tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+            raise TraceError(f"the pipeline has {encoder} but no {_TOKENIZER_OF[encoder]}: cannot name its tokens")
         if call is None:
             if prompt is None:
                 raise TraceError(
                     "daamkit did not see the token ids of this prompt (the pipeline was given prompt_embeds, or "
                     "its negative prompt was zeroed): pass prompt=... to heat_maps()"
                 )
-            ids = tokenizer(
-                prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
-            ).input_ids
+            ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
             return align(tokenizer, ids, prompt)
         rows = call.ids.shape[0]
         row = min(i * rows // gen.num_images, rows - 1)
         ids = call.ids[row].tolist()
         if prompt is None and call.removed is not None and row < len(call.removed):
             # batch_decode keeps the EOS/pad tokens of shorter rows; a pad '!' (SDXL) may be real text
-            removed = " ".join(call.removed[row].replace(tokenizer.eos_token or "<|endoftext|>", " ").split())
+            eos = tokenizer.eos_token or "<|endoftext|>"
+            removed = " ".join(call.removed[row].replace(eos, " ").replace("<pad>", " ").split())
             if removed:
                 prompt = recover_prompt(tokenizer, ids, removed)
         return align(tokenizer, ids, prompt)

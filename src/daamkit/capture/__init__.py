@@ -6,6 +6,8 @@ LoRA, IP-Adapter ...) and its images are bit-identical with and without tracing.
 """
 
 from .base import CaptureSink, DenoiserCall
+from .flux import FluxCapture
+from .mmdit import SD3Capture
 from .unet import UNetCapture
 
-__all__ = ["CaptureSink", "DenoiserCall", "UNetCapture"]
+__all__ = ["CaptureSink", "DenoiserCall", "FluxCapture", "SD3Capture", "UNetCapture"]

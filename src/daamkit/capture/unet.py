@@ -114,6 +114,7 @@ class UNetCapture:
     """Installs and removes the hooks on one UNet."""
 
     family = "unet"
+    repeated_timestep_is_negative = False
 
     def __init__(self, unet: nn.Module):
         self.denoiser = unet
@@ -141,3 +142,14 @@ class UNetCapture:
 
     def detach(self) -> None:
         self.hooks.remove()
+
+    def cell_pixels(self, pipe: Any) -> int:
+        """Pixels per latent cell along each side."""
+        return int(getattr(pipe, "vae_scale_factor", 8))
+
+    def context_encoders(self, called: list[str]) -> list[str]:
+        """Text encoders whose tokens make up the cross-attention keys, in key order.
+
+        SD/SDXL concatenate the encoders along features, not tokens: one encoder's ids index them all.
+        """
+        return called[:1]

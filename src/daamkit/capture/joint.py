@@ -1,0 +1,147 @@
+"""Joint-attention capture shared by the diffusion transformers: SD3 / SD3.5 (``mmdit.py``) and Flux (``flux.py``).
+
+Text and image share one attention: the sequence is [image, text] in SD3's processor and [text, image]
+in Flux's. Like the UNet capture we only read the projections the model's own processor computes
+(forward hooks on ``to_q`` / ``add_k_proj`` / ``to_k``), apply the module's own q/k RMS/LayerNorm and,
+for Flux, its rotary embedding, and form softmax(q_image k_text^T * scale) over the text keys only —
+the (image queries x text keys) block, never the full joint matrix. Processors stay untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..aggregate import LayerInfo
+from .base import CaptureSink, DenoiserCall, HookSet, attention_probs
+from .unet import DenoiserPreHook
+
+
+def _rope(x: torch.Tensor, freqs: Any) -> torch.Tensor:
+    """Flux's rotary embedding on (B, S, heads, D) with (cos, sin) of (S, D)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return apply_rotary_emb(x, freqs, sequence_dim=1)
+
+
+class _Tap:
+    """Hooks of one joint-attention module.
+
+    kind: "sd3" (image q from to_q, text k from add_k_proj), "double" (Flux double-stream: same, with
+    rotary embedding), "single" (Flux single-stream: one [text, image] sequence through to_q / to_k).
+    """
+
+    def __init__(self, layer: LayerInfo, attn: nn.Module, sink: CaptureSink, kind: str, capture: Any):
+        self.layer, self.attn, self.sink, self.kind, self.capture = layer, attn, sink, kind, capture
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+
+    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.q = self.k = None
+
+    def save_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.q is None:
+            self.q = out.detach()
+
+    def save_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.k is None:
+            self.k = out.detach()
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        q, k = self.q, self.k
+        self.q = self.k = None
+        if q is None or k is None:
+            return  # fused projections (to_qkv) or an image-only call: nothing we can read
+        rows_by_branch = self.sink.branch_rows(q.shape[0])
+        if not rows_by_branch:
+            return
+        attn = self.attn
+        heads = int(attn.heads)
+        d = q.shape[-1] // heads
+        with torch.no_grad():
+            q = q.unflatten(-1, (heads, d))  # (B, S, heads, D)
+            k = k.unflatten(-1, (heads, d))
+            if self.kind == "single":
+                q, k = attn.norm_q(q), attn.norm_k(k)
+            else:
+                if getattr(attn, "norm_q", None) is not None:
+                    q = attn.norm_q(q)
+                if getattr(attn, "norm_added_k", None) is not None:
+                    k = attn.norm_added_k(k)
+            rope = kwargs.get("image_rotary_emb")
+            t = self.capture.text_len
+            if self.kind == "single":
+                if rope is not None:
+                    q, k = _rope(q, rope), _rope(k, rope)
+                q, k = q[:, t:], k[:, :t]
+            elif self.kind == "double" and rope is not None:
+                cos, sin = rope
+                n_txt = k.shape[1]
+                q = _rope(q, (cos[n_txt:], sin[n_txt:]))
+                k = _rope(k, (cos[:n_txt], sin[:n_txt]))
+            scale = float(getattr(attn, "scale", d**-0.5)) if self.kind == "sd3" else d**-0.5
+            qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+            for branch, rows in rows_by_branch.items():
+                probs = attention_probs(qh[rows], kh[rows], heads, scale, head_first=True)
+                self.sink.on_attention(self.layer, probs, branch)
+
+
+class _TransformerPreHook(DenoiserPreHook):
+    """Reads the latent grid and the text length off the transformer's inputs."""
+
+    def __init__(self, sink: CaptureSink, capture: Any):
+        super().__init__(sink)
+        self.capture = capture
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self.capture.text_len = int(ctx.shape[1]) if isinstance(ctx, torch.Tensor) else 0
+        if isinstance(t, torch.Tensor):
+            t = float(t.flatten()[0].item()) if t.numel() else 0.0
+        self.sink.on_denoiser_call(
+            DenoiserCall(batch=int(x.shape[0]), latent_hw=self.capture.grid_of(x, kwargs), timestep=float(t or 0.0))
+        )
+
+
+class JointCapture:
+    family = "?"
+    repeated_timestep_is_negative = False
+
+    def __init__(self, transformer: nn.Module):
+        self.denoiser = transformer
+        self.text_len = 0
+        self.modules = self._find(transformer)
+        if not self.modules:
+            raise ValueError(f"no joint text-image attention found in {type(transformer).__name__}")
+        self.layers = [
+            LayerInfo(name=name, block=kind if kind != "sd3" else "joint", index=i, heads=int(m.heads))
+            for i, (name, m, kind) in enumerate(self.modules)
+        ]
+        self.hooks = HookSet()
+
+    def _find(self, transformer: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        raise NotImplementedError
+
+    def grid_of(self, x: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def attach(self, sink: CaptureSink) -> None:
+        try:
+            self.hooks.add(self.denoiser.register_forward_pre_hook(_TransformerPreHook(sink, self), with_kwargs=True))
+            for layer, (_, attn, kind) in zip(self.layers, self.modules, strict=True):
+                tap = _Tap(layer, attn, sink, kind, self)
+                self.hooks.add(attn.register_forward_pre_hook(tap.reset, with_kwargs=True))
+                self.hooks.add(attn.to_q.register_forward_hook(tap.save_q))
+                key_proj = attn.to_k if kind == "single" else attn.add_k_proj
+                self.hooks.add(key_proj.register_forward_hook(tap.save_k))
+                self.hooks.add(attn.register_forward_hook(tap.after, with_kwargs=True))
+        except BaseException:
+            self.hooks.remove()
+            raise
+
+    def detach(self) -> None:
+        self.hooks.remove()
