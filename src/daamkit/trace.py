@@ -62,6 +62,8 @@ class _Generation:
     step: int = 0
     last_timestep: float = 0.0
     negative_call: bool = False  # the current denoiser call runs the negative prompt alone (Flux true CFG)
+    concept_sum: torch.Tensor | None = None  # (B, K, h, w) sum over blocks and steps of concept maps
+    concept_calls: int = 0
     timesteps: list[float] = field(default_factory=list)
 
 
@@ -108,10 +110,33 @@ def detect_capture(pipe: Any) -> UNetCapture | SD3Capture | FluxCapture:
 class Trace:
     """One traced session of a pipeline; created by :func:`trace`."""
 
-    def __init__(self, pipe: Any, config: AggregationConfig):
+    def __init__(
+        self,
+        pipe: Any,
+        config: AggregationConfig,
+        concepts: Sequence[str] | None = None,
+        concept_embeds: torch.Tensor | None = None,
+        concept_softmax: bool = True,
+    ):
         self.pipe = pipe
         self.config = config
         self.capture = detect_capture(pipe)
+        self.concepts = [str(c).strip() for c in concepts] if concepts else []
+        if concept_embeds is not None and len(self.concepts) != concept_embeds.shape[0]:
+            raise ValueError(
+                f"concept_embeds has {concept_embeds.shape[0]} rows but {len(self.concepts)} concepts were named"
+            )
+        if self.concepts:
+            if self.capture.family not in ("sd3", "flux"):
+                raise UnsupportedPipelineError(
+                    "concept maps need a joint-attention transformer (SD3/SD3.5 or Flux); "
+                    f"this pipeline is a {self.capture.family} model: use the cross-attention maps (heat_maps)"
+                )
+            if any(not c for c in self.concepts) or len(set(self.concepts)) != len(self.concepts):
+                raise ValueError(f"concepts must be distinct, non-empty words, got {list(concepts or [])}")
+        self._concept_embeds = concept_embeds
+        self.concept_softmax = concept_softmax
+        self._concept_capture = None
         self._hooks = HookSet()
         self._log = _TruncationLog()
         self._gen: _Generation | None = None
@@ -129,6 +154,14 @@ class Trace:
                 "of one pipeline are not supported — exit the other `with trace(pipe)` block first"
             )
         try:
+            if self.concepts:
+                from .capture.concept import ConceptCapture, encode_concepts
+
+                embeds = self._concept_embeds
+                if embeds is None:  # before our text-encoder hooks exist, so the prompt capture is clean
+                    embeds = encode_concepts(self.pipe, self.capture.family, self.concepts)
+                self._concept_capture = ConceptCapture(self.capture.denoiser, self.capture.family, embeds, self)
+                self._concept_capture.attach()
             self.capture.attach(self)
             for attr in TEXT_ENCODERS:
                 enc = getattr(self.pipe, attr, None)
@@ -148,6 +181,8 @@ class Trace:
     def _detach(self) -> None:
         try:
             self.capture.detach()
+            if self._concept_capture is not None:
+                self._concept_capture.detach()
         finally:
             self._hooks.remove()
             logging.getLogger("diffusers").removeHandler(self._log)
@@ -231,6 +266,19 @@ class Trace:
         assert self._gen is not None
         self._gen.accumulator.add(layer, self._gen.step, probs, branch)
 
+    def on_concepts(self, block: str, sim: torch.Tensor) -> None:
+        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs."""
+        gen = self._gen
+        assert gen is not None
+        layer = LayerInfo(name=f"{block}.attn", block="joint" if self.capture.family == "sd3" else "double",
+                          index=-1, heads=0)
+        if not self.config.selects_layer(layer, 1):
+            return
+        h, w = gen.call.latent_hw
+        maps = sim.reshape(sim.shape[0], sim.shape[1], h, w)
+        gen.concept_sum = maps.clone() if gen.concept_sum is None else gen.concept_sum.add_(maps)
+        gen.concept_calls += 1
+
     # ---- results -----------------------------------------------------------------------------
     @property
     def num_images(self) -> int:
@@ -259,6 +307,7 @@ class Trace:
         steps: Sequence[int] | range | None = None,
         layers: Sequence[str] | None = None,
         heads: Sequence[int] | None = None,
+        method: str = "cross",
     ):
         """The :class:`~daamkit.heatmap.GlobalHeatMap` of image ``i`` of the latest pipeline call.
 
@@ -266,9 +315,15 @@ class Trace:
             not see the token ids) or to name words past the tokenizer's limit exactly.
         branch: ``"cond"`` (default) or ``"negative"`` (needs ``negative=True`` in :func:`trace`).
         steps / layers / heads: select among what was kept (``keep_steps`` etc. in :func:`trace`).
+        method: ``"cross"`` (DAAM maps of the prompt's words, default) or ``"concept"`` (ConceptAttention
+            maps of the ``concepts`` given to :func:`trace`, which need not be in the prompt).
         """
         from .heatmap import GlobalHeatMap
 
+        if method == "concept":
+            return self._concept_maps(i)
+        if method != "cross":
+            raise ValueError(f"method must be 'cross' or 'concept', got {method!r}")
         gen = self._require_gen()
         if branch not in ("cond", "negative"):
             raise ValueError(f"branch must be 'cond' or 'negative', got {branch!r}")
@@ -293,6 +348,34 @@ class Trace:
             "selection": _jsonable({"steps": steps, "layers": layers, "heads": heads}),
         }
         return GlobalHeatMap(maps.cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
+
+    def _concept_maps(self, i: int):
+        from .heatmap import GlobalHeatMap
+        from .tokens import TokenAlignment, Word, split_words
+
+        gen = self._require_gen()
+        if not self.concepts:
+            raise TraceError("no concepts were traced: pass concepts=[...] to trace() for method='concept'")
+        if gen.concept_sum is None:
+            raise TraceError("no concept maps were recorded (no selected joint block ran inside the trace)")
+        if not 0 <= i < gen.num_images:
+            raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
+        maps = gen.concept_sum[i] / gen.concept_calls
+        if self.concept_softmax:
+            maps = maps.softmax(dim=0)
+        words: list[Word] = []
+        seen: dict[str, int] = {}
+        for k, concept in enumerate(self.concepts):
+            for part in split_words(concept):
+                words.append(Word(part, len(words), seen.get(part, 0), (k,), False, False))
+                seen[part] = seen.get(part, 0) + 1
+        alignment = TokenAlignment(tuple(self.concepts), tuple(words), len(self.concepts), " ".join(self.concepts))
+        h, w = gen.call.latent_hw
+        scale = self.capture.cell_pixels(self.pipe)
+        meta = {"family": self.capture.family, "method": "concept", "concepts": list(self.concepts),
+                "softmax": self.concept_softmax, "image_index": i, "num_steps": gen.step + 1,
+                "config": _jsonable(asdict(self.config))}
+        return GlobalHeatMap(maps.float().cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
 
     def all_heat_maps(self, **kwargs: Any) -> list:
         return [self.heat_maps(i, **kwargs) for i in range(self.num_images)]
@@ -359,11 +442,18 @@ def trace(
     mode: str = "daam",
     grid: tuple[int, int] | None = None,
     config: AggregationConfig | None = None,
+    concepts: Sequence[str] | None = None,
+    concept_embeds: torch.Tensor | None = None,
+    concept_softmax: bool = True,
 ) -> Trace:
     """Trace a diffusers pipeline: ``with trace(pipe) as tc: pipe(...); tc.heat_maps(0)``.
 
     The options are those of :class:`~daamkit.aggregate.AggregationConfig`; ``mode="reference"``
     selects the preset that reproduces PyPI ``daam`` 0.2.0 (``AggregationConfig.reference()``).
+
+    concepts: words (need not be in the prompt) for ConceptAttention-style maps on SD3/Flux, read with
+        ``tc.heat_maps(i, method="concept")``; ``concept_embeds`` (concepts x context dim) overrides how
+        they are encoded; ``concept_softmax`` normalises the maps over the concepts at each pixel.
     """
     if config is None:
         if mode == "reference":
@@ -385,7 +475,7 @@ def trace(
                 mode=mode,  # type: ignore[arg-type]
                 grid=grid,
             )
-    return Trace(pipe, config)
+    return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax)
 
 
 def _jsonable(obj: Any) -> Any:
