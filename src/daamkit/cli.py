@@ -147,6 +147,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.protocol import evaluate_records, evaluate_world
+
+    taus = tuple(sorted(set(args.taus) | {args.tau}))
+    if args.runs:
+        from .runs import load_runs
+
+        result = evaluate_records(load_runs(args.runs), taus=taus)
+        result.settings = {"runs": str(args.runs)}
+    else:
+        from .models import load_pipeline
+        from .world import default_model_path
+
+        model = args.model or default_model_path()
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
+        result = evaluate_world(pipe, n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                                taus=taus, batch_size=args.batch_size, progress=not args.no_progress,
+                                trace_options=_trace_kwargs(args))
+        result.settings["model"] = str(model)
+    paths = result.save(args.out, tau=args.tau)
+    print(result.markdown(args.tau))
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daamkit", description="Per-word attribution maps for diffusers pipelines")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="daamkit-demo", help="output folder (default: daamkit-demo)")
     _add_generation_options(d, steps=20, guidance=5.0)
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="COCO-Gen style mIoU of noun/colour maps on the shapes world")
+    e.add_argument("--model", help="model to evaluate (default: the embedded shapes-world model)")
+    e.add_argument("--runs", help="score a runs directory of saved records instead of generating")
+    e.add_argument("--n", type=int, default=200, help="held-out captions to generate (default 200)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--taus", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7], help="tau sweep")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--out", default="daamkit-eval")
+    e.add_argument("--no-progress", action="store_true")
+    _add_trace_options(e)
+    e.set_defaults(func=cmd_eval)
 
     try:
         from .world import train as world_train

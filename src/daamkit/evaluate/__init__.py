@@ -1,0 +1,18 @@
+"""Evaluation: the DAAM paper's COCO-Gen protocol (mIoU of thresholded word maps against the drawn
+objects), its trivial baselines, and interval estimates."""
+
+from .baselines import BASELINES, centre_gaussian, random_map, whole_image
+from .metrics import iou, mean_ci
+from .protocol import EvalResult, evaluate_world, score_run
+
+__all__ = [
+    "BASELINES",
+    "EvalResult",
+    "centre_gaussian",
+    "evaluate_world",
+    "iou",
+    "mean_ci",
+    "random_map",
+    "score_run",
+    "whole_image",
+]
