@@ -508,3 +508,41 @@ def test_config_validation():
         AggregationConfig(mode="nope")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="steps"):
         AggregationConfig(steps=[-1])
+
+
+def test_ip_adapter_processors_are_kept_and_only_text_keys_are_mapped(sd):
+    """An IP-Adapter (random weights, built the way diffusers' loader builds it): its processor splits
+    the context into text and image tokens; the maps stay over the 77 text keys."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    unet = sd.unet
+    torch.manual_seed(0)
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn1.processor"):
+            procs[name] = proc
+            continue
+        if name.startswith("mid_block"):
+            hidden = unet.config.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])]
+        else:
+            hidden = unet.config.block_out_channels[int(name.split(".")[1])]
+        p = IPAdapterAttnProcessor2_0(hidden_size=hidden, cross_attention_dim=32, num_tokens=(4,), scale=1.0)
+        procs[name] = p
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(cross_attention_dim=32, image_embed_dim=16, num_image_text_embeds=4)]
+    )
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    embeds = [torch.randn(2, 1, 16)]  # (negative, positive) x 1 image embedding
+    before = hook_state(unet)
+    ref = run(sd, ip_adapter_image_embeds=embeds)
+    with trace(sd) as tc:
+        out = run(sd, ip_adapter_image_embeds=embeds)
+        hm = tc.heat_maps(0)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert_restored(sd, before)
+    assert hm.maps.shape[0] == 77 and hm.words == ["a", "red", "dog", "on", "bench"]
+    assert all(isinstance(p, IPAdapterAttnProcessor2_0) for n, p in unet.attn_processors.items() if "attn2" in n)
