@@ -284,9 +284,8 @@ def test_wrong_dtype(saved) -> None:
 @pytest.mark.slow  # ~1 s on its own; most of its wall time is importing diffusers, shared with test_trace
 def test_round_trip_of_a_traced_run(tmp_path: Path, clip_tokenizer_dir: str) -> None:
     # End to end with the real pieces: trace a tiny SD pipeline (non-square), save, load, plot.
-    from tiny_pipes import tiny_sd
-
     from daamkit import trace
+    from tiny_pipes import tiny_sd
 
     pipe = tiny_sd(clip_tokenizer_dir)
     prompt = "a red dog, a dog on a bench"
