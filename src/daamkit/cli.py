@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(d, steps=20, guidance=5.0)
     d.set_defaults(func=cmd_demo)
 
+    from .ui import add_arguments as ui_add_arguments
+    from .ui import main as ui_main
+
+    u = sub.add_parser("ui", help="a local web app: type a prompt, click a word, see its heat map")
+    ui_add_arguments(u)
+    u.set_defaults(func=ui_main)
+
     e = sub.add_parser("eval", help="COCO-Gen style mIoU of noun/colour maps on the shapes world")
     e.add_argument("--model", help="model to evaluate (default: the embedded shapes-world model)")
     e.add_argument("--runs", help="score a runs directory of saved records instead of generating")

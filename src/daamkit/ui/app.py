@@ -1,0 +1,241 @@
+"""The Gradio page of ``daamkit ui``: widgets wired to :class:`daamkit.ui.session.UISession`.
+
+``build_app(model_path, device)`` returns the ``gr.Blocks``; :func:`launch` serves it (127.0.0.1 unless
+told otherwise). The pipeline is loaded on the first Generate and kept by the session object that this
+function's closures share; nothing is kept at module level.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gradio as gr  # noqa: E402
+
+from daamkit.heatmap import DEFAULT_THRESHOLD  # noqa: E402
+
+from .session import (  # noqa: E402
+    MAX_SIDE,
+    MAX_STEPS,
+    Run,
+    UISession,
+    default_size,
+    md_escape,
+    readable_error,
+    resolve_model_path,
+)
+
+TITLE = "daamkit: which word shaped which pixels"
+
+CSS = """
+#daam-words .wrap { gap: 6px; }
+#daam-words label { cursor: pointer; }
+#daam-words label.selected { border-color: var(--color-accent); font-weight: 600; }
+#daam-status p, #daam-word-info p { margin: 0.2em 0; }
+"""
+
+INTRO = (
+    "# daamkit\n"
+    "Type a prompt and press **Generate**, then click a word: its DAAM heat map (the text-to-image "
+    "cross-attention of that word, summed over the denoising steps) is drawn over the image. The "
+    "threshold slider shows the binarised mask (the paper uses 0.4)."
+)
+
+
+def _error(message: str) -> str:
+    return f"⚠️ **Error:** {md_escape(message)}"
+
+
+def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "cpu",
+              dtype: str | None = None, session: UISession | None = None,
+              steps: int = 20, guidance: float = 5.0) -> gr.Blocks:
+    """The web app as a ``gr.Blocks`` (not launched). ``model_path=None`` uses the embedded shapes-world
+    model. The model is loaded on the first Generate, once, and kept."""
+    ses = session or UISession(model_path, device=device, dtype=dtype)
+    h0, w0 = default_size(ses.model.model_path)
+    side_max = min(MAX_SIDE, max(256, 4 * max(h0, w0)))
+    warning = ""
+    try:  # say at once if the model cannot be there; Generate repeats the message
+        folder = str(resolve_model_path(ses.model.model_path)).replace("`", "'")
+        if not os.path.exists(folder):
+            warning = f"\n\n⚠️ The model folder `{folder}` does not exist."
+    except Exception as e:
+        folder = None
+        warning = "\n\n" + _error(readable_error(e))
+    shown = f"`{folder}`" if folder else "none"
+    if ses.model.model_path is None:
+        shown = "the embedded shapes-world model" + (f" (`{folder}`)" if folder else "")
+    model_note = (
+        f"Model: {shown} on {md_escape(ses.model.device)} (loaded on the first Generate, then kept)." + warning
+    )
+
+    # -- handlers: every one returns a readable message instead of raising ----------------------------------
+    def _outputs_for(run: Run, keep_word: str | None, alpha: float, threshold: float) -> tuple:
+        word = keep_word if keep_word in run.words else None
+        overlay = mask = None
+        info = "Click a word above."
+        if word is not None:
+            overlay = ses.overlay(run, word, alpha)
+            mask, coverage = ses.mask(run, word, threshold)
+            info = _word_info(word, threshold, coverage)
+        return (
+            run,
+            ses.summary(run),
+            ses.image(run),
+            gr.Radio(choices=run.words, value=word, interactive=True),
+            overlay,
+            mask,
+            info,
+            str(run.grid_png),
+            gr.DownloadButton(value=str(run.record_zip), interactive=True),
+            gr.DownloadButton(value=str(run.grid_png), interactive=True),
+        )
+
+    n_outputs = 10
+
+    def _failed(exc: BaseException) -> tuple:
+        return (gr.skip(), _error(readable_error(exc))) + (gr.skip(),) * (n_outputs - 2)
+
+    def on_generate(prompt, negative, seed, steps_, width, height, guidance_, word, alpha, threshold,
+                    progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio's documented pattern)
+        try:
+            run = ses.generate(prompt, seed=seed, steps=steps_, width=width, height=height,
+                               guidance=guidance_, negative_prompt=negative,
+                               progress=lambda f, d: progress(f, desc=d))
+            return _outputs_for(run, word, alpha, threshold)
+        except Exception as e:
+            return _failed(e)
+
+    def on_open_path(path, word, alpha, threshold):
+        try:
+            return _outputs_for(ses.open_path(path), word, alpha, threshold)
+        except Exception as e:
+            return _failed(e)
+
+    def on_upload(files, word, alpha, threshold):
+        if not files:
+            return (gr.skip(),) * n_outputs
+        try:
+            paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+            return _outputs_for(ses.open_files(paths), word, alpha, threshold)
+        except Exception as e:
+            return _failed(e)
+
+    def on_word(run, word, alpha, threshold):
+        if run is None or not word:
+            return None, None, "Click a word above."
+        try:
+            mask, coverage = ses.mask(run, word, threshold)
+            return ses.overlay(run, word, alpha), mask, _word_info(word, threshold, coverage)
+        except Exception as e:
+            return gr.skip(), gr.skip(), _error(readable_error(e))
+
+    def on_alpha(run, word, alpha):
+        if run is None or not word:
+            return gr.skip()
+        try:
+            return ses.overlay(run, word, alpha)
+        except Exception:
+            return gr.skip()
+
+    def on_threshold(run, word, threshold):
+        if run is None or not word:
+            return gr.skip(), gr.skip()
+        try:
+            mask, coverage = ses.mask(run, word, threshold)
+            return mask, _word_info(word, threshold, coverage)
+        except Exception as e:
+            return gr.skip(), _error(readable_error(e))
+
+    # -- layout -------------------------------------------------------------------------------------------------
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        run_state = gr.State(None)
+        gr.Markdown(INTRO)
+        gr.Markdown(model_note, elem_id="daam-model")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=320):
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle and a blue square",
+                                    elem_id="daam-prompt")
+                with gr.Row():
+                    seed = gr.Number(label="Seed (-1: random)", value=0, precision=0, minimum=-1,
+                                     elem_id="daam-seed")
+                    steps_in = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="Steps", elem_id="daam-steps")
+                with gr.Row():
+                    width = gr.Slider(8, side_max, value=w0, step=8, label="Width", elem_id="daam-width")
+                    height = gr.Slider(8, side_max, value=h0, step=8, label="Height", elem_id="daam-height")
+                guidance_in = gr.Slider(0, 20, value=guidance, step=0.5, label="Guidance scale",
+                                        elem_id="daam-guidance")
+                with gr.Accordion("Negative prompt", open=False):
+                    negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="daam-negative")
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="daam-generate")
+                status = gr.Markdown("", elem_id="daam-status")
+                with gr.Row():
+                    dl_record = gr.DownloadButton("Download record (.zip)", interactive=False, size="sm",
+                                                  elem_id="daam-download-record")
+                    dl_grid = gr.DownloadButton("Download grid (.png)", interactive=False, size="sm",
+                                                elem_id="daam-download-grid")
+                with gr.Accordion("Open a saved record", open=False):
+                    upload = gr.File(label="A record .zip, or its .json and .safetensors", file_count="multiple",
+                                     file_types=[".zip", ".json", ".safetensors"], elem_id="daam-upload")
+                    with gr.Row():
+                        open_path = gr.Textbox(label="…or a path on this computer", scale=4,
+                                               placeholder="runs/dog/record.json", elem_id="daam-open-path")
+                        open_btn = gr.Button("Open", scale=1, elem_id="daam-open")
+            with gr.Column(scale=2):
+                with gr.Tabs():
+                    with gr.Tab("Words", id="words"):
+                        words = gr.Radio(choices=[], label="Prompt words: click one", elem_id="daam-words",
+                                         interactive=True)
+                        with gr.Row():
+                            image = gr.Image(label="Image", type="pil", format="png", interactive=False,
+                                             elem_id="daam-image")
+                            overlay = gr.Image(label="Heat map", type="pil", format="png", interactive=False,
+                                               elem_id="daam-overlay")
+                            mask = gr.Image(label="Mask", type="pil", format="png", interactive=False,
+                                            elem_id="daam-mask")
+                        with gr.Row():
+                            alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Opacity", elem_id="daam-alpha")
+                            threshold = gr.Slider(0, 1, value=DEFAULT_THRESHOLD, step=0.05,
+                                                  label="Threshold (mask)", elem_id="daam-threshold")
+                        word_info = gr.Markdown("", elem_id="daam-word-info")
+                    with gr.Tab("Grid", id="grid"):
+                        grid = gr.Image(label="All words", type="filepath", format="png", interactive=False,
+                                        elem_id="daam-grid")
+
+        outputs = [run_state, status, image, words, overlay, mask, word_info, grid, dl_record, dl_grid]
+        assert len(outputs) == n_outputs
+        gen_inputs = [prompt, negative, seed, steps_in, width, height, guidance_in, words, alpha, threshold]
+        for trigger in (generate_btn.click, prompt.submit):
+            trigger(on_generate, gen_inputs, outputs, concurrency_limit=1, concurrency_id="daamkit-pipeline",
+                    show_progress="full")
+        open_btn.click(on_open_path, [open_path, words, alpha, threshold], outputs)
+        open_path.submit(on_open_path, [open_path, words, alpha, threshold], outputs)
+        upload.upload(on_upload, [upload, words, alpha, threshold], outputs)
+        words.input(on_word, [run_state, words, alpha, threshold], [overlay, mask, word_info],
+                    show_progress="minimal")
+        alpha.change(on_alpha, [run_state, words, alpha], [overlay], show_progress="hidden",
+                     trigger_mode="always_last")
+        threshold.change(on_threshold, [run_state, words, threshold], [mask, word_info],
+                         show_progress="hidden", trigger_mode="always_last")
+
+    app.daamkit_session = ses  # for tests and for launch() to clean up
+    return app
+
+
+def _word_info(word: str, threshold: float, coverage: float) -> str:
+    return (f"**{md_escape(word)}**: the mask (normalised map ≥ {float(threshold):.2f}) covers "
+            f"{100 * coverage:.1f}% of the image.")
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False,
+           block: bool = True, **kwargs: Any) -> Any:
+    """Serve ``app`` on ``host:port`` (gradio picks a free port from 7860 when ``port`` is None)."""
+    return app.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, inbrowser=open_browser, share=False, show_error=False,
+        prevent_thread_lock=not block, css=CSS, ssr_mode=False,
+        run_history=False,  # gradio 6's run-history page can sync runs to a Hub bucket: keep it off
+        **kwargs,
+    )

@@ -1,0 +1,411 @@
+"""What the web app does, without the web: load the model once, generate, render a word, open a record.
+
+Kept free of gradio so it can be tested (and reused) on its own; :mod:`daamkit.ui.app` only wires these
+methods to widgets. Every failure a user can cause is raised as :class:`UIError` with a message meant
+for the page; anything else is turned into one by :func:`readable_error` (the traceback goes to the
+server log, never to the page).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, WordHeatMap
+from daamkit.record import RecordError, RunRecord, record_paths
+
+log = logging.getLogger("daamkit.ui")
+
+#: Small images (the shapes world draws 64 px) are shown enlarged to at least this many pixels.
+DISPLAY_MIN_SIDE = 320
+MAX_SIDE = 2048
+MAX_STEPS = 200
+MAX_RECORD_BYTES = 512 * 1024 * 1024  # refuse to unpack more than this from an uploaded zip
+
+Progress = Callable[[float, str], None]
+
+
+class UIError(Exception):
+    """A problem the user can act on; ``str(e)`` is shown on the page as it is."""
+
+
+def readable_error(exc: BaseException) -> str:
+    """One readable line for the page. Expected errors give their own message; unexpected ones their
+    type and message, and the full traceback is logged on the server."""
+    from daamkit.models import ModelLoadError
+    from daamkit.tokens import WordNotFoundError
+    from daamkit.trace import TraceError, UnsupportedPipelineError
+
+    if isinstance(exc, KeyError) and exc.args:  # WordNotFoundError: KeyError would repr() its message
+        return str(exc.args[0])
+    if isinstance(exc, (UIError, ModelLoadError, UnsupportedPipelineError, TraceError, RecordError,
+                        WordNotFoundError, FileNotFoundError)):
+        return str(exc)
+    if isinstance(exc, ValueError):  # diffusers' own input checks (sizes, steps, ...)
+        return f"the pipeline refused these settings: {exc}"
+    log.error("unexpected error in the daamkit web app", exc_info=exc)
+    return f"unexpected {type(exc).__name__}: {exc} (details are in the server's log)"
+
+
+# -- model ---------------------------------------------------------------------------------------------------
+def resolve_model_path(model_path: str | os.PathLike[str] | None) -> Path:
+    """The folder to load: ``model_path``, or the embedded shapes-world model when it is None."""
+    if model_path is not None:
+        return Path(model_path).expanduser()
+    try:
+        from daamkit.world import default_model_path
+
+        return Path(default_model_path())
+    except Exception as e:  # not shipped in this install (yet), or the package is incomplete
+        raise UIError(
+            f"the embedded shapes-world model cannot be used: {e} Or start the app with --model PATH, a "
+            "local diffusers pipeline folder."
+        ) from None
+
+
+def default_size(model_path: str | os.PathLike[str] | None, fallback: int = 512) -> tuple[int, int]:
+    """(height, width) the model was trained at, read from its config files without loading it."""
+    try:
+        p = resolve_model_path(model_path)
+        unet = json.loads((p / "unet" / "config.json").read_text())
+        vae = json.loads((p / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        s = unet["sample_size"]
+        h, w = (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+        return h * factor, w * factor
+    except Exception:
+        return fallback, fallback
+
+
+class ModelHolder:
+    """Loads the pipeline on first use and keeps it; one generation at a time (a trace hooks the pipe)."""
+
+    def __init__(self, model_path: str | os.PathLike[str] | None, device: str = "cpu",
+                 dtype: str | None = None, loader: Callable[..., Any] | None = None) -> None:
+        self.model_path = model_path
+        self.device = device
+        self.dtype = dtype
+        self._loader = loader
+        self._pipe: Any = None
+        self.lock = threading.RLock()
+        self.load_seconds: float | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    @property
+    def label(self) -> str:
+        if self.model_path is None:
+            return "the embedded shapes-world model"
+        return str(self.model_path)
+
+    def get(self) -> Any:
+        with self.lock:
+            if self._pipe is None:  # a failed load is not cached: fix the folder and try again
+                path = resolve_model_path(self.model_path)
+                loader = self._loader
+                if loader is None:
+                    from daamkit.models import load_pipeline as loader
+                t0 = time.perf_counter()
+                self._pipe = loader(path, device=self.device, dtype=self.dtype)
+                self.load_seconds = time.perf_counter() - t0
+            return self._pipe
+
+
+# -- runs ----------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One generated (or opened) image with its maps, and the files offered for download."""
+
+    record: RunRecord
+    folder: Path
+    record_zip: Path
+    grid_png: Path
+    source: str = "generated"
+    _word_cache: dict[str, WordHeatMap] = field(default_factory=dict, repr=False)
+
+    @property
+    def heat_maps(self) -> GlobalHeatMap:
+        return self.record.heat_maps
+
+    @property
+    def words(self) -> list[str]:
+        return self.heat_maps.words
+
+    def word(self, word: str) -> WordHeatMap:
+        if word not in self._word_cache:
+            self._word_cache[word] = self.heat_maps.word(word)
+        return self._word_cache[word]
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return s[:40] or "run"
+
+
+def md_escape(text: str) -> str:
+    """Escape Markdown so that prompt words are shown as typed."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+
+
+def display_size(height: int, width: int, min_side: int = DISPLAY_MIN_SIDE) -> tuple[int, int]:
+    k = max(1, math.ceil(min_side / max(1, min(height, width))))
+    return height * k, width * k
+
+
+def _placeholder(height: int, width: int) -> PIL.Image.Image:
+    return PIL.Image.new("RGB", (width, height), (128, 128, 128))
+
+
+class UISession:
+    """The app's state that outlives a request: the model and a scratch folder for downloads.
+
+    Per-browser state (the current :class:`Run`) is passed in and out of the methods, never kept here.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, device: str = "cpu",
+                 dtype: str | None = None, work_dir: str | os.PathLike[str] | None = None,
+                 loader: Callable[..., Any] | None = None) -> None:
+        self.model = ModelHolder(model_path, device, dtype, loader)
+        self._own_dir = work_dir is None
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="daamkit-ui-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # scratch files go with the session (close(), garbage collection or interpreter exit)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.work_dir), True) if self._own_dir else None
+        self._counter = 0
+        self._counter_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the scratch folder (downloads of this session) if the session made it."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def _new_folder(self, label: str) -> Path:
+        with self._counter_lock:
+            self._counter += 1
+            n = self._counter
+        d = self.work_dir / f"{n:04d}_{_slug(label)}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- generate --------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | None, seed: float | int | None = 0, steps: float | int = 20,
+                 width: float | int = 512, height: float | int = 512, guidance: float = 5.0,
+                 negative_prompt: str | None = None, progress: Progress | None = None) -> Run:
+        """Validate the controls, load the model if needed, generate one traced image."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise UIError("the prompt is empty: type what the image should show")
+        steps_i = _int_in(steps, "steps", 1, MAX_STEPS)
+        w = _int_in(width, "width", 8, MAX_SIDE)
+        h = _int_in(height, "height", 8, MAX_SIDE)
+        if w % 8 or h % 8:
+            raise UIError(f"width and height must be multiples of 8, got {w}x{h}")
+        try:
+            guidance_f = float(guidance)
+        except (TypeError, ValueError):
+            raise UIError(f"guidance must be a number, got {guidance!r}") from None
+        if not math.isfinite(guidance_f) or guidance_f < 0:
+            raise UIError(f"guidance must be a number >= 0, got {guidance!r}")
+        if seed is None or (isinstance(seed, float) and not math.isfinite(seed)):
+            seed_i = 0
+        else:
+            seed_i = int(seed)
+        if seed_i < 0:
+            seed_i = random.SystemRandom().randrange(2**31)
+        if seed_i >= 2**63:
+            raise UIError(f"seed must be below 2**63, got {seed_i}")
+
+        from daamkit.generate import GenerateOptions
+        from daamkit.generate import generate as run_generate
+
+        opts = GenerateOptions(steps=steps_i, seed=seed_i, height=h, width=w, guidance_scale=guidance_f,
+                               negative_prompt=(negative_prompt or "").strip() or None, progress=True)
+        with self.model.lock:
+            if not self.model.loaded and progress is not None:
+                progress(0.0, f"loading {self.model.label} (once)")
+            pipe = self.model.get()
+            if progress is not None:
+                progress(0.0, "generating")
+            t0 = time.perf_counter()
+            records = run_generate(pipe, prompt, opts, model=str(resolve_model_path(self.model.model_path)))
+            seconds = time.perf_counter() - t0
+        record = records[0]
+        record.meta["seconds"] = round(seconds, 3)
+        return self._finish(record, source="generated")
+
+    # -- open --------------------------------------------------------------------------------------------------
+    def open_path(self, path: str | os.PathLike[str] | None) -> Run:
+        """Open a record from the server's disk: a stem, either file of the pair, a folder holding one
+        record (``record.json``), or a zip of the pair."""
+        text = str(path or "").strip().strip('"').strip("'")
+        if not text:
+            raise UIError("type the path of a saved record (.json, .safetensors, its stem, a run folder or a .zip)")
+        p = Path(text).expanduser()
+        if p.is_dir():
+            jsons = sorted(p.glob("*.json"))
+            candidates = [j for j in jsons if record_paths(j)[0].exists()]
+            if not candidates:
+                raise UIError(f"{p} holds no record (no <name>.json next to a <name>.safetensors)")
+            p = next((c for c in candidates if c.stem == "record"), candidates[0])
+        if p.suffix.lower() == ".zip":
+            return self.open_files([p])
+        return self._finish(RunRecord.load(p), source=str(p))
+
+    def open_files(self, files: list[str | os.PathLike[str]] | None) -> Run:
+        """Open uploaded files: one .zip holding a record, or the .json and .safetensors of one record."""
+        paths = [Path(f) for f in (files or []) if f]
+        if not paths:
+            raise UIError("choose a record to open: a .zip, or its .json and .safetensors files")
+        folder = Path(tempfile.mkdtemp(prefix="open_", dir=self.work_dir))
+        zips = [p for p in paths if p.suffix.lower() == ".zip"]
+        if zips:
+            if len(paths) != 1:
+                raise UIError("open one .zip at a time (or the .json and .safetensors of one record)")
+            _extract_record_zip(zips[0], folder)
+        else:
+            jsons = [p for p in paths if p.suffix.lower() == ".json"]
+            tensors = [p for p in paths if p.suffix.lower() == ".safetensors"]
+            if len(jsons) != 1 or len(tensors) != 1 or len(paths) != 2:
+                names = ", ".join(p.name for p in paths)
+                raise UIError(f"a record is one .json and one .safetensors file (or a .zip of them); got: {names}")
+            shutil.copyfile(jsons[0], folder / "record.json")
+            shutil.copyfile(tensors[0], folder / "record.safetensors")
+        return self._finish(RunRecord.load(folder / "record"), source=", ".join(p.name for p in paths))
+
+    # -- outputs -----------------------------------------------------------------------------------------------
+    def _finish(self, record: RunRecord, source: str) -> Run:
+        """Write the downloads (record pair + zip, grid PNG) for a generated or opened record."""
+        from daamkit import plot
+
+        hm = record.heat_maps
+        if not hm.words:
+            raise UIError("the prompt has no words with a heat map (only punctuation, or all past the token limit)")
+        folder = self._new_folder(record.prompt)
+        st, js = record.save(folder / "record")
+        fig = plot.plot_grid(hm, image=record.image, include_image=record.image is not None,
+                             title=record.prompt if len(record.prompt) <= 80 else record.prompt[:77] + "...")
+        grid = plot.save_figure(fig, folder / "grid.png", dpi=110)
+        zpath = folder / f"{_slug(record.prompt)}_record.zip"
+        with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.write(st, "record.safetensors")
+            z.write(js, "record.json")
+            if record.image is not None:
+                buf = io.BytesIO()
+                record.image.save(buf, format="PNG")
+                z.writestr("image.png", buf.getvalue())
+            z.write(grid, "grid.png")
+        return Run(record=record, folder=folder, record_zip=zpath, grid_png=grid, source=source)
+
+    # -- pictures ----------------------------------------------------------------------------------------------
+    def image(self, run: Run) -> PIL.Image.Image:
+        """The generated image, enlarged (nearest neighbour) if small."""
+        hm = run.heat_maps
+        H, W = display_size(*hm.image_size)
+        if run.record.image is None:
+            return _placeholder(H, W)
+        return run.record.image.convert("RGB").resize((W, H), PIL.Image.NEAREST)
+
+    def overlay(self, run: Run, word: str, alpha: float = 0.5) -> PIL.Image.Image:
+        """``word``'s normalised map over the image at display size (the map alone without an image)."""
+        from daamkit import plot
+
+        wm = run.word(word)
+        H, W = display_size(*wm.image_size)
+        heat = wm.normalized((H, W))
+        alpha = min(max(float(alpha), 0.0), 1.0)
+        if run.record.image is None:
+            return plot.heat_image(heat)
+        return plot.overlay(self.image(run), heat, alpha=alpha)
+
+    def mask(self, run: Run, word: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[PIL.Image.Image, float]:
+        """The image where ``word``'s normalised map is >= ``threshold``, darkened elsewhere; and the
+        fraction of the image the mask covers (at the image's own size)."""
+        wm = run.word(word)
+        t = min(max(float(threshold), 0.0), 1.0)
+        H, W = display_size(*wm.image_size)
+        m = wm.mask(t, size=(H, W))
+        base = np.asarray(self.image(run), dtype=np.float32)
+        if run.record.image is None:
+            base = np.full_like(base, 255.0)
+        out = np.where(m[..., None], base, base * 0.2 + 20.0)
+        coverage = float(wm.mask(t).mean())
+        return PIL.Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)), coverage
+
+    # -- text --------------------------------------------------------------------------------------------------
+    def summary(self, run: Run) -> str:
+        """Markdown status after a run: what was made, and any truncated words."""
+        r = run.record
+        hm = r.heat_maps
+        s = r.settings or {}
+        H, W = hm.image_size
+        if run.source == "generated":
+            secs = r.meta.get("seconds")
+            took = f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""
+            head = (f"Generated{took}: seed {r.seed}, {s.get('steps')} steps, {W}x{H} px, "
+                    f"guidance {s.get('guidance_scale')}.")
+        else:
+            head = f"Opened {md_escape(run.source)}: seed {r.seed}, {W}x{H} px."
+        lines = [head + " Click a word to see its heat map."]
+        if hm.truncated_words:
+            cut = " ".join(hm.truncated_words)
+            if len(cut) > 300:
+                cut = cut[:297] + "..."
+            lines.append(
+                f"⚠️ **The prompt is longer than the model's {hm.alignment.max_length}-token limit.** "
+                f"The model never saw these {len(hm.truncated_words)} words at its end, so they have no "
+                f"map: “{md_escape(cut)}”"
+            )
+        return "\n\n".join(lines)
+
+
+def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UIError(f"{name} must be a whole number, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise UIError(f"{name} must be a whole number, got {value!r}")
+    i = int(f)
+    if not lo <= i <= hi:
+        raise UIError(f"{name} must lie between {lo} and {hi}, got {i}")
+    return i
+
+
+def _extract_record_zip(zpath: Path, folder: Path) -> None:
+    """Copy the one record pair of a zip into ``folder`` as record.json/.safetensors (names only, no paths
+    from the archive are used, so nothing can be written outside ``folder``)."""
+    try:
+        with zipfile.ZipFile(zpath) as z:
+            infos = [i for i in z.infolist() if not i.is_dir()]
+            jsons = [i for i in infos if i.filename.lower().endswith(".json")]
+            tensors = [i for i in infos if i.filename.lower().endswith(".safetensors")]
+            if len(jsons) != 1 or len(tensors) != 1:
+                raise UIError(f"{zpath.name} must hold exactly one .json and one .safetensors (a daamkit record); "
+                              f"it holds {len(jsons)} and {len(tensors)}")
+            if jsons[0].file_size + tensors[0].file_size > MAX_RECORD_BYTES:
+                raise UIError(f"{zpath.name} is too large to be a record")
+            for info, name in ((jsons[0], "record.json"), (tensors[0], "record.safetensors")):
+                with z.open(info) as src, open(folder / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile:
+        raise UIError(f"{zpath.name} is not a valid zip file") from None
