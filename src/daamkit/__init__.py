@@ -9,6 +9,7 @@ with trace(pipe) as tc:
 """
 
 from .aggregate import AggregationConfig, LayerInfo
+from .runs import Runs, load_runs
 from .trace import SUPPORTED_FAMILIES, Trace, TraceError, UnsupportedPipelineError, trace
 
 __version__ = "0.1.0"
@@ -16,9 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AggregationConfig",
     "LayerInfo",
+    "Runs",
     "SUPPORTED_FAMILIES",
     "Trace",
     "TraceError",
     "UnsupportedPipelineError",
+    "load_runs",
     "trace",
 ]

@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(d, steps=20, guidance=5.0)
     d.set_defaults(func=cmd_demo)
 
+    from . import batch as batch_cmd
+
+    b = sub.add_parser("batch", help="trace every prompt of a prompt file (text, JSONL, CSV); works under accelerate launch")
+    batch_cmd.add_arguments(b)
+    b.set_defaults(func=batch_cmd.main)
+
     from .ui import add_arguments as ui_add_arguments
     from .ui import main as ui_main
 
