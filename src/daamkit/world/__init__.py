@@ -1,0 +1,118 @@
+"""The shapes world: procedural scenes with exact masks, a training script and the shipped model.
+
+>>> from daamkit.world import make_scene, default_model_path
+>>> scene = make_scene(0, "test")            # image, caption, per-object and per-word masks
+>>> folder = default_model_path()            # the shipped diffusers pipeline folder
+
+Training lives in :mod:`daamkit.world.train` (``main(argv)``/``add_arguments(parser)``, wired as
+``daamkit world train``); it imports torch/diffusers lazily, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daamkit.world.scenes import (
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_PAIRS,
+    HELDOUT_TEMPLATES,
+    IMAGE_SIZE,
+    PLURALS,
+    SHAPES,
+    TEMPLATES,
+    TRAIN_TEMPLATES,
+    CaptionWord,
+    Scene,
+    SceneObject,
+    is_heldout,
+    make_heldout_scene,
+    make_scene,
+    render,
+    render_batch,
+    shape_polygon,
+)
+from daamkit.world.segment import (
+    Component,
+    GenerationCheck,
+    RequestedObject,
+    classify_pixels,
+    classify_shape,
+    connected_components,
+    drawn_masks,
+    generation_accuracy,
+    parse_caption,
+    segment,
+    split_component,
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The shipped shapes-world model folder is missing or incomplete."""
+
+
+def default_model_path() -> Path:
+    """The shipped shapes-world pipeline folder (``daamkit/world/model``), for
+    ``StableDiffusionPipeline.from_pretrained(default_model_path(), local_files_only=True)``.
+
+    Raises ModelNotFoundError if it is missing (e.g. a source checkout without the weights).
+    """
+    path = Path(__file__).resolve().parent / "model"
+    needed = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    missing = [n for n in needed if not (path / n).exists()]
+    if missing:
+        raise ModelNotFoundError(
+            f"the shipped shapes-world model is missing or incomplete at {path} (missing: {', '.join(missing)}). "
+            "Train one with `daamkit world train --out runs/world_train` and copy runs/world_train/model there, "
+            "or reinstall daamkit with its package data."
+        )
+    return path
+
+
+def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=None):
+    """``StableDiffusionPipeline`` of the shipped model (offline), float32 on CPU by default."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(path) if path is not None else default_model_path()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), local_files_only=True, torch_dtype=dtype or torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLORS",
+    "HELDOUT_PAIRS",
+    "HELDOUT_TEMPLATES",
+    "IMAGE_SIZE",
+    "PLURALS",
+    "SHAPES",
+    "TEMPLATES",
+    "TRAIN_TEMPLATES",
+    "CaptionWord",
+    "Component",
+    "GenerationCheck",
+    "ModelNotFoundError",
+    "RequestedObject",
+    "Scene",
+    "SceneObject",
+    "classify_pixels",
+    "classify_shape",
+    "connected_components",
+    "default_model_path",
+    "drawn_masks",
+    "generation_accuracy",
+    "is_heldout",
+    "load_pipeline",
+    "make_heldout_scene",
+    "make_scene",
+    "parse_caption",
+    "render",
+    "render_batch",
+    "segment",
+    "shape_polygon",
+    "split_component",
+]

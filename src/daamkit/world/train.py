@@ -1,0 +1,680 @@
+"""Train the shapes-world latent diffusion model from scratch on CPU.
+
+Phases (each resumable; a finished phase is skipped on ``--resume``):
+
+1. ``data``    render a fixed training set of scenes (train split only: no held-out pair or template)
+               and tokenise its captions with the real CLIP BPE ids;
+2. ``vae``     train an ``AutoencoderKL`` (64 px RGB -> 4 x 16 x 16 latents);
+3. ``latents`` encode the training set once (posterior mean and std cached);
+4. ``unet``    train ``UNet2DConditionModel`` + ``CLIPTextModel`` jointly on the cached latents
+               (epsilon prediction, min-SNR weighting, 10% caption dropout for classifier-free
+               guidance, an EMA of the weights);
+5. ``export``  write a standard diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors) and
+               generate a sample grid through ``StableDiffusionPipeline.from_pretrained``.
+
+Everything goes under ``--out`` (checkpoints, ``log.jsonl``, samples); the pipeline folder is
+``<out>/model`` unless ``--export-to`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PHASES = ("data", "vae", "latents", "unet", "decoder", "export")
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def vae_config(args) -> dict:
+    ch = tuple(int(c) for c in args.vae_channels.split(","))
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(ch),
+        up_block_types=("UpDecoderBlock2D",) * len(ch),
+        block_out_channels=ch,
+        layers_per_block=args.vae_layers,
+        act_fn="silu",
+        latent_channels=4,
+        # few channels per group would make GroupNorm an instance norm that erases each image's
+        # absolute colour levels (the first recipe decoded green as brown): use few, wide groups
+        norm_num_groups=args.vae_groups,
+        sample_size=64,
+        scaling_factor=1.0,
+    )
+
+
+def unet_config(args) -> dict:
+    ch = tuple(int(c) for c in args.unet_channels.split(","))
+    n = len(ch)
+    down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=ch,
+        layers_per_block=args.unet_layers,
+        cross_attention_dim=args.text_width,
+        attention_head_dim=args.heads,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=args.unet_groups,
+    )
+
+
+def text_config(args) -> dict:
+    return dict(
+        vocab_size=49408,
+        hidden_size=args.text_width,
+        intermediate_size=args.text_width * 4,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=max(1, args.text_width // 32),
+        max_position_embeddings=77,
+        projection_dim=args.text_width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+SCHEDULER_KW = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+class Logger:
+    def __init__(self, out: Path):
+        self.path = out / "log.jsonl"
+
+    def __call__(self, **rec):
+        rec["time"] = round(time.time(), 1)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _save(obj, path: Path):
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _done(out: Path, phase: str) -> bool:
+    return (out / f"{phase}.done").exists()
+
+
+def _mark(out: Path, phase: str, info: dict | None = None):
+    (out / f"{phase}.done").write_text(json.dumps(info or {}))
+
+
+def _tokenizer(out: Path):
+    from transformers import CLIPTokenizer
+
+    from daamkit.vocab import clip_tokenizer
+
+    tdir = out / "tokenizer"
+    if not (tdir / "vocab.json").exists():
+        clip_tokenizer(tdir)
+    return CLIPTokenizer.from_pretrained(str(tdir))
+
+
+def _lr_at(frac: float, base: float, warm_frac: float, final_ratio: float = 0.1) -> float:
+    if frac < warm_frac:
+        return base * max(frac / warm_frac, 0.02)
+    p = min(1.0, (frac - warm_frac) / max(1e-8, 1 - warm_frac))
+    return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ------------------------------------------------------------------------------------------ phases
+
+
+def phase_data(args, out: Path, log):
+    from tqdm import tqdm
+
+    from daamkit.world.scenes import make_scene
+
+    tok = _tokenizer(out)
+    n = args.dataset_size
+    imgs = np.empty((n, 64, 64, 3), np.uint8)
+    objmask = np.empty((n, 16, 16), np.uint8)
+    caps = []
+    for i in tqdm(range(n), desc="render", mininterval=5, file=sys.stderr):
+        s = make_scene(args.data_seed + i, "train")
+        imgs[i] = np.asarray(s.image)
+        m = s.masks.any(0) if len(s.masks) else np.zeros((64, 64), bool)
+        objmask[i] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+        caps.append(s.caption)
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    np.savez(out / "data.npz", images=imgs, objmask=objmask, input_ids=ids.astype(np.int32))
+    (out / "captions.txt").write_text("\n".join(caps) + "\n")
+    empty = tok([""], padding="max_length", max_length=77, return_tensors="np").input_ids[0]
+    np.save(out / "empty_ids.npy", empty.astype(np.int32))
+    log(phase="data", n=n)
+    _mark(out, "data", {"n": n})
+
+
+def _sobel(x):
+    import torch.nn.functional as F
+
+    dx = x[..., :, 1:] - x[..., :, :-1]
+    dy = x[..., 1:, :] - x[..., :-1, :]
+    return F.pad(dx, (0, 1)), F.pad(dy, (0, 0, 0, 1))
+
+
+def phase_vae(args, out: Path, log):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    data = np.load(out / "data.npz")
+    imgs = data["images"]
+    n = len(imgs)
+    n_val = min(256, n // 10)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**vae_config(args)).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # start with a nearly deterministic posterior (std ~ 0.02): much faster start
+        vae.quant_conv.weight[4:] *= 0.1
+        vae.quant_conv.bias[4:] = -8.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ck = out / "ckpt_vae.pt"
+    step, elapsed = 0, 0.0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        torch.set_rng_state(st["rng"])
+        print(f"resumed vae at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
+    budget = args.vae_minutes * 60
+    gen = np.random.default_rng(args.seed + step)
+    val = torch.from_numpy(imgs[n - n_val :]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    t0 = time.time() - elapsed
+    last_ck = time.time()
+    bar = tqdm(total=args.vae_steps, initial=step, desc="vae", mininterval=10, file=sys.stderr)
+    vae.train()
+    while step < args.vae_steps and time.time() - t0 < budget:
+        frac = max(step / args.vae_steps, (time.time() - t0) / budget)
+        lr = _lr_at(frac, args.vae_lr, 0.03)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = gen.integers(0, n - n_val, args.vae_batch)
+        x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.contiguous(memory_format=torch.channels_last)
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        gx, gy = _sobel(rec)
+        tx, ty = _sobel(x)
+        edge = (gx - tx).abs().mean() + (gy - ty).abs().mean()
+        kl = post.kl().mean() / (4 * 16 * 16)
+        loss = l1 + mse + args.vae_edge * edge + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 20 == 0:
+            psnr = -10 * math.log10(max(mse.item() / 4, 1e-10))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+            log(phase="vae", step=step, loss=loss.item(), l1=l1.item(), mse=mse.item(), edge=edge.item(),
+                kl=kl.item(), psnr=psnr, lr=lr, elapsed=time.time() - t0)
+        if time.time() - last_ck > args.ckpt_minutes * 60:
+            _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                   "elapsed": time.time() - t0, "rng": torch.get_rng_state()}, ck)
+            last_ck = time.time()
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        rec = torch.cat([vae(val[i : i + 64], sample_posterior=False).sample for i in range(0, n_val, 64)])
+        vmse = F.mse_loss(rec.clamp(-1, 1), val).item()
+    vpsnr = -10 * math.log10(max(vmse / 4, 1e-10))
+    elapsed = time.time() - t0
+    _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+           "rng": torch.get_rng_state()}, ck)
+    log(phase="vae_done", step=step, val_psnr=vpsnr, elapsed=elapsed)
+    print(f"vae: {step} steps, {elapsed / 60:.1f} min, val PSNR {vpsnr:.2f} dB", file=sys.stderr)
+    _mark(out, "vae", {"steps": step, "minutes": elapsed / 60, "val_psnr": vpsnr})
+
+
+def _load_vae(args, out: Path, decoder: bool = True):
+    """The trained VAE; with ``decoder``, the fine-tuned decoder (phase ``decoder``) if there is one."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**vae_config(args))
+    vae.load_state_dict(torch.load(out / "ckpt_vae.pt", weights_only=False)["model"])
+    if decoder and (out / "ckpt_decoder.pt").exists():
+        vae.load_state_dict(torch.load(out / "ckpt_decoder.pt", weights_only=False)["model"])
+    return vae.eval()
+
+
+def phase_decoder(args, out: Path, log):
+    """Fine-tune the VAE decoder alone on the cached latents (the encoder, hence the latents the UNet
+    learns, stay fixed), so it can run after, or alongside, the UNet phase."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    if args.decoder_minutes <= 0:
+        _mark(out, "decoder", {"skipped": True})
+        return
+    while not _done(out, "latents"):  # when started alongside the main run
+        time.sleep(10)
+    vae = _load_vae(args, out).to(memory_format=torch.channels_last)
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    imgs = np.load(out / "data.npz")["images"]
+    lat = np.load(out / "latents.npz")
+    lmean, lstd = lat["mean"], lat["std"]
+    n = len(imgs)
+    n_val = min(256, n // 10)
+    ck = out / "ckpt_decoder.pt"
+    step, elapsed = 0, 0.0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+    budget = args.decoder_minutes * 60
+    gen = np.random.default_rng(args.seed + 2000 + step)
+    t0 = time.time() - elapsed
+    last_ck = time.time()
+    bar = tqdm(desc="decoder", initial=step, mininterval=10, file=sys.stderr)
+    vae.decoder.train()
+
+    def save():
+        _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0}, ck)
+
+    while step < args.decoder_steps and time.time() - t0 < budget:
+        frac = max(step / args.decoder_steps, (time.time() - t0) / budget)
+        lr = _lr_at(frac, args.decoder_lr, 0.02)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = gen.integers(0, n - n_val, args.vae_batch)
+        z = torch.from_numpy(lmean[idx]).float() + torch.from_numpy(lstd[idx]).float() * torch.randn(len(idx), 4, 16, 16)
+        x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(z.contiguous(memory_format=torch.channels_last)).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        gx, gy = _sobel(rec)
+        tx, ty = _sobel(x)
+        edge = (gx - tx).abs().mean() + (gy - ty).abs().mean()
+        loss = l1 + mse + args.vae_edge * edge
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 20 == 0:
+            psnr = -10 * math.log10(max(mse.item() / 4, 1e-10))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+            log(phase="decoder", step=step, loss=loss.item(), l1=l1.item(), mse=mse.item(), psnr=psnr, lr=lr,
+                elapsed=time.time() - t0)
+        if time.time() - last_ck > args.ckpt_minutes * 60:
+            save()
+            last_ck = time.time()
+    bar.close()
+    save()
+    vae.eval()
+    val = torch.from_numpy(imgs[n - n_val :]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(torch.from_numpy(lmean[n - n_val + i : n - n_val + i + 64]).float()).sample
+                         for i in range(0, n_val, 64)])
+    vpsnr = -10 * math.log10(max(F.mse_loss(rec.clamp(-1, 1), val).item() / 4, 1e-10))
+    log(phase="decoder_done", step=step, val_psnr=vpsnr, elapsed=time.time() - t0)
+    print(f"decoder: {step} steps, val PSNR {vpsnr:.2f} dB", file=sys.stderr)
+    _mark(out, "decoder", {"steps": step, "minutes": (time.time() - t0) / 60, "val_psnr": vpsnr})
+
+
+def phase_latents(args, out: Path, log):
+    import torch
+    from tqdm import tqdm
+
+    vae = _load_vae(args, out, decoder=False)
+    imgs = np.load(out / "data.npz")["images"]
+    mean = np.empty((len(imgs), 4, 16, 16), np.float16)
+    std = np.empty((len(imgs), 4, 16, 16), np.float16)
+    t0 = time.time()
+    with torch.no_grad():
+        for i in tqdm(range(0, len(imgs), 256), desc="encode", mininterval=10, file=sys.stderr):
+            x = torch.from_numpy(imgs[i : i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            d = vae.encode(x).latent_dist
+            mean[i : i + 256] = d.mean.numpy()
+            std[i : i + 256] = d.std.numpy()
+    rng = np.random.default_rng(0)
+    sub = rng.choice(len(imgs), min(4096, len(imgs)), replace=False)
+    z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal((len(sub), 4, 16, 16))
+    scale = float(1.0 / z.std())
+    np.savez(out / "latents.npz", mean=mean, std=std)
+    log(phase="latents", scaling_factor=scale, seconds=time.time() - t0)
+    _mark(out, "latents", {"scaling_factor": scale, "seconds": time.time() - t0})
+
+
+def _build_unet_and_text(args):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**unet_config(args))
+    te = CLIPTextModel(CLIPTextConfig(**text_config(args)))
+    return unet, te
+
+
+def phase_unet(args, out: Path, log):
+    import copy
+
+    import torch
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    scale = json.loads((out / "latents.done").read_text())["scaling_factor"]
+    lat = np.load(out / "latents.npz")
+    lmean, lstd = lat["mean"], lat["std"]
+    data = np.load(out / "data.npz")
+    ids_all = data["input_ids"].astype(np.int64)
+    objmask = data["objmask"]
+    empty = torch.from_numpy(np.load(out / "empty_ids.npy").astype(np.int64))
+    n = len(lmean)
+
+    torch.manual_seed(args.seed)
+    unet, te = _build_unet_and_text(args)
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    params = [
+        {"params": list(unet.parameters()), "lr": args.lr},
+        {"params": list(te.parameters()), "lr": args.lr * args.text_lr_mult},
+    ]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = DDPMScheduler(**SCHEDULER_KW)
+    acp = sched.alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    ck = out / "ckpt_unet.pt"
+    step, elapsed = 0, 0.0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        unet.load_state_dict(st["unet"])
+        te.load_state_dict(st["text"])
+        ema_u.load_state_dict(st["ema_unet"])
+        ema_t.load_state_dict(st["ema_text"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        torch.set_rng_state(st["rng"])
+        print(f"resumed unet at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
+    n_u = sum(p.numel() for p in unet.parameters())
+    n_t = sum(p.numel() for p in te.parameters())
+    print(f"unet {n_u / 1e6:.2f}M params, text encoder {n_t / 1e6:.2f}M params", file=sys.stderr)
+    budget = args.unet_minutes * 60
+    gen = np.random.default_rng(args.seed + 1000 + step)
+    t0 = time.time() - elapsed
+    last_ck = time.time()
+    ema_pairs = [(e, p) for m_e, m in ((ema_u, unet), (ema_t, te)) for e, p in zip(m_e.parameters(), m.parameters())]
+    bar = tqdm(total=args.unet_steps, initial=step, desc="unet", mininterval=10, file=sys.stderr)
+    unet.train()
+    te.train()
+    run_loss = None
+    while step < args.unet_steps and time.time() - t0 < budget:
+        frac = max(step / args.unet_steps, (time.time() - t0) / budget)
+        lr = _lr_at(frac, args.lr, 0.04, args.final_lr_ratio)
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[1]["lr"] = lr * args.text_lr_mult
+        idx = gen.integers(0, n, args.batch)
+        z0 = torch.from_numpy(lmean[idx]).float() + torch.from_numpy(lstd[idx]).float() * torch.randn(
+            len(idx), 4, 16, 16
+        )
+        z0 = z0 * scale
+        ids = torch.from_numpy(ids_all[idx])
+        drop = torch.from_numpy(gen.random(len(idx)) < args.uncond_prob)
+        ids[drop] = empty
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, 1000, (len(idx),))
+        zt = sched.add_noise(z0, noise, t)
+        cond = te(ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        err = (pred - noise).pow(2)
+        w_obj = 1 + args.object_weight * torch.from_numpy(objmask[idx]).float().div(255).unsqueeze(1)
+        per = (err * w_obj).mean((1, 2, 3)) / w_obj.mean((1, 2, 3))
+        w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon)
+        loss = (per * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - decay)
+        bar.update(1)
+        mse = err.mean().item()
+        run_loss = mse if run_loss is None else 0.98 * run_loss + 0.02 * mse
+        if step % 10 == 0:
+            bar.set_postfix(mse=f"{run_loss:.4f}", lr=f"{lr:.1e}")
+            log(phase="unet", step=step, loss=loss.item(), mse=mse, mse_avg=run_loss, lr=lr,
+                elapsed=time.time() - t0)
+        if time.time() - last_ck > args.ckpt_minutes * 60:
+            _save({"unet": unet.state_dict(), "text": te.state_dict(), "ema_unet": ema_u.state_dict(),
+                   "ema_text": ema_t.state_dict(), "opt": opt.state_dict(), "step": step,
+                   "elapsed": time.time() - t0, "rng": torch.get_rng_state()}, ck)
+            last_ck = time.time()
+    bar.close()
+    elapsed = time.time() - t0
+    _save({"unet": unet.state_dict(), "text": te.state_dict(), "ema_unet": ema_u.state_dict(),
+           "ema_text": ema_t.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+           "rng": torch.get_rng_state()}, ck)
+    log(phase="unet_done", step=step, mse_avg=run_loss, elapsed=elapsed)
+    print(f"unet: {step} steps, {elapsed / 60:.1f} min, mse {run_loss}", file=sys.stderr)
+    _mark(out, "unet", {"steps": step, "minutes": elapsed / 60, "mse_avg": run_loss,
+                        "unet_params": n_u, "text_params": n_t})
+
+
+def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
+    """Write the diffusers pipeline folder (fp16 safetensors) from the checkpoints under ``out``."""
+    import shutil
+
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scale = json.loads((out / "latents.done").read_text())["scaling_factor"]
+    vae = _load_vae(args, out)
+    vae.register_to_config(scaling_factor=scale)
+    unet, te = _build_unet_and_text(args)
+    st = torch.load(out / "ckpt_unet.pt", weights_only=False)
+    unet.load_state_dict(st["ema_unet" if use_ema else "unet"])
+    te.load_state_dict(st["ema_text" if use_ema else "text"])
+    sched = DPMSolverMultistepScheduler(**SCHEDULER_KW, steps_offset=1)
+    tok = _tokenizer(out)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    # transformers loads a text encoder in its config's dtype when none is asked for, while diffusers
+    # loads its models in float32: record float32 so a plain from_pretrained() gives one dtype (the
+    # weights stay fp16 on disk and are upcast on load).
+    te_cfg = tmp / "text_encoder" / "config.json"
+    cfg = json.loads(te_cfg.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    te_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    info = {"unet_steps": st["step"], "unet_minutes": st["elapsed"] / 60, "ema": use_ema,
+            "config": {k: v for k, v in vars(args).items() if k not in ("func",)}}
+    (tmp / "daamkit_world.json").write_text(json.dumps(info, indent=1, default=str))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    if log:
+        log(phase="export", dest=str(dest), bytes=size)
+    print(f"exported {dest} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    return dest
+
+
+def sample_grid(model_dir: Path, path: Path, prompts: list[str], steps: int = 20, guidance: float = 5.0,
+                seed: int = 0):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g, height=64,
+                  width=64).images
+    cols = min(8, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (64 * cols, 64 * rows), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * 64, (i // cols) * 64))
+    grid.resize((128 * cols, 128 * rows), Image.Resampling.NEAREST).save(path)
+    return images
+
+
+SAMPLE_PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow star",
+    "a purple heart",
+    "an orange cross",
+    "a red circle above a blue star",
+    "a green square to the left of a yellow heart",
+    "two purple triangles",
+    "a small blue heart on a grey background",
+    "a yellow circle and a red cross",
+    "a large green cross on a striped background",
+    "a red heart",  # held-out pair
+    "a purple circle and a blue triangle",  # held-out pairs
+    "there is an orange star below a green circle",  # held-out template
+    "a red star, a blue circle and a yellow square",
+]
+
+
+def phase_export(args, out: Path, log):
+    dest = Path(args.export_to) if args.export_to else out / "model"
+    export(args, out, dest, log)
+    if args.sample_steps > 0:
+        t0 = time.time()
+        sample_grid(dest, out / "samples.png", SAMPLE_PROMPTS, steps=args.sample_steps)
+        log(phase="samples", seconds=time.time() - t0)
+    _mark(out, "export", {"dest": str(dest)})
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--out", default="runs/world_train", help="working folder (checkpoints, logs, samples)")
+    p.add_argument("--export-to", default=None, help="pipeline folder to write (default OUT/model)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--only", choices=PHASES, default=None, help="run a single phase (with --resume)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)), help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0, help="first scene seed of the training set")
+    p.add_argument("--dataset-size", type=int, default=40000)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--sample-steps", type=int, default=20, help="steps of the sample grid after export (0: none)")
+    # VAE
+    p.add_argument("--vae-channels", default="16,32,64")
+    p.add_argument("--vae-layers", type=int, default=1)
+    p.add_argument("--vae-groups", type=int, default=4, help="GroupNorm groups in the VAE")
+    p.add_argument("--vae-steps", type=int, default=100000)
+    p.add_argument("--vae-minutes", type=float, default=12.0)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=3e-5, help="KL weight (per latent element)")
+    p.add_argument("--vae-edge", type=float, default=1.0, help="weight of the image-gradient L1 term")
+    p.add_argument("--decoder-minutes", type=float, default=30.0,
+                   help="fine-tune the decoder alone on the cached latents (0: skip); may run alongside "
+                        "the UNet phase: `--resume --only decoder`")
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument("--decoder-steps", type=int, default=1000000)
+    # UNet + text encoder
+    p.add_argument("--unet-channels", default="64,128,128")
+    p.add_argument("--unet-layers", type=int, default=1)
+    p.add_argument("--unet-groups", type=int, default=16, help="GroupNorm groups in the UNet")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--text-width", type=int, default=64)
+    p.add_argument("--text-layers", type=int, default=0, help="CLIP encoder layers (0 = embeddings only)")
+    p.add_argument("--unet-steps", type=int, default=1000000)
+    p.add_argument("--unet-minutes", type=float, default=58.0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--final-lr-ratio", type=float, default=0.05)
+    p.add_argument("--text-lr-mult", type=float, default=1.0)
+    p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--min-snr", type=float, default=5.0)
+    p.add_argument("--object-weight", type=float, default=2.0,
+                   help="extra loss weight on latent cells covered by objects")
+    p.add_argument("--ema", type=float, default=0.998)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="daamkit world train", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run(args)
+
+
+def run(args) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        print(f"{out} is not empty: pass --resume to continue it, or choose another --out", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "args.json"
+    if not cfg_path.exists():
+        cfg_path.write_text(json.dumps(vars(args), indent=1, default=str))
+    log = Logger(out)
+    funcs = {"data": phase_data, "vae": phase_vae, "latents": phase_latents, "unet": phase_unet,
+             "decoder": phase_decoder, "export": phase_export}
+    t0 = time.time()
+    for ph in PHASES:
+        if args.only and ph != args.only:
+            continue
+        if _done(out, ph) and not args.only:
+            continue
+        print(f"== phase {ph}", file=sys.stderr)
+        t1 = time.time()
+        funcs[ph](args, out, log)
+        print(f"== phase {ph} took {(time.time() - t1) / 60:.1f} min", file=sys.stderr)
+    log(phase="all_done", seconds=time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
