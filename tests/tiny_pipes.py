@@ -156,38 +156,11 @@ def tiny_controlnet(sd: StableDiffusionPipeline, seed: int = 0) -> StableDiffusi
 
 
 # ----------------------------------------------------------------------- diffusion transformers ---
-T5_WORDS = (
-    "a the an dog dogs cat red blue green yellow on of and bench mat photo hippopotamus photorealistic "
-    "sunflower circle square star heart above below in with tree house car bird"
-).split()
-
-
 def t5_tokenizer(out_dir: str):
-    """A T5 tokenizer on a small sentencepiece model trained here (no hub): Flux/SD3's code path."""
-    import io
-    import random
-    from pathlib import Path
+    """A T5 tokenizer on a small sentencepiece model trained offline (the Flux/SD3 code path)."""
+    from daamkit.configs import t5_tokenizer as build
 
-    import sentencepiece as spm
-    from transformers import T5TokenizerFast
-
-    rng = random.Random(0)
-    sents = [
-        " ".join(rng.choice(T5_WORDS) for _ in range(rng.randint(3, 10))) + rng.choice([".", ",", "!", ""])
-        for _ in range(600)
-    ]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sents), model_writer=model, vocab_size=120, hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        minloglevel=2, num_threads=1,
-    )
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "spiece.model").write_bytes(model.getvalue())
-    tok = T5TokenizerFast.from_pretrained(str(d), extra_ids=0, model_max_length=512)
-    tok.save_pretrained(str(d))
-    return tok
+    return build(out_dir)
 
 
 def _t5(seed: int):

@@ -19,8 +19,22 @@ almost all of it the kernel faulting in 4.3 GB of fresh pages (the fill itself i
 ~18 s for the UNet alone with ``init="default"`` (the libraries' own initialisers). Values repeat
 with the pool's period, which is harmless for timing but means the weights are not i.i.d.
 
+Shipped: ``sd15`` (Stable Diffusion 1.5), ``sd3`` (SD3-medium: MM-DiT 2.03B, CLIP-L, OpenCLIP bigG,
+T5-XXL encoder, 16-channel VAE) and ``flux`` (Flux.1-dev: 19 double + 38 single blocks, 11.9B, CLIP-L,
+T5-XXL encoder, 16-channel VAE). The configs are the released ones; what a machine cannot hold is cut
+at build time and said so: ``without=`` leaves components out (SD3 runs without T5: its part of the
+context is zeros) and ``overrides=`` changes config entries of one component (e.g. fewer Flux blocks).
+
+```python
+pipe = build_random_pipeline("sd3", without=("text_encoder_3", "tokenizer_3"))
+pipe = build_random_pipeline("flux", overrides={"transformer": {"num_layers": 2, "num_single_layers": 4}})
+```
+
+T5 tokenizers are a small sentencepiece model trained here (:func:`t5_tokenizer`; the real T5
+vocabulary is not available offline): the code path is T5's, the ids are not.
+
 To add a model: write ``configs/NAME/`` (``model_index.json`` + component configs) and, where its
-tokenizers are not CLIP's, add a factory to ``TOKENIZER_FACTORIES``.
+tokenizers are not CLIP's or T5's, add a factory to ``TOKENIZER_FACTORIES``.
 """
 
 from __future__ import annotations
@@ -76,13 +90,24 @@ def load_config(name: str, component: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _construct(name: str, component: str) -> nn.Module:
+def _construct(name: str, component: str, overrides: dict[str, Any] | None = None) -> nn.Module:
     library, class_name = components(name)[component]
     cls = _class(library, class_name)
     d = config_dir(name) / component
+    overrides = dict(overrides or {})
     if library == "transformers":
-        return cls(cls.config_class.from_pretrained(str(d)))
-    return cls.from_config(cls.load_config(str(d)))
+        config = cls.config_class.from_pretrained(str(d))
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise KeyError(f"{name}/{component}: {class_name} config has no {key!r}")
+            setattr(config, key, value)
+        return cls(config)
+    config = cls.load_config(str(d))
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise KeyError(f"{name}/{component}: config has no {sorted(unknown)}")
+    config.update(overrides)
+    return cls.from_config(config)
 
 
 def build_model(
@@ -93,33 +118,39 @@ def build_model(
     dtype=torch.float32,
     seed: int = 0,
     init: str = "fast",
+    overrides: dict[str, Any] | None = None,
 ) -> nn.Module:
     """One model component (``unet``, ``vae``, ``text_encoder``, ...) with random weights, in eval mode.
 
     ``device="meta"`` builds it without memory (for parameter counts); ``init`` is ``"fast"`` (seeded pool,
-    see the module docstring) or ``"default"`` (the libraries' initialisers, slow on CPU).
+    see the module docstring) or ``"default"`` (the libraries' initialisers, slow on CPU); ``overrides``
+    replaces entries of the component's config (e.g. ``{"num_layers": 2}``).
     """
     if init not in ("fast", "default"):
         raise ValueError(f"init must be 'fast' or 'default', got {init!r}")
     device = torch.device(device)
     if device.type == "meta":
         with torch.device("meta"):
-            model = _construct(name, component)
+            model = _construct(name, component, overrides)
     elif init == "default":
         with torch.random.fork_rng(devices=[]), torch.device(device):  # leave the global RNG as it was
             torch.manual_seed(seed)
-            model = _construct(name, component)
+            model = _construct(name, component, overrides)
         _cast(model, dtype)
     else:
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
-            model = _construct(name, component)
+            model = _construct(name, component, overrides)
         buffers = {n: b for n, b in model.named_buffers()}
         model.to_empty(device=device)
         for n, b in buffers.items():  # to_empty also emptied the buffers (e.g. CLIP's position_ids)
             owner, _, leaf = n.rpartition(".")
             model.get_submodule(owner)._buffers[leaf] = b.to(device)
+        if callable(getattr(model, "tie_weights", None)):
+            # to_empty (meta -> device) makes a new Parameter per module, which unties transformers' tied
+            # weights (T5's encoder.embed_tokens = shared): tie again, or the embedding exists twice
+            model.tie_weights()
         _cast(model, dtype)
         _fast_init_(model, seed)
     model.requires_grad_(False)
@@ -177,43 +208,126 @@ def _clip_tokenizer(pad_token: str) -> Callable[[], Any]:
     return make
 
 
-# tokenizer component name -> factory; SD 1.x/2.x "tokenizer" and SDXL "tokenizer_2" are CLIP BPE with the real ids.
+T5_WORDS = (
+    "a the an dog dogs cat red blue green yellow on of and bench mat photo photograph sitting wooden park "
+    "hippopotamus photorealistic sunflower circle square star heart above below in with tree house car bird"
+).split()
+
+
+def t5_tokenizer(out_dir: str | Path, model_max_length: int = 512):
+    """A ``T5TokenizerFast`` on a small sentencepiece model (unigram, ~120 pieces) trained here, saved to ``out_dir``.
+
+    T5's code path (sentencepiece, ``</s>`` = 1, ``<pad>`` = 0, no BOS) without the real vocabulary, which
+    is not available offline; words outside ``T5_WORDS`` split into characters. The recipe of the tests.
+    """
+    import io
+    import random
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    rng = random.Random(0)
+    sents = [
+        " ".join(rng.choice(T5_WORDS) for _ in range(rng.randint(3, 10))) + rng.choice([".", ",", "!", ""])
+        for _ in range(600)
+    ]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sents),
+        model_writer=model,
+        vocab_size=120,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+        num_threads=1,
+    )
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "spiece.model").write_bytes(model.getvalue())
+    tok = T5TokenizerFast.from_pretrained(str(d), extra_ids=0, model_max_length=model_max_length)
+    tok.save_pretrained(str(d))
+    return tok
+
+
+def _t5_tokenizer() -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        return t5_tokenizer(tmp)
+
+
+# Tokenizer factories, looked up by the tokenizer's class name first (T5 for SD3's tokenizer_3 and Flux's
+# tokenizer_2), then by component name: SD 1.x/2.x/SD3/Flux "tokenizer" and SDXL/SD3 "tokenizer_2" are
+# CLIP BPE with the real ids (pad "<|endoftext|>" / "!").
 TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
+    "T5TokenizerFast": _t5_tokenizer,
     "tokenizer": _clip_tokenizer("<|endoftext|>"),
     "tokenizer_2": _clip_tokenizer("!"),
 }
 
 
-def parameter_counts(name: str) -> dict[str, int]:
-    """Parameters of each model component, counted on the meta device (no memory, about a second)."""
+def parameter_counts(name: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, int]:
+    """Parameters of each model component, counted on the meta device (no memory, about a second).
+
+    ``overrides``: component -> config entries to replace, as in :func:`build_random_pipeline`.
+    """
     out = {}
+    overrides = overrides or {}
     for comp, (library, class_name) in components(name).items():
         cls = _class(library, class_name)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
-            model = build_model(name, comp, device="meta")
+            model = build_model(name, comp, device="meta", overrides=overrides.get(comp))
             out[comp] = sum(p.numel() for p in model.parameters())
     return out
 
 
 def build_random_pipeline(
-    name: str, dtype=torch.float32, device: str | torch.device = "cpu", seed: int = 0, init: str = "fast"
+    name: str,
+    dtype=torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    init: str = "fast",
+    *,
+    without: tuple[str, ...] | list[str] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
 ):
     """The pipeline of config ``name`` (e.g. ``"sd15"``) with random weights, on ``device`` in ``dtype``.
 
     Schedulers come from their configs, tokenizers from ``TOKENIZER_FACTORIES`` (offline), and the
     safety checker / feature extractor are left out. SD 1.5 at fp32 takes ~4.3 GB and 6-20 s on CPU.
+    ``without``: components passed as ``None`` instead (e.g. SD3's ``text_encoder_3``/``tokenizer_3``);
+    ``overrides``: component -> config entries to replace (e.g. ``{"transformer": {"num_layers": 2}}``).
     """
     index = model_index(name)
     pipe_cls = _class("diffusers", index["_class_name"])
+    comps = components(name)
+    overrides = overrides or {}
+    unknown = (set(without) | set(overrides)) - set(comps)
+    if unknown:
+        raise ValueError(f"{name} has no component(s) {sorted(unknown)}; it has {sorted(comps)}")
     kwargs: dict[str, Any] = {}
-    for i, (comp, (library, class_name)) in enumerate(components(name).items()):
+    for i, (comp, (library, class_name)) in enumerate(comps.items()):
         cls = _class(library, class_name)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            kwargs[comp] = build_model(name, comp, device=device, dtype=dtype, seed=seed + i, init=init)
+        if comp in without:
+            kwargs[comp] = None
+        elif isinstance(cls, type) and issubclass(cls, nn.Module):
+            kwargs[comp] = build_model(
+                name,
+                comp,
+                device=device,
+                dtype=dtype,
+                seed=seed + i,
+                init=init,
+                overrides=overrides.get(comp),
+            )
         elif comp.startswith("tokenizer"):
-            if comp not in TOKENIZER_FACTORIES:
-                raise NotImplementedError(f"no offline tokenizer factory for {name}/{comp}")
-            kwargs[comp] = TOKENIZER_FACTORIES[comp]()
+            factory = TOKENIZER_FACTORIES.get(class_name) or TOKENIZER_FACTORIES.get(comp)
+            if factory is None:
+                raise NotImplementedError(f"no offline tokenizer factory for {name}/{comp} ({class_name})")
+            kwargs[comp] = factory()
         else:  # scheduler
             kwargs[comp] = cls.from_config(load_config(name, comp))
     for key, value in index.items():  # components shipped as [null, null], e.g. safety_checker
@@ -235,4 +349,5 @@ __all__ = [
     "load_config",
     "model_index",
     "parameter_counts",
+    "t5_tokenizer",
 ]
