@@ -235,3 +235,21 @@ def test_prompt_embeds_with_prompt_given(flux):
         flux(prompt_embeds=emb, pooled_prompt_embeds=pooled, num_inference_steps=1, height=32, width=32,
              output_type="np")
         assert tc.heat_maps(0, prompt=PROMPT).words == ["a", "red", "dog", "on", "bench"]
+
+
+def test_sd35_layout_dual_attention_and_context_pre_only(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir):
+    """SD3.5 blocks carry an image-only ``attn2`` (no text keys: not traced) and the last block is
+    ``context_pre_only`` (no text output, but its image queries still attend to the text: traced)."""
+    pipe = tiny_sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir, dual_attention_layers=(0,))
+    blocks = pipe.transformer.transformer_blocks
+    assert blocks[0].attn2 is not None and blocks[-1].context_pre_only
+    before = state(pipe)
+    ref = run(pipe)
+    with trace(pipe, keep_layers=True) as tc:
+        out = run(pipe)
+        names = sorted(tc._gen.accumulator.layers)
+        last = tc.heat_maps(0, layers=[f"transformer_blocks.{len(blocks) - 1}"])
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert_restored(pipe, before)
+    assert names == [f"transformer_blocks.{i}.attn" for i in range(len(blocks))]
+    assert last.maps.sum() > 0

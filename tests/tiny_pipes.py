@@ -173,7 +173,7 @@ def _t5(seed: int):
     ).eval()
 
 
-def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0):
+def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0, dual_attention_layers: tuple = ()):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5TokenizerFast
 
@@ -181,7 +181,7 @@ def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0):
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-        qk_norm="rms_norm",
+        qk_norm="rms_norm", dual_attention_layers=dual_attention_layers,
     )
     torch.manual_seed(seed + 1)
     te1 = CLIPTextModelWithProjection(_text_config())
