@@ -253,3 +253,12 @@ def test_sd35_layout_dual_attention_and_context_pre_only(clip_tokenizer_dir, cli
     assert_restored(pipe, before)
     assert names == [f"transformer_blocks.{i}.attn" for i in range(len(blocks))]
     assert last.maps.sum() > 0
+
+
+def test_fused_projections_are_refused_with_a_hint(flux):
+    before = state(flux)
+    flux.transformer.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"), trace(flux):
+        pass
+    flux.transformer.unfuse_qkv_projections()
+    assert state(flux)[1] == before[1]

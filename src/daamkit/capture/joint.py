@@ -130,6 +130,12 @@ class JointCapture:
         raise NotImplementedError
 
     def attach(self, sink: CaptureSink) -> None:
+        fused = [name for name, attn, _ in self.modules if getattr(attn, "fused_projections", False)]
+        if fused:
+            raise ValueError(
+                f"{len(fused)} attention modules use fused q/k/v projections (fuse_qkv_projections), which hide "
+                "the queries and keys from daamkit: call pipe.transformer.unfuse_qkv_projections() before tracing"
+            )
         try:
             self.hooks.add(self.denoiser.register_forward_pre_hook(_TransformerPreHook(sink, self), with_kwargs=True))
             for layer, (_, attn, kind) in zip(self.layers, self.modules, strict=True):
