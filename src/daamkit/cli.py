@@ -1,4 +1,4 @@
-"""``daamkit`` command line: generate, demo, world, eval (one subcommand per job)."""
+"""``daamkit`` command line: generate, demo, batch, ui, eval, syntax, entangle, pos, world (one subcommand per job)."""
 
 from __future__ import annotations
 
@@ -219,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     _add_trace_options(e)
     e.set_defaults(func=cmd_eval)
+
+    from .analysis import entanglement as _entangle
+    from .analysis import pos as _pos
+    from .analysis import syntax as _syntax
+
+    for name, mod, help_ in (
+        ("syntax", _syntax, "head/dependent map overlap per dependency relation, from saved runs"),
+        ("entangle", _entangle, "co-hyponym pairs and adjective spread (generates, or scores --runs)"),
+        ("pos", _pos, "attention mass per part of speech, from saved runs"),
+    ):
+        a = sub.add_parser(name, help=help_)
+        mod.add_arguments(a)
+        a.set_defaults(func=mod.main)
 
     try:
         from .world import train as world_train
