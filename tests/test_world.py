@@ -81,7 +81,7 @@ def test_masks_match_rendered_pixels(train_scenes):
         # visible masks are disjoint and inside the amodal silhouettes
         assert (s.masks.sum(0) <= 1).all()
         assert not (s.masks & ~s.full_masks).any()
-        for obj, m in zip(s.objects, s.masks):
+        for obj, m in zip(s.objects, s.masks, strict=True):
             assert m.sum() > 10
             col = np.array(COLORS[obj.color])
             dist = np.abs(img - col).sum(-1)
@@ -139,7 +139,7 @@ def test_captions_mention_exactly_the_objects_drawn(train_scenes, test_scenes):
 
 def test_word_masks(train_scenes):
     for s in train_scenes[:40]:
-        for w, (text, role, mask) in zip(s.words, s.word_masks()):
+        for w, (text, role, mask) in zip(s.words, s.word_masks(), strict=True):
             assert text == w.text and role == w.role
             if w.objects is None:
                 assert mask is None

@@ -49,7 +49,13 @@ def test_shipped_model_loads_and_generates():
     pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
-    img = pipe("a red circle", num_inference_steps=8, guidance_scale=5.0, height=64, width=64,
-               generator=torch.Generator().manual_seed(0)).images[0]
+    img = pipe(
+        "a red circle",
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     arr = np.asarray(img)
     assert arr.shape == (64, 64, 3) and arr.std() > 5  # not a blank image

@@ -150,7 +150,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate.protocol import evaluate_records, evaluate_world
 
-    taus = tuple(sorted(set(args.taus) | {args.tau}))
+    tau = args.threshold  # the headline tau (default 0.4); --taus is the sweep
+    taus = tuple(sorted(set(args.taus) | {tau}))
     if args.runs:
         from .runs import load_runs
 
@@ -166,8 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 taus=taus, batch_size=args.batch_size, progress=not args.no_progress,
                                 trace_options=_trace_kwargs(args))
         result.settings["model"] = str(model)
-    paths = result.save(args.out, tau=args.tau)
-    print(result.markdown(args.tau))
+    paths = result.save(args.out, tau=tau)
+    print(result.markdown(tau))
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0
 

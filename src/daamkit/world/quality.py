@@ -27,8 +27,15 @@ def heldout_captions(n: int, seed: int = 0) -> list:
     return [make_heldout_scene(seed + i) for i in range(n)]
 
 
-def evaluate_generation(pipe, scenes, steps: int = 20, guidance: float = 5.0, batch: int = 16, seed: int = 0,
-                        progress: bool = True) -> tuple[dict, list[dict], list]:
+def evaluate_generation(
+    pipe,
+    scenes,
+    steps: int = 20,
+    guidance: float = 5.0,
+    batch: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict, list[dict], list]:
     """Generate one image per scene caption (seeded per index) and score it. Returns
     (summary, per-image records, images)."""
     import torch
@@ -39,13 +46,20 @@ def evaluate_generation(pipe, scenes, steps: int = 20, guidance: float = 5.0, ba
     for i in tqdm(it, desc="generate", disable=not progress, file=sys.stderr):
         chunk = scenes[i : i + batch]
         gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        out = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gens, height=64, width=64).images
-        for s, im in zip(chunk, out):
+        out = pipe(
+            [s.caption for s in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            height=64,
+            width=64,
+        ).images
+        for s, im in zip(chunk, out, strict=True):
             chk = generation_accuracy(im, s)
             rec = chk.to_dict()
-            rec.update(caption=s.caption, template=s.template, heldout=is_heldout(s),
-                       n_objects=len(s.objects))
+            rec.update(
+                caption=s.caption, template=s.template, heldout=is_heldout(s), n_objects=len(s.objects)
+            )
             recs.append(rec)
             images.append(im)
     return summarize(recs), recs, images

@@ -221,7 +221,20 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float = 0.0
             pts.append((x / 17.0, -(y + 2.5) / 15.5))
     elif shape == "cross":  # plus sign
         a, b = 0.95, 0.32
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        pts = [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
     ca, sa = math.cos(math.radians(angle)), math.sin(math.radians(angle))
@@ -252,8 +265,13 @@ def _background(name: str, size: int, ss: int, rng: random.Random) -> tuple[np.n
     return arr, meta
 
 
-def render(objects: list[SceneObject], background: str, rng: random.Random | None = None,
-           size: int = IMAGE_SIZE, ss: int = SUPERSAMPLE) -> tuple[Image.Image, np.ndarray, np.ndarray, dict]:
+def render(
+    objects: list[SceneObject],
+    background: str,
+    rng: random.Random | None = None,
+    size: int = IMAGE_SIZE,
+    ss: int = SUPERSAMPLE,
+) -> tuple[Image.Image, np.ndarray, np.ndarray, dict]:
     """Draw objects in order (later ones on top). Returns (image, visible masks, full masks, meta)."""
     rng = rng or random.Random(0)
     arr, meta = _background(background, size, ss, rng)
@@ -275,7 +293,11 @@ def render(objects: list[SceneObject], background: str, rng: random.Random | Non
     counts = np.stack([(owner == i).reshape(size, ss, size, ss).sum((1, 3)) for i in range(-1, n)])
     label = (len(counts) - 1 - np.argmax(counts[::-1], axis=0)) - 1
     vis = np.stack([label == i for i in range(n)]) if n else np.zeros((0, size, size), bool)
-    fm = np.stack([down(f) | v for f, v in zip(full, vis)]) if n else np.zeros((0, size, size), bool)
+    fm = (
+        np.stack([down(f) | v for f, v in zip(full, vis, strict=True)])
+        if n
+        else np.zeros((0, size, size), bool)
+    )
     return img, vis, fm, meta
 
 
@@ -293,8 +315,9 @@ def _pick_pair(rng: random.Random, split: str, avoid: set | None = None) -> tupl
             return c, s
 
 
-def _place(rng: random.Random, sizes: list[str], relation: str | None = None,
-           size: int = IMAGE_SIZE) -> list[tuple[float, float, float]] | None:
+def _place(
+    rng: random.Random, sizes: list[str], relation: str | None = None, size: int = IMAGE_SIZE
+) -> list[tuple[float, float, float]] | None:
     """Centres and radii for objects of the given size classes, relation between objects 0 and 1."""
     for _ in range(200):
         out = []
@@ -386,7 +409,9 @@ def make_heldout_scene(seed: int) -> Scene:
 
 
 def is_heldout(scene: Scene) -> bool:
-    return scene.template in HELDOUT_TEMPLATES or any((o.color, o.shape) in HELDOUT_PAIRS for o in scene.objects)
+    return scene.template in HELDOUT_TEMPLATES or any(
+        (o.color, o.shape) in HELDOUT_PAIRS for o in scene.objects
+    )
 
 
 def _try_scene(rng: random.Random, seed: int, split: str, tpl: str) -> Scene | None:
@@ -431,7 +456,7 @@ def _try_scene(rng: random.Random, seed: int, split: str, tpl: str) -> Scene | N
     placed = _place(rng, [o.size for o in objs], relation)
     if placed is None:
         return None
-    for o, (x, y, r) in zip(objs, placed):
+    for o, (x, y, r) in zip(objs, placed, strict=True):
         o.cx, o.cy, o.radius = x, y, r
 
     n = len(objs)
@@ -444,8 +469,11 @@ def _try_scene(rng: random.Random, seed: int, split: str, tpl: str) -> Scene | N
         elif tpl == "single_there":
             words = [CaptionWord("there", "other", None), CaptionWord("is", "other", None)] + np0
         elif tpl == "single_picture":
-            words = [CaptionWord("a", "other", None), CaptionWord("picture", "other", None),
-                     CaptionWord("of", "other", None)] + np0
+            words = [
+                CaptionWord("a", "other", None),
+                CaptionWord("picture", "other", None),
+                CaptionWord("of", "other", None),
+            ] + np0
     elif n == 2 and tpl.startswith(("pair", "there_pair")):
         both = (0, 1)
         np0 = _np_words(rng, objs[0], 0, with_size)
@@ -471,8 +499,11 @@ def _try_scene(rng: random.Random, seed: int, split: str, tpl: str) -> Scene | N
         if tpl == "count_bg":
             words += _bg_words(bg, allo)
         if tpl == "picture_count":
-            words = [CaptionWord("a", "other", None), CaptionWord("picture", "other", None),
-                     CaptionWord("of", "other", None)] + words
+            words = [
+                CaptionWord("a", "other", None),
+                CaptionWord("picture", "other", None),
+                CaptionWord("of", "other", None),
+            ] + words
     elif tpl == "triple":
         words = _np_words(rng, objs[0], 0, False) + _np_words(rng, objs[1], 1, False)
         words += [CaptionWord("and", "relation", (1, 2))] + _np_words(rng, objs[2], 2, False)

@@ -118,8 +118,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / u) if u else 0.0
 
 
-def classify_shape(mask: np.ndarray, shapes: tuple[str, ...] = SHAPES,
-                   ignore: np.ndarray | None = None) -> tuple[str, float, dict]:
+def classify_shape(
+    mask: np.ndarray, shapes: tuple[str, ...] = SHAPES, ignore: np.ndarray | None = None
+) -> tuple[str, float, dict]:
     """Best template for a component mask: (shape, IoU, {shape: IoU}).
 
     Each shape's template is fitted to the component's bounding box (uniform scale), then refined over
@@ -158,7 +159,9 @@ def _erode(m: np.ndarray) -> np.ndarray:
     return m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
 
 
-def segment(image, min_area: int = 10, classify: bool = True, saturation_threshold: float = 70.0) -> list[Component]:
+def segment(
+    image, min_area: int = 10, classify: bool = True, saturation_threshold: float = 70.0
+) -> list[Component]:
     """Objects drawn in ``image`` (PIL image or (H, W, 3) array): one Component per connected region
     of one palette colour with at least ``min_area`` pixels and a non-empty interior (thin slivers of
     antialiased edges between two colours, e.g. orange between red and yellow, are dropped), largest
@@ -177,8 +180,13 @@ def segment(image, min_area: int = 10, classify: bool = True, saturation_thresho
             if area < min_area or not _erode(cm).any():
                 continue
             ys, xs = np.nonzero(cm)
-            comp = Component(name, cm, area, (float(xs.mean()), float(ys.mean())),
-                             (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+            comp = Component(
+                name,
+                cm,
+                area,
+                (float(xs.mean()), float(ys.mean())),
+                (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
+            )
             if classify:
                 comp.shape, comp.shape_score, comp.shape_scores = classify_shape(cm, ignore=fg & ~cm)
             comps.append(comp)
@@ -186,7 +194,9 @@ def segment(image, min_area: int = 10, classify: bool = True, saturation_thresho
     return comps
 
 
-def split_component(comp: Component, k: int, others: np.ndarray | None = None, max_erosions: int = 16) -> list[Component]:
+def split_component(
+    comp: Component, k: int, others: np.ndarray | None = None, max_erosions: int = 16
+) -> list[Component]:
     """Split a component that may be ``k`` touching objects of one colour (e.g. "two red circles" drawn
     overlapping): erode until it falls apart into at least ``k`` cores, then grow the ``k`` largest
     cores back inside the component (pixels go to the core that reaches them first). Returns
@@ -215,8 +225,13 @@ def split_component(comp: Component, k: int, others: np.ndarray | None = None, m
             for j in range(1, k + 1):
                 pm = parts == j
                 ys, xs = np.nonzero(pm)
-                c = Component(comp.color, pm, int(pm.sum()), (float(xs.mean()), float(ys.mean())),
-                              (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+                c = Component(
+                    comp.color,
+                    pm,
+                    int(pm.sum()),
+                    (float(xs.mean()), float(ys.mean())),
+                    (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
+                )
                 ign = (m & ~pm) | (others if others is not None else np.zeros_like(m))
                 c.shape, c.shape_score, c.shape_scores = classify_shape(pm, ignore=ign)
                 c.split_from = comp  # type: ignore[attr-defined]
@@ -284,8 +299,10 @@ class GenerationCheck:
     def to_dict(self) -> dict:
         return {
             "requested": [vars(r) for r in self.requested],
-            "drawn": [{"color": c.color, "shape": c.shape, "area": c.area, "shape_score": round(c.shape_score, 3)}
-                      for c in self.components],
+            "drawn": [
+                {"color": c.color, "shape": c.shape, "area": c.area, "shape_score": round(c.shape_score, 3)}
+                for c in self.components
+            ],
             "colors_present": self.colors_present,
             "shapes_correct": self.shapes_correct,
             "objects_present": self.objects_present,
@@ -294,7 +311,9 @@ class GenerationCheck:
         }
 
 
-def generation_accuracy(image, spec, min_area: int = 10, components: list[Component] | None = None) -> GenerationCheck:
+def generation_accuracy(
+    image, spec, min_area: int = 10, components: list[Component] | None = None
+) -> GenerationCheck:
     """Which requested objects were drawn. ``spec``: a caption, a Scene, or [(color, shape[, count])].
 
     Each requested instance is matched to a distinct drawn component of its colour, preferring the one
@@ -322,8 +341,11 @@ def generation_accuracy(image, spec, min_area: int = 10, components: list[Compon
             if matches[i] is not None:
                 continue
             cands = [
-                (j, c) for j, c in enumerate(comps)
-                if j not in used and (r.color is None or c.color == r.color) and (not strict or c.shape == r.shape)
+                (j, c)
+                for j, c in enumerate(comps)
+                if j not in used
+                and (r.color is None or c.color == r.color)
+                and (not strict or c.shape == r.shape)
             ]
             if not cands:
                 continue
@@ -334,7 +356,7 @@ def generation_accuracy(image, spec, min_area: int = 10, components: list[Compon
     colors = {r.color for r in instances if r.color}
     drawn_colors = {c.color for c in comps}
     colors_present = len(colors & drawn_colors) / len(colors) if colors else 1.0
-    right_shape = [m is not None and m.shape == r.shape for m, r in zip(matches, instances)]
+    right_shape = [m is not None and m.shape == r.shape for m, r in zip(matches, instances, strict=True)]
     extra = len(comps) - len(used)
     return GenerationCheck(
         requested=req,

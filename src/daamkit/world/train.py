@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("data", "vae", "latents", "unet", "decoder", "export")
+PHASES = ("data", "vae", "latents", "unet", "ground", "decoder", "export")
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -238,11 +238,29 @@ def phase_vae(args, out: Path, log):
         if step % 20 == 0:
             psnr = -10 * math.log10(max(mse.item() / 4, 1e-10))
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
-            log(phase="vae", step=step, loss=loss.item(), l1=l1.item(), mse=mse.item(), edge=edge.item(),
-                kl=kl.item(), psnr=psnr, lr=lr, elapsed=time.time() - t0)
+            log(
+                phase="vae",
+                step=step,
+                loss=loss.item(),
+                l1=l1.item(),
+                mse=mse.item(),
+                edge=edge.item(),
+                kl=kl.item(),
+                psnr=psnr,
+                lr=lr,
+                elapsed=time.time() - t0,
+            )
         if time.time() - last_ck > args.ckpt_minutes * 60:
-            _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                   "elapsed": time.time() - t0, "rng": torch.get_rng_state()}, ck)
+            _save(
+                {
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "elapsed": time.time() - t0,
+                    "rng": torch.get_rng_state(),
+                },
+                ck,
+            )
             last_ck = time.time()
     bar.close()
     vae.eval()
@@ -251,8 +269,16 @@ def phase_vae(args, out: Path, log):
         vmse = F.mse_loss(rec.clamp(-1, 1), val).item()
     vpsnr = -10 * math.log10(max(vmse / 4, 1e-10))
     elapsed = time.time() - t0
-    _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-           "rng": torch.get_rng_state()}, ck)
+    _save(
+        {
+            "model": vae.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "rng": torch.get_rng_state(),
+        },
+        ck,
+    )
     log(phase="vae_done", step=step, val_psnr=vpsnr, elapsed=elapsed)
     print(f"vae: {step} steps, {elapsed / 60:.1f} min, val PSNR {vpsnr:.2f} dB", file=sys.stderr)
     _mark(out, "vae", {"steps": step, "minutes": elapsed / 60, "val_psnr": vpsnr})
@@ -308,7 +334,10 @@ def phase_decoder(args, out: Path, log):
     vae.decoder.train()
 
     def save():
-        _save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0}, ck)
+        _save(
+            {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": time.time() - t0},
+            ck,
+        )
 
     while step < args.decoder_steps and time.time() - t0 < budget:
         frac = max(step / args.decoder_steps, (time.time() - t0) / budget)
@@ -316,7 +345,9 @@ def phase_decoder(args, out: Path, log):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = gen.integers(0, n - n_val, args.vae_batch)
-        z = torch.from_numpy(lmean[idx]).float() + torch.from_numpy(lstd[idx]).float() * torch.randn(len(idx), 4, 16, 16)
+        z = torch.from_numpy(lmean[idx]).float() + torch.from_numpy(lstd[idx]).float() * torch.randn(
+            len(idx), 4, 16, 16
+        )
         x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
         rec = vae.decode(z.contiguous(memory_format=torch.channels_last)).sample
         l1 = (rec - x).abs().mean()
@@ -334,8 +365,16 @@ def phase_decoder(args, out: Path, log):
         if step % 20 == 0:
             psnr = -10 * math.log10(max(mse.item() / 4, 1e-10))
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
-            log(phase="decoder", step=step, loss=loss.item(), l1=l1.item(), mse=mse.item(), psnr=psnr, lr=lr,
-                elapsed=time.time() - t0)
+            log(
+                phase="decoder",
+                step=step,
+                loss=loss.item(),
+                l1=l1.item(),
+                mse=mse.item(),
+                psnr=psnr,
+                lr=lr,
+                elapsed=time.time() - t0,
+            )
         if time.time() - last_ck > args.ckpt_minutes * 60:
             save()
             last_ck = time.time()
@@ -344,8 +383,12 @@ def phase_decoder(args, out: Path, log):
     vae.eval()
     val = torch.from_numpy(imgs[n - n_val :]).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        rec = torch.cat([vae.decode(torch.from_numpy(lmean[n - n_val + i : n - n_val + i + 64]).float()).sample
-                         for i in range(0, n_val, 64)])
+        rec = torch.cat(
+            [
+                vae.decode(torch.from_numpy(lmean[n - n_val + i : n - n_val + i + 64]).float()).sample
+                for i in range(0, n_val, 64)
+            ]
+        )
     vpsnr = -10 * math.log10(max(F.mse_loss(rec.clamp(-1, 1), val).item() / 4, 1e-10))
     log(phase="decoder_done", step=step, val_psnr=vpsnr, elapsed=time.time() - t0)
     print(f"decoder: {step} steps, val PSNR {vpsnr:.2f} dB", file=sys.stderr)
@@ -369,7 +412,9 @@ def phase_latents(args, out: Path, log):
             std[i : i + 256] = d.std.numpy()
     rng = np.random.default_rng(0)
     sub = rng.choice(len(imgs), min(4096, len(imgs)), replace=False)
-    z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal((len(sub), 4, 16, 16))
+    z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal(
+        (len(sub), 4, 16, 16)
+    )
     scale = float(1.0 / z.std())
     np.savez(out / "latents.npz", mean=mean, std=std)
     log(phase="latents", scaling_factor=scale, seconds=time.time() - t0)
@@ -431,7 +476,11 @@ def phase_unet(args, out: Path, log):
     gen = np.random.default_rng(args.seed + 1000 + step)
     t0 = time.time() - elapsed
     last_ck = time.time()
-    ema_pairs = [(e, p) for m_e, m in ((ema_u, unet), (ema_t, te)) for e, p in zip(m_e.parameters(), m.parameters())]
+    ema_pairs = [
+        (e, p)
+        for m_e, m in ((ema_u, unet), (ema_t, te))
+        for e, p in zip(m_e.parameters(), m.parameters(), strict=True)
+    ]
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet", mininterval=10, file=sys.stderr)
     unet.train()
     te.train()
@@ -473,22 +522,263 @@ def phase_unet(args, out: Path, log):
         run_loss = mse if run_loss is None else 0.98 * run_loss + 0.02 * mse
         if step % 10 == 0:
             bar.set_postfix(mse=f"{run_loss:.4f}", lr=f"{lr:.1e}")
-            log(phase="unet", step=step, loss=loss.item(), mse=mse, mse_avg=run_loss, lr=lr,
-                elapsed=time.time() - t0)
+            log(
+                phase="unet",
+                step=step,
+                loss=loss.item(),
+                mse=mse,
+                mse_avg=run_loss,
+                lr=lr,
+                elapsed=time.time() - t0,
+            )
         if time.time() - last_ck > args.ckpt_minutes * 60:
-            _save({"unet": unet.state_dict(), "text": te.state_dict(), "ema_unet": ema_u.state_dict(),
-                   "ema_text": ema_t.state_dict(), "opt": opt.state_dict(), "step": step,
-                   "elapsed": time.time() - t0, "rng": torch.get_rng_state()}, ck)
+            _save(
+                {
+                    "unet": unet.state_dict(),
+                    "text": te.state_dict(),
+                    "ema_unet": ema_u.state_dict(),
+                    "ema_text": ema_t.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "elapsed": time.time() - t0,
+                    "rng": torch.get_rng_state(),
+                },
+                ck,
+            )
             last_ck = time.time()
     bar.close()
     elapsed = time.time() - t0
-    _save({"unet": unet.state_dict(), "text": te.state_dict(), "ema_unet": ema_u.state_dict(),
-           "ema_text": ema_t.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-           "rng": torch.get_rng_state()}, ck)
+    _save(
+        {
+            "unet": unet.state_dict(),
+            "text": te.state_dict(),
+            "ema_unet": ema_u.state_dict(),
+            "ema_text": ema_t.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "rng": torch.get_rng_state(),
+        },
+        ck,
+    )
     log(phase="unet_done", step=step, mse_avg=run_loss, elapsed=elapsed)
     print(f"unet: {step} steps, {elapsed / 60:.1f} min, mse {run_loss}", file=sys.stderr)
-    _mark(out, "unet", {"steps": step, "minutes": elapsed / 60, "mse_avg": run_loss,
-                        "unet_params": n_u, "text_params": n_t})
+    _mark(
+        out,
+        "unet",
+        {"steps": step, "minutes": elapsed / 60, "mse_avg": run_loss, "unet_params": n_u, "text_params": n_t},
+    )
+
+
+class _CaptureCrossAttention:
+    """Attention processor for ``attn2`` (text-image) that computes the attention explicitly and keeps
+    the probabilities (with gradients) for the grounding loss. Same output as diffusers' AttnProcessor."""
+
+    def __init__(self, store: list, name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        import torch
+
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (batch * heads, pixels, tokens)
+        self.store.append((self.name, attn.heads, probs))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _word_token_positions(tok, words: list[str]) -> list[list[int]]:
+    """Token positions (BOS = 0) of each caption word, tokenising word by word as CLIP does."""
+    pos, out = 1, []
+    for w in words:
+        n = len(tok.tokenize(w))
+        out.append(list(range(pos, pos + n)))
+        pos += n
+    return out
+
+
+def _grounding_targets(scene, tok, res: int):
+    """[(token positions, mask (res, res) float)] for nouns, colour and size words of a scene."""
+    import torch
+
+    from daamkit.world.scenes import IMAGE_SIZE
+
+    f = IMAGE_SIZE // res
+    words = list(scene.words)  # the caption may attach a comma to a noun: tokenise the caption's pieces
+    pieces = scene.caption.replace(",", " ,").split()
+    positions = _word_token_positions(tok, pieces)
+    targets = []
+    k = 0
+    for piece, ps in zip(pieces, positions, strict=True):
+        if piece == ",":
+            continue
+        w = words[k]
+        k += 1
+        if w.role not in ("noun", "color", "size") or not w.objects or max(ps) >= 77:
+            continue
+        m = scene.masks[list(w.objects)].any(0).reshape(res, f, res, f).mean((1, 3))
+        targets.append((ps, torch.from_numpy(m.astype("float32"))))
+    return targets
+
+
+def phase_ground(args, out: Path, log):
+    """Optional fine-tune of the UNet + text encoder with an extra *grounding* loss on the cross-attention
+    (in the spirit of TokenCompose, Wang et al. 2024): for each noun, colour and size word, the share of
+    its attention mass that falls outside its object's mask (16x16 and 8x8 layers, averaged over heads)
+    is penalised. It trains the attention that DAAM reads, so maps of a model trained this way are
+    expected to localise; the model card says so."""
+    import copy
+
+    import torch
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    from daamkit.world.scenes import make_scene
+
+    if args.ground_minutes <= 0:
+        _mark(out, "ground", {"skipped": True})
+        return
+    tok = _tokenizer(out)
+    scale = json.loads((out / "latents.done").read_text())["scaling_factor"]
+    lat = np.load(out / "latents.npz")
+    lmean, lstd = lat["mean"], lat["std"]
+    data = np.load(out / "data.npz")
+    ids_all = data["input_ids"].astype(np.int64)
+    objmask = data["objmask"]
+    empty = torch.from_numpy(np.load(out / "empty_ids.npy").astype(np.int64))
+    n = len(lmean)
+    unet, te = _build_unet_and_text(args)
+    ckg = out / "ckpt_ground.pt"
+    src = ckg if ckg.exists() else out / "ckpt_unet.pt"
+    st = torch.load(src, weights_only=False)
+    start = "ema_" if (src.name == "ckpt_unet.pt" and args.ground_from_ema) else ""
+    unet.load_state_dict(st[start + "unet"])
+    te.load_state_dict(st[start + "text"])
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    if src == ckg:
+        ema_u.load_state_dict(st["ema_unet"])
+        ema_t.load_state_dict(st["ema_text"])
+    store: list = []
+    procs = {}
+    for name, mod in unet.attn_processors.items():
+        procs[name] = _CaptureCrossAttention(store, name) if "attn2" in name else mod
+    unet.set_attn_processor(procs)
+    params = [
+        {"params": list(unet.parameters()), "lr": args.ground_lr},
+        {"params": list(te.parameters()), "lr": args.ground_lr * args.text_lr_mult},
+    ]
+    opt = torch.optim.AdamW(params, lr=args.ground_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    step, elapsed = (st["step"], st["elapsed"]) if src == ckg else (0, 0.0)
+    if src == ckg:
+        opt.load_state_dict(st["opt"])
+    sched = DDPMScheduler(**SCHEDULER_KW)
+    acp = sched.alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    budget = args.ground_minutes * 60
+    gen = np.random.default_rng(args.seed + 3000 + step)
+    t0 = time.time() - elapsed
+    last_ck = time.time()
+    ema_pairs = [
+        (e, p)
+        for m_e, m in ((ema_u, unet), (ema_t, te))
+        for e, p in zip(m_e.parameters(), m.parameters(), strict=True)
+    ]
+    bar = tqdm(desc="ground", initial=step, mininterval=10, file=sys.stderr)
+    unet.train()
+    te.train()
+    run = {"mse": None, "ground": None}
+
+    def save():
+        _save(
+            {
+                "unet": unet.state_dict(),
+                "text": te.state_dict(),
+                "ema_unet": ema_u.state_dict(),
+                "ema_text": ema_t.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": time.time() - t0,
+                "base_unet_step": st.get("base_unet_step", st["step"]) if src == ckg else st["step"],
+            },
+            ckg,
+        )
+
+    while step < args.ground_steps and time.time() - t0 < budget:
+        frac = max(step / args.ground_steps, (time.time() - t0) / budget)
+        lr = _lr_at(frac, args.ground_lr, 0.05, 0.1)
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[1]["lr"] = lr * args.text_lr_mult
+        idx = gen.integers(0, n, args.batch)
+        z0 = (
+            torch.from_numpy(lmean[idx]).float()
+            + torch.from_numpy(lstd[idx]).float() * torch.randn(len(idx), 4, 16, 16)
+        ) * scale
+        ids = torch.from_numpy(ids_all[idx])
+        drop = torch.from_numpy(gen.random(len(idx)) < args.uncond_prob)
+        ids[drop] = empty
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, 1000, (len(idx),))
+        zt = sched.add_noise(z0, noise, t)
+        store.clear()
+        pred = unet(zt, t, encoder_hidden_states=te(ids)[0]).sample
+        err = (pred - noise).pow(2)
+        w_obj = 1 + args.object_weight * torch.from_numpy(objmask[idx]).float().div(255).unsqueeze(1)
+        per = (err * w_obj).mean((1, 2, 3)) / w_obj.mean((1, 2, 3))
+        w = torch.clamp(snr[t], max=args.min_snr) / snr[t]
+        loss_mse = (per * w).mean()
+        # grounding: attention mass of each word outside its object
+        scenes = {int(i): make_scene(args.data_seed + int(i), "train") for i in set(idx.tolist())}
+        terms = []
+        for _name, heads, probs in store:
+            npx = probs.shape[1]
+            res = int(round(math.sqrt(npx)))
+            if res < 8:
+                continue
+            pb = probs.reshape(len(idx), heads, npx, -1).mean(1)  # (B, pixels, tokens)
+            for b, i in enumerate(idx.tolist()):
+                if drop[b]:
+                    continue
+                for ps, m in _grounding_targets(scenes[int(i)], tok, res):
+                    a = pb[b, :, ps].mean(-1)  # (pixels,)
+                    inside = (a * m.flatten()).sum() / a.sum().clamp_min(1e-8)
+                    terms.append(1 - inside)
+        loss_g = torch.stack(terms).mean() if terms else torch.zeros(())
+        loss = loss_mse + args.ground_weight * loss_g
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ground_ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - decay)
+        bar.update(1)
+        for key, val in (("mse", err.mean().item()), ("ground", loss_g.item())):
+            run[key] = val if run[key] is None else 0.95 * run[key] + 0.05 * val
+        if step % 10 == 0:
+            bar.set_postfix(mse=f"{run['mse']:.4f}", ground=f"{run['ground']:.3f}")
+            log(
+                phase="ground",
+                step=step,
+                loss=loss.item(),
+                mse_avg=run["mse"],
+                ground_avg=run["ground"],
+                lr=lr,
+                elapsed=time.time() - t0,
+            )
+        if time.time() - last_ck > args.ckpt_minutes * 60:
+            save()
+            last_ck = time.time()
+    bar.close()
+    save()
+    log(
+        phase="ground_done", step=step, mse_avg=run["mse"], ground_avg=run["ground"], elapsed=time.time() - t0
+    )
+    print(f"ground: {step} steps, mse {run['mse']}, ground {run['ground']}", file=sys.stderr)
+    _mark(out, "ground", {"steps": step, "minutes": (time.time() - t0) / 60, "ground_avg": run["ground"]})
 
 
 def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
@@ -502,13 +792,22 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
     vae = _load_vae(args, out)
     vae.register_to_config(scaling_factor=scale)
     unet, te = _build_unet_and_text(args)
-    st = torch.load(out / "ckpt_unet.pt", weights_only=False)
+    ground = out / "ckpt_ground.pt"
+    st = torch.load(ground if ground.exists() else out / "ckpt_unet.pt", weights_only=False)
     unet.load_state_dict(st["ema_unet" if use_ema else "unet"])
     te.load_state_dict(st["ema_text" if use_ema else "text"])
     sched = DPMSolverMultistepScheduler(**SCHEDULER_KW, steps_offset=1)
     tok = _tokenizer(out)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(torch.float16)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
@@ -523,8 +822,12 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
         if key in cfg:
             cfg[key] = "float32"
     te_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    info = {"unet_steps": st["step"], "unet_minutes": st["elapsed"] / 60, "ema": use_ema,
-            "config": {k: v for k, v in vars(args).items() if k not in ("func",)}}
+    info = {
+        "unet_steps": st["step"],
+        "unet_minutes": st["elapsed"] / 60,
+        "ema": use_ema,
+        "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
+    }
     (tmp / "daamkit_world.json").write_text(json.dumps(info, indent=1, default=str))
     if dest.exists():
         shutil.rmtree(dest)
@@ -536,17 +839,21 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
     return dest
 
 
-def sample_grid(model_dir: Path, path: Path, prompts: list[str], steps: int = 20, guidance: float = 5.0,
-                seed: int = 0):
+def sample_grid(
+    model_dir: Path, path: Path, prompts: list[str], steps: int = 20, guidance: float = 5.0, seed: int = 0
+):
     import torch
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(model_dir), local_files_only=True, torch_dtype=torch.float32
+    )
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(seed)
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g, height=64,
-                  width=64).images
+    images = pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g, height=64, width=64
+    ).images
     cols = min(8, len(images))
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (64 * cols, 64 * rows), "white")
@@ -599,7 +906,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="first scene seed of the training set")
     p.add_argument("--dataset-size", type=int, default=40000)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--sample-steps", type=int, default=20, help="steps of the sample grid after export (0: none)")
+    p.add_argument(
+        "--sample-steps", type=int, default=20, help="steps of the sample grid after export (0: none)"
+    )
     # VAE
     p.add_argument("--vae-channels", default="16,32,64")
     p.add_argument("--vae-layers", type=int, default=1)
@@ -610,9 +919,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=3e-5, help="KL weight (per latent element)")
     p.add_argument("--vae-edge", type=float, default=1.0, help="weight of the image-gradient L1 term")
-    p.add_argument("--decoder-minutes", type=float, default=30.0,
-                   help="fine-tune the decoder alone on the cached latents (0: skip); may run alongside "
-                        "the UNet phase: `--resume --only decoder`")
+    p.add_argument(
+        "--decoder-minutes",
+        type=float,
+        default=30.0,
+        help="fine-tune the decoder alone on the cached latents (0: skip); may run alongside "
+        "the UNet phase: `--resume --only decoder`",
+    )
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--decoder-steps", type=int, default=1000000)
     # UNet + text encoder
@@ -630,9 +943,25 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--text-lr-mult", type=float, default=1.0)
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0)
-    p.add_argument("--object-weight", type=float, default=2.0,
-                   help="extra loss weight on latent cells covered by objects")
+    p.add_argument(
+        "--object-weight",
+        type=float,
+        default=2.0,
+        help="extra loss weight on latent cells covered by objects",
+    )
     p.add_argument("--ema", type=float, default=0.998)
+    # optional grounding fine-tune (off by default)
+    p.add_argument(
+        "--ground-minutes",
+        type=float,
+        default=0.0,
+        help="fine-tune with the cross-attention grounding loss after the UNet phase (0: skip)",
+    )
+    p.add_argument("--ground-steps", type=int, default=1000000)
+    p.add_argument("--ground-weight", type=float, default=1.0)
+    p.add_argument("--ground-lr", type=float, default=3e-4)
+    p.add_argument("--ground-ema", type=float, default=0.99)
+    p.add_argument("--ground-from-ema", action="store_true", help="start from the EMA weights")
     return p
 
 
@@ -644,6 +973,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    """Run the phases for parsed ``args`` (from :func:`add_arguments`); returns an exit status."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -660,8 +990,15 @@ def run(args) -> int:
     if not cfg_path.exists():
         cfg_path.write_text(json.dumps(vars(args), indent=1, default=str))
     log = Logger(out)
-    funcs = {"data": phase_data, "vae": phase_vae, "latents": phase_latents, "unet": phase_unet,
-             "decoder": phase_decoder, "export": phase_export}
+    funcs = {
+        "data": phase_data,
+        "vae": phase_vae,
+        "latents": phase_latents,
+        "unet": phase_unet,
+        "ground": phase_ground,
+        "decoder": phase_decoder,
+        "export": phase_export,
+    }
     t0 = time.time()
     for ph in PHASES:
         if args.only and ph != args.only:
@@ -674,6 +1011,9 @@ def run(args) -> int:
         print(f"== phase {ph} took {(time.time() - t1) / 60:.1f} min", file=sys.stderr)
     log(phase="all_done", seconds=time.time() - t0)
     return 0
+
+
+main_from_args = run  # for `daamkit world train` (the CLI parses with add_arguments)
 
 
 if __name__ == "__main__":
