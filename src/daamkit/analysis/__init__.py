@@ -115,34 +115,27 @@ def iter_runs(runs: Iterable[Any] | str | os.PathLike[str]) -> Iterator[Run]:
         yield as_run(item, i)
 
 
-def _scan_records(root: Path) -> Iterator[Any]:
-    from daamkit.record import FORMAT_NAME, RunRecord
-
-    for js in sorted(root.rglob("*.json")):
-        if js.name.startswith("."):
-            continue
-        try:
-            doc = json.loads(js.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(doc, dict) and doc.get("format") == FORMAT_NAME:
-            yield RunRecord.load(js)
+def save_report(report: Any, out_dir: str | os.PathLike[str], name: str) -> dict[str, str]:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` of an analysis result into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
+    (out / f"{name}.md").write_text(report.markdown())
+    report.plot(out / f"{name}.png")
+    return {"json": str(out / f"{name}.json"), "markdown": str(out / f"{name}.md"), "plot": str(out / f"{name}.png")}
 
 
 def open_runs(path: str | os.PathLike[str]) -> Iterable[Any]:
     """The records under ``path``, loaded lazily.
 
     A folder written by ``daamkit batch`` (or any folder of records) goes through
-    :func:`daamkit.runs.load_runs`; where that module is missing, every ``*.json`` run record under the
-    folder is loaded with :meth:`RunRecord.load`. A single record (stem, ``.json`` or ``.safetensors``)
-    gives a one-element list.
+    :func:`daamkit.runs.load_runs`. A single record (stem, ``.json`` or ``.safetensors``) gives a
+    one-element list.
     """
     p = Path(path)
     if p.is_dir():
-        try:
-            from daamkit.runs import load_runs
-        except ImportError:
-            return _scan_records(p)
+        from daamkit.runs import load_runs
+
         return load_runs(p)
     from daamkit.record import RunRecord, record_paths
 

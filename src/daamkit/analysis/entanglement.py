@@ -460,12 +460,9 @@ class EntanglementResult:
         return fig
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "entangle.json").write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False))
-        (out / "entangle.md").write_text(self.markdown())
-        self.plot(out / "entangle.png")
-        return {"json": str(out / "entangle.json"), "markdown": str(out / "entangle.md"), "plot": str(out / "entangle.png")}
+        from . import save_report
+
+        return save_report(self, out_dir, "entangle")
 
 
 def analyze_entanglement(

@@ -20,7 +20,6 @@ where available).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,12 +143,9 @@ class PosResult:
         return fig
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pos.json").write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False))
-        (out / "pos.md").write_text(self.markdown())
-        self.plot(out / "pos.png")
-        return {"json": str(out / "pos.json"), "markdown": str(out / "pos.md"), "plot": str(out / "pos.png")}
+        from . import save_report
+
+        return save_report(self, out_dir, "pos")
 
 
 def analyze_pos(runs: Iterable[Any] | str, tagger: Parser | str | None = None,

@@ -27,7 +27,6 @@ CLIP's ``can``) is skipped, as are arcs whose ends are skipped or share a word.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -511,12 +510,9 @@ class SyntaxResult:
         return fig
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "syntax.json").write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False))
-        (out / "syntax.md").write_text(self.markdown())
-        self.plot(out / "syntax.png")
-        return {"json": str(out / "syntax.json"), "markdown": str(out / "syntax.md"), "plot": str(out / "syntax.png")}
+        from . import save_report
+
+        return save_report(self, out_dir, "syntax")
 
 
 def analyze_syntax(
