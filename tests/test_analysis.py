@@ -468,20 +468,3 @@ def test_pair_prompts_are_recognised_in_plain_records():
     assert ent._parse_pair_prompt("a big giraffe and a zebra", ent.load_ontology()).colors == ("big", None)
     assert ent._parse_pair_prompt("two red circles", ent.SHAPE_FAMILIES) is None
     assert ent._parse_pair_prompt("a red circle above a blue star", ent.SHAPE_FAMILIES) is None
-
-
-def test_open_runs_without_the_runs_module(tmp_path, monkeypatch):
-    import builtins
-
-    RunRecord(PROMPT, None, scene_maps()).save(tmp_path / "a")
-    (tmp_path / "other.json").write_text('{"not": "a record"}')
-    real_import = builtins.__import__
-
-    def no_runs(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "daamkit.runs" or (name == "daamkit" and fromlist and "runs" in fromlist):
-            raise ImportError("no daamkit.runs")
-        return real_import(name, globals, locals, fromlist, level)
-
-    monkeypatch.setattr(builtins, "__import__", no_runs)
-    runs = list(open_runs(tmp_path))
-    assert len(runs) == 1 and runs[0].prompt == PROMPT
