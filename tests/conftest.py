@@ -42,3 +42,17 @@ def t5_tokenizer_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("t5_tokenizer")
     t5_tokenizer(str(d))
     return str(d)
+
+
+@pytest.fixture()
+def sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir):
+    from tiny_pipes import tiny_sd3
+
+    return tiny_sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir)
+
+
+@pytest.fixture()
+def flux(clip_tokenizer_dir, t5_tokenizer_dir):
+    from tiny_pipes import tiny_flux
+
+    return tiny_flux(clip_tokenizer_dir, t5_tokenizer_dir)

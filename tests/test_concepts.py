@@ -8,17 +8,7 @@ import pytest
 import torch
 
 from daamkit import TraceError, UnsupportedPipelineError, trace
-from tiny_pipes import tiny_flux, tiny_sd, tiny_sd3
-
-
-@pytest.fixture()
-def sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir):
-    return tiny_sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir)
-
-
-@pytest.fixture()
-def flux(clip_tokenizer_dir, t5_tokenizer_dir):
-    return tiny_flux(clip_tokenizer_dir, t5_tokenizer_dir)
+from tiny_pipes import tiny_sd
 
 
 def run(pipe, prompt="a red dog on a bench", **kw):

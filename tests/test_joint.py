@@ -10,19 +10,9 @@ import torch
 
 from daamkit import TraceError, trace
 from daamkit.tokens import WordNotFoundError
-from tiny_pipes import tiny_flux, tiny_sd3
+from tiny_pipes import tiny_sd3
 
 PROMPT = "a red dog on a bench"
-
-
-@pytest.fixture()
-def sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir):
-    return tiny_sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir)
-
-
-@pytest.fixture()
-def flux(clip_tokenizer_dir, t5_tokenizer_dir):
-    return tiny_flux(clip_tokenizer_dir, t5_tokenizer_dir)
 
 
 def run(pipe, prompt=PROMPT, steps=2, h=32, w=48, seed=0, **kw):

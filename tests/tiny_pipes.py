@@ -173,6 +173,16 @@ def _t5(seed: int):
     ).eval()
 
 
+def _dit_vae(latent_channels: int, seed: int) -> AutoencoderKL:
+    """The diffusion transformers' VAE at test size: one block, no downsampling, SD3-style shift/scale."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+
+
 def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0, dual_attention_layers: tuple = ()):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5TokenizerFast
@@ -187,12 +197,7 @@ def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0, dual_at
     te1 = CLIPTextModelWithProjection(_text_config())
     te2 = CLIPTextModelWithProjection(_text_config())
     te3 = _t5(seed + 2)
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = _dit_vae(latent_channels=4, seed=seed + 3)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=te1, text_encoder_2=te2, text_encoder_3=te3,
@@ -215,12 +220,7 @@ def tiny_flux(clip_dir: str, t5_dir: str, seed: int = 0):
     torch.manual_seed(seed + 1)
     te1 = CLIPTextModel(_text_config())
     te2 = _t5(seed + 2)
-    torch.manual_seed(seed + 3)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = _dit_vae(latent_channels=1, seed=seed + 3)  # Flux packs 2x2 latents: 4 channels in
     pipe = FluxPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=te1, text_encoder_2=te2,
