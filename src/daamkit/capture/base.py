@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..aggregate import LayerInfo
@@ -64,3 +65,42 @@ class HookSet:
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()
+
+
+class ProjectionTap:
+    """Reads one attention module's query and key projections as its own processor computes them.
+
+    ``install`` puts four hooks on the module: a pre-hook that clears what the last call left, forward
+    hooks on the query and key projections (the first output per call is kept: later calls, e.g.
+    IP-Adapter's ``to_k_ip``, are other modules), and a forward hook that calls :meth:`after`.
+    """
+
+    def __init__(self, layer: LayerInfo, attn: nn.Module, sink: CaptureSink):
+        self.layer, self.attn, self.sink = layer, attn, sink
+        self.q: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None
+
+    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.q = self.k = None
+
+    def save_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.q is None:
+            self.q = out.detach()
+
+    def save_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.k is None:
+            self.k = out.detach()
+
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        q, k = self.q, self.k
+        self.q = self.k = None
+        return q, k
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        raise NotImplementedError
+
+    def install(self, hooks: HookSet, key_proj: nn.Module) -> None:
+        hooks.add(self.attn.register_forward_pre_hook(self.reset, with_kwargs=True))
+        hooks.add(self.attn.to_q.register_forward_hook(self.save_q))
+        hooks.add(key_proj.register_forward_hook(self.save_k))
+        hooks.add(self.attn.register_forward_hook(self.after, with_kwargs=True))

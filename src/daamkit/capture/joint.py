@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..aggregate import LayerInfo
-from .base import CaptureSink, DenoiserCall, HookSet, attention_probs
+from .base import CaptureSink, DenoiserCall, HookSet, ProjectionTap, attention_probs
 from .unet import DenoiserPreHook
 
 
@@ -26,7 +26,7 @@ def _rope(x: torch.Tensor, freqs: Any) -> torch.Tensor:
     return apply_rotary_emb(x, freqs, sequence_dim=1)
 
 
-class _Tap:
+class _Tap(ProjectionTap):
     """Hooks of one joint-attention module.
 
     kind: "sd3" (image q from to_q, text k from add_k_proj), "double" (Flux double-stream: same, with
@@ -34,24 +34,11 @@ class _Tap:
     """
 
     def __init__(self, layer: LayerInfo, attn: nn.Module, sink: CaptureSink, kind: str, capture: Any):
-        self.layer, self.attn, self.sink, self.kind, self.capture = layer, attn, sink, kind, capture
-        self.q: torch.Tensor | None = None
-        self.k: torch.Tensor | None = None
-
-    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.q = self.k = None
-
-    def save_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.q is None:
-            self.q = out.detach()
-
-    def save_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.k is None:
-            self.k = out.detach()
+        super().__init__(layer, attn, sink)
+        self.kind, self.capture = kind, capture
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        q, k = self.q, self.k
-        self.q = self.k = None
+        q, k = self.take()
         if q is None or k is None:
             return  # fused projections (to_qkv) or an image-only call: nothing we can read
         rows_by_branch = self.sink.branch_rows(q.shape[0])
@@ -139,12 +126,8 @@ class JointCapture:
         try:
             self.hooks.add(self.denoiser.register_forward_pre_hook(_TransformerPreHook(sink, self), with_kwargs=True))
             for layer, (_, attn, kind) in zip(self.layers, self.modules, strict=True):
-                tap = _Tap(layer, attn, sink, kind, self)
-                self.hooks.add(attn.register_forward_pre_hook(tap.reset, with_kwargs=True))
-                self.hooks.add(attn.to_q.register_forward_hook(tap.save_q))
                 key_proj = attn.to_k if kind == "single" else attn.add_k_proj
-                self.hooks.add(key_proj.register_forward_hook(tap.save_k))
-                self.hooks.add(attn.register_forward_hook(tap.after, with_kwargs=True))
+                _Tap(layer, attn, sink, kind, self).install(self.hooks, key_proj)
         except BaseException:
             self.hooks.remove()
             raise

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..aggregate import LayerInfo
-from .base import CaptureSink, DenoiserCall, HookSet, attention_probs
+from .base import CaptureSink, DenoiserCall, HookSet, ProjectionTap, attention_probs
 
 
 class DenoiserPreHook:
@@ -63,30 +63,11 @@ def cross_attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(found, key=lambda nm: order.get(_block_of(nm[0]), 3))
 
 
-class _LayerTap:
-    """The three hooks of one cross-attention module."""
-
-    def __init__(self, layer: LayerInfo, attn: nn.Module, sink: CaptureSink):
-        self.layer = layer
-        self.attn = attn
-        self.sink = sink
-        self.q: torch.Tensor | None = None
-        self.k: torch.Tensor | None = None
-
-    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.q = self.k = None
-
-    def save_q(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.q is None:  # first call per forward: the query projection of the image tokens
-            self.q = out.detach()
-
-    def save_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.k is None:  # first call per forward: the text keys (IP-Adapter keys use to_k_ip)
-            self.k = out.detach()
+class _LayerTap(ProjectionTap):
+    """Cross-attention: image queries from ``to_q``, text keys from ``to_k``."""
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        q, k = self.q, self.k
-        self.q = self.k = None
+        q, k = self.take()
         if q is None:
             return
         if k is None:  # fused key/value projection: compute the keys ourselves
@@ -131,11 +112,7 @@ class UNetCapture:
         try:
             self.hooks.add(self.denoiser.register_forward_pre_hook(DenoiserPreHook(sink), with_kwargs=True))
             for layer, (_, attn) in zip(self.layers, self.modules, strict=True):
-                tap = _LayerTap(layer, attn, sink)
-                self.hooks.add(attn.register_forward_pre_hook(tap.reset, with_kwargs=True))
-                self.hooks.add(attn.to_q.register_forward_hook(tap.save_q))
-                self.hooks.add(attn.to_k.register_forward_hook(tap.save_k))
-                self.hooks.add(attn.register_forward_hook(tap.after, with_kwargs=True))
+                _LayerTap(layer, attn, sink).install(self.hooks, attn.to_k)
         except BaseException:
             self.hooks.remove()
             raise
