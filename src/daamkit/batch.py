@@ -690,22 +690,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m daamkit.batch ...`` (what ``accelerate launch -m daamkit.batch`` runs)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="daamkit batch", description="trace every prompt of a prompt file")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from .models import ModelLoadError
-    from .trace import TraceError, UnsupportedPipelineError
+    """``python -m daamkit.batch ...`` (what ``accelerate launch -m daamkit.batch`` runs): the same as
+    ``daamkit batch ...``, errors included."""
+    from .cli import main as cli_main
 
-    try:
-        return main(args)
-    except (CLIError, ModelLoadError, UnsupportedPipelineError, TraceError) as e:
-        print(f"daamkit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("daamkit: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
