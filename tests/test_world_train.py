@@ -42,10 +42,6 @@ def test_train_tiny_end_to_end(tmp_path):
         "4",
         "--decoder-steps",
         "2",
-        "--ground-minutes",
-        "1",
-        "--ground-steps",
-        "2",
         "--sample-steps",
         "0",
     ]
@@ -59,7 +55,9 @@ def test_train_tiny_end_to_end(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any(r["phase"] == "unet_done" for r in log)
     assert any(r["phase"] == "decoder_done" for r in log)
-    assert any(r["phase"] == "ground_done" for r in log)
+    done = [r for r in log if r["phase"] == "unet_done"][0]
+    assert done["ground_avg"] is not None and 0 <= done["ground_avg"] <= 1  # the grounding loss ran
+    assert (out / "ground.npz").exists()
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
@@ -74,3 +72,69 @@ def test_train_tiny_end_to_end(tmp_path):
     # a finished run refuses to start over without --resume, and --resume is a no-op once done
     assert main(argv) == 2
     assert main(argv + ["--resume"]) == 0
+
+
+def test_token_object_bits_follow_the_caption_words():
+    """Each token of a noun, colour or size word carries the bits of the objects that word names; other
+    tokens, BOS, EOS and padding carry none. Words are rebuilt here from the ``</w>`` word ends of the
+    tokens, independently of the word-by-word tokenisation the training code uses."""
+    import numpy as np
+    from transformers import CLIPTokenizer
+
+    from daamkit.world import default_model_path
+    from daamkit.world.scenes import make_scene
+    from daamkit.world.train import GROUNDED_ROLES, _token_object_bits
+
+    tok = CLIPTokenizer.from_pretrained(str(default_model_path() / "tokenizer"))
+    multi = 0
+    for seed in range(60):
+        s = make_scene(seed, "train")
+        ids = np.array(tok(s.caption, padding="max_length", max_length=77).input_ids)
+        bits = _token_object_bits(s, tok, ids)
+        assert bits is not None, s.caption
+        n = len(tok(s.caption).input_ids)
+        assert bits[0] == 0 and not bits[n - 1 :].any()
+        words, cur = [], []
+        for pos, t in enumerate(tok.convert_ids_to_tokens(ids[1 : n - 1].tolist()), start=1):
+            cur.append(pos)
+            if t.endswith("</w>"):
+                if t != ",</w>":
+                    words.append(cur)
+                cur = []
+        assert len(words) == len(s.words), s.caption
+        for w, positions in zip(s.words, words, strict=True):
+            want = sum(1 << o for o in w.objects) if (w.role in GROUNDED_ROLES and w.objects) else 0
+            assert [int(bits[p]) for p in positions] == [want] * len(positions), (s.caption, w.text)
+            multi += len(positions) > 1 and want > 0
+    assert multi > 0  # some grounded words span several tokens ("triangles")
+
+
+def test_grounding_loss_is_low_on_the_mask_and_high_off_it():
+    import torch
+
+    from daamkit.world.train import grounding_loss
+
+    res, heads, tokens = 16, 2, 77
+    mask = torch.zeros(1, 3, res, res)
+    mask[0, 0, 2:8, 3:9] = 1  # object 0
+    mask[0, 1, 10:14, 9:15] = 1  # object 1
+    bits = torch.zeros(1, tokens, dtype=torch.int64)
+    bits[0, 2], bits[0, 5] = 1, 2  # token 2 names object 0, token 5 object 1
+    keep = torch.ones(1, dtype=torch.bool)
+
+    def loss_for(maps):  # maps: {token: (res, res) attention}
+        probs = torch.full((heads, res * res, tokens), 1e-6)
+        for t, m in maps.items():
+            probs[:, :, t] = m.flatten()
+        return grounding_loss([(heads, probs)], bits, mask, keep).item()
+
+    right = loss_for({2: mask[0, 0], 5: mask[0, 1]})
+    swapped = loss_for({2: mask[0, 1], 5: mask[0, 0]})
+    peak = torch.zeros(res, res)
+    peak[4, 5] = 1  # inside object 0 but covering one cell of it
+    collapsed = loss_for({2: peak, 5: mask[0, 1]})
+    assert right < 0.01
+    assert swapped > 0.99
+    assert right < collapsed < swapped  # the Dice term asks for coverage, not only containment
+    # a dropped (unconditional) sample is not grounded
+    assert grounding_loss([(heads, torch.rand(heads, res * res, tokens))], bits, mask, ~keep).item() == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("data", "vae", "latents", "unet", "ground", "decoder", "export")
+PHASES = ("data", "vae", "latents", "unet", "decoder", "export")
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -445,10 +445,19 @@ def phase_unet(args, out: Path, log):
     objmask = data["objmask"]
     empty = torch.from_numpy(np.load(out / "empty_ids.npy").astype(np.int64))
     n = len(lmean)
+    ground = args.ground_weight > 0
+    if ground:
+        gt = np.load(_ground_targets(args, out))
+        g_bits, g_masks = gt["bits"], gt["masks"]
 
     torch.manual_seed(args.seed)
     unet, te = _build_unet_and_text(args)
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    store: list = []
+    if ground:  # after the EMA copy: the exported weights never carry the training processor
+        for name, mod in unet.named_modules():
+            if name.endswith("attn2"):
+                mod.set_processor(_CaptureCrossAttention(store))
     params = [
         {"params": list(unet.parameters()), "lr": args.lr},
         {"params": list(te.parameters()), "lr": args.lr * args.text_lr_mult},
@@ -484,7 +493,7 @@ def phase_unet(args, out: Path, log):
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet", mininterval=10, file=sys.stderr)
     unet.train()
     te.train()
-    run_loss = None
+    run_loss = run_g = None
     while step < args.unet_steps and time.time() - t0 < budget:
         frac = max(step / args.unet_steps, (time.time() - t0) / budget)
         lr = _lr_at(frac, args.lr, 0.04, args.final_lr_ratio)
@@ -502,12 +511,23 @@ def phase_unet(args, out: Path, log):
         t = torch.randint(0, 1000, (len(idx),))
         zt = sched.add_noise(z0, noise, t)
         cond = te(ids)[0]
+        store.clear()
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         err = (pred - noise).pow(2)
         w_obj = 1 + args.object_weight * torch.from_numpy(objmask[idx]).float().div(255).unsqueeze(1)
         per = (err * w_obj).mean((1, 2, 3)) / w_obj.mean((1, 2, 3))
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon)
         loss = (per * w).mean()
+        if ground:
+            loss_g = grounding_loss(
+                store,
+                torch.from_numpy(g_bits[idx].astype(np.int64)),
+                torch.from_numpy(g_masks[idx]).float().div(255),
+                ~drop,
+            )
+            loss = loss + args.ground_weight * loss_g
+            g_val = loss_g.item()
+            run_g = g_val if run_g is None else 0.98 * run_g + 0.02 * g_val
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -521,13 +541,14 @@ def phase_unet(args, out: Path, log):
         mse = err.mean().item()
         run_loss = mse if run_loss is None else 0.98 * run_loss + 0.02 * mse
         if step % 10 == 0:
-            bar.set_postfix(mse=f"{run_loss:.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(mse=f"{run_loss:.4f}", ground=f"{run_g or 0:.3f}", lr=f"{lr:.1e}")
             log(
                 phase="unet",
                 step=step,
                 loss=loss.item(),
                 mse=mse,
                 mse_avg=run_loss,
+                ground_avg=run_g,
                 lr=lr,
                 elapsed=time.time() - t0,
             )
@@ -561,21 +582,29 @@ def phase_unet(args, out: Path, log):
         },
         ck,
     )
-    log(phase="unet_done", step=step, mse_avg=run_loss, elapsed=elapsed)
+    log(phase="unet_done", step=step, mse_avg=run_loss, ground_avg=run_g, elapsed=elapsed)
     print(f"unet: {step} steps, {elapsed / 60:.1f} min, mse {run_loss}", file=sys.stderr)
     _mark(
         out,
         "unet",
-        {"steps": step, "minutes": elapsed / 60, "mse_avg": run_loss, "unet_params": n_u, "text_params": n_t},
+        {
+            "steps": step,
+            "minutes": elapsed / 60,
+            "mse_avg": run_loss,
+            "ground_avg": run_g,
+            "unet_params": n_u,
+            "text_params": n_t,
+        },
     )
 
 
 class _CaptureCrossAttention:
     """Attention processor for ``attn2`` (text-image) that computes the attention explicitly and keeps
-    the probabilities (with gradients) for the grounding loss. Same output as diffusers' AttnProcessor."""
+    the probabilities (with gradients) for the grounding loss. Same output as diffusers' AttnProcessor.
+    Used only while training: the exported pipeline has diffusers' default processors."""
 
-    def __init__(self, store: list, name: str):
-        self.store, self.name = store, name
+    def __init__(self, store: list):
+        self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         import torch
@@ -584,201 +613,96 @@ class _CaptureCrossAttention:
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(q, k, None)  # (batch * heads, pixels, tokens)
-        self.store.append((self.name, attn.heads, probs))
+        self.store.append((attn.heads, probs))
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _word_token_positions(tok, words: list[str]) -> list[list[int]]:
-    """Token positions (BOS = 0) of each caption word, tokenising word by word as CLIP does."""
-    pos, out = 1, []
-    for w in words:
-        n = len(tok.tokenize(w))
-        out.append(list(range(pos, pos + n)))
-        pos += n
-    return out
+GROUNDED_ROLES = ("noun", "color", "size")
+MAX_OBJECTS = 3
 
 
-def _grounding_targets(scene, tok, res: int):
-    """[(token positions, mask (res, res) float)] for nouns, colour and size words of a scene."""
-    import torch
-
-    from daamkit.world.scenes import IMAGE_SIZE
-
-    f = IMAGE_SIZE // res
-    words = list(scene.words)  # the caption may attach a comma to a noun: tokenise the caption's pieces
+def _token_object_bits(scene, tok, ids: np.ndarray) -> np.ndarray | None:
+    """(77,) uint8: bit o set where the token belongs to a noun, colour or size word of object o.
+    Tokenises the caption word by word, as CLIP's pre-tokeniser splits it; None if that does not
+    reproduce the caption's ids (then the sample is not grounded)."""
     pieces = scene.caption.replace(",", " ,").split()
-    positions = _word_token_positions(tok, pieces)
-    targets = []
-    k = 0
-    for piece, ps in zip(pieces, positions, strict=True):
-        if piece == ",":
-            continue
-        w = words[k]
-        k += 1
-        if w.role not in ("noun", "color", "size") or not w.objects or max(ps) >= 77:
-            continue
-        m = scene.masks[list(w.objects)].any(0).reshape(res, f, res, f).mean((1, 3))
-        targets.append((ps, torch.from_numpy(m.astype("float32"))))
-    return targets
+    words = iter(scene.words)
+    bits = np.zeros(77, np.uint8)
+    pos = 1
+    for piece in pieces:
+        toks = tok(piece, add_special_tokens=False).input_ids
+        w = None if piece == "," else next(words)
+        if w is not None and w.role in GROUNDED_ROLES and w.objects:
+            mask = sum(1 << o for o in w.objects)
+            bits[pos : min(pos + len(toks), 77)] = mask
+        if list(ids[pos : pos + len(toks)]) != toks[: max(0, 77 - pos)]:
+            return None
+        pos += len(toks)
+    return bits
 
 
-def phase_ground(args, out: Path, log):
-    """Optional fine-tune of the UNet + text encoder with an extra *grounding* loss on the cross-attention
-    (in the spirit of TokenCompose, Wang et al. 2024): for each noun, colour and size word, the share of
-    its attention mass that falls outside its object's mask (16x16 and 8x8 layers, averaged over heads)
-    is penalised. It trains the attention that DAAM reads, so maps of a model trained this way are
-    expected to localise; the model card says so."""
-    import copy
-
-    import torch
-    from diffusers import DDPMScheduler
+def _ground_targets(args, out: Path) -> Path:
+    """Cache what the grounding loss needs: each training scene's object masks at the latent grid
+    (coverage in 0..255) and, per token, which objects its word names."""
     from tqdm import tqdm
 
     from daamkit.world.scenes import make_scene
 
-    if args.ground_minutes <= 0:
-        _mark(out, "ground", {"skipped": True})
-        return
+    path = out / "ground.npz"
+    if path.exists():
+        return path
+    ids = np.load(out / "data.npz")["input_ids"]
     tok = _tokenizer(out)
-    scale = json.loads((out / "latents.done").read_text())["scaling_factor"]
-    lat = np.load(out / "latents.npz")
-    lmean, lstd = lat["mean"], lat["std"]
-    data = np.load(out / "data.npz")
-    ids_all = data["input_ids"].astype(np.int64)
-    objmask = data["objmask"]
-    empty = torch.from_numpy(np.load(out / "empty_ids.npy").astype(np.int64))
-    n = len(lmean)
-    unet, te = _build_unet_and_text(args)
-    ckg = out / "ckpt_ground.pt"
-    src = ckg if ckg.exists() else out / "ckpt_unet.pt"
-    st = torch.load(src, weights_only=False)
-    start = "ema_" if (src.name == "ckpt_unet.pt" and args.ground_from_ema) else ""
-    unet.load_state_dict(st[start + "unet"])
-    te.load_state_dict(st[start + "text"])
-    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    if src == ckg:
-        ema_u.load_state_dict(st["ema_unet"])
-        ema_t.load_state_dict(st["ema_text"])
-    store: list = []
-    procs = {}
-    for name, mod in unet.attn_processors.items():
-        procs[name] = _CaptureCrossAttention(store, name) if "attn2" in name else mod
-    unet.set_attn_processor(procs)
-    params = [
-        {"params": list(unet.parameters()), "lr": args.ground_lr},
-        {"params": list(te.parameters()), "lr": args.ground_lr * args.text_lr_mult},
-    ]
-    opt = torch.optim.AdamW(params, lr=args.ground_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step, elapsed = (st["step"], st["elapsed"]) if src == ckg else (0, 0.0)
-    if src == ckg:
-        opt.load_state_dict(st["opt"])
-    sched = DDPMScheduler(**SCHEDULER_KW)
-    acp = sched.alphas_cumprod.float()
-    snr = acp / (1 - acp)
-    budget = args.ground_minutes * 60
-    gen = np.random.default_rng(args.seed + 3000 + step)
-    t0 = time.time() - elapsed
-    last_ck = time.time()
-    ema_pairs = [
-        (e, p)
-        for m_e, m in ((ema_u, unet), (ema_t, te))
-        for e, p in zip(m_e.parameters(), m.parameters(), strict=True)
-    ]
-    bar = tqdm(desc="ground", initial=step, mininterval=10, file=sys.stderr)
-    unet.train()
-    te.train()
-    run = {"mse": None, "ground": None}
+    n = len(ids)
+    masks = np.zeros((n, MAX_OBJECTS, 16, 16), np.uint8)
+    bits = np.zeros((n, 77), np.uint8)
+    skipped = 0
+    for i in tqdm(range(n), desc="grounding targets", mininterval=5, file=sys.stderr):
+        s = make_scene(args.data_seed + i, "train")
+        for o, m in enumerate(s.masks[:MAX_OBJECTS]):
+            masks[i, o] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+        b = _token_object_bits(s, tok, ids[i])
+        if b is None:
+            skipped += 1
+        else:
+            bits[i] = b
+    np.savez(path, masks=masks, bits=bits)
+    print(f"grounding targets: {n - skipped} of {n} captions aligned", file=sys.stderr)
+    return path
 
-    def save():
-        _save(
-            {
-                "unet": unet.state_dict(),
-                "text": te.state_dict(),
-                "ema_unet": ema_u.state_dict(),
-                "ema_text": ema_t.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "elapsed": time.time() - t0,
-                "base_unet_step": st.get("base_unet_step", st["step"]) if src == ckg else st["step"],
-            },
-            ckg,
-        )
 
-    while step < args.ground_steps and time.time() - t0 < budget:
-        frac = max(step / args.ground_steps, (time.time() - t0) / budget)
-        lr = _lr_at(frac, args.ground_lr, 0.05, 0.1)
-        opt.param_groups[0]["lr"] = lr
-        opt.param_groups[1]["lr"] = lr * args.text_lr_mult
-        idx = gen.integers(0, n, args.batch)
-        z0 = (
-            torch.from_numpy(lmean[idx]).float()
-            + torch.from_numpy(lstd[idx]).float() * torch.randn(len(idx), 4, 16, 16)
-        ) * scale
-        ids = torch.from_numpy(ids_all[idx])
-        drop = torch.from_numpy(gen.random(len(idx)) < args.uncond_prob)
-        ids[drop] = empty
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, 1000, (len(idx),))
-        zt = sched.add_noise(z0, noise, t)
-        store.clear()
-        pred = unet(zt, t, encoder_hidden_states=te(ids)[0]).sample
-        err = (pred - noise).pow(2)
-        w_obj = 1 + args.object_weight * torch.from_numpy(objmask[idx]).float().div(255).unsqueeze(1)
-        per = (err * w_obj).mean((1, 2, 3)) / w_obj.mean((1, 2, 3))
-        w = torch.clamp(snr[t], max=args.min_snr) / snr[t]
-        loss_mse = (per * w).mean()
-        # grounding: attention mass of each word outside its object
-        scenes = {int(i): make_scene(args.data_seed + int(i), "train") for i in set(idx.tolist())}
-        terms = []
-        for _name, heads, probs in store:
-            npx = probs.shape[1]
-            res = int(round(math.sqrt(npx)))
-            if res < 8:
-                continue
-            pb = probs.reshape(len(idx), heads, npx, -1).mean(1)  # (B, pixels, tokens)
-            for b, i in enumerate(idx.tolist()):
-                if drop[b]:
-                    continue
-                for ps, m in _grounding_targets(scenes[int(i)], tok, res):
-                    a = pb[b, :, ps].mean(-1)  # (pixels,)
-                    inside = (a * m.flatten()).sum() / a.sum().clamp_min(1e-8)
-                    terms.append(1 - inside)
-        loss_g = torch.stack(terms).mean() if terms else torch.zeros(())
-        loss = loss_mse + args.ground_weight * loss_g
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(args.ground_ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in ema_pairs:
-                e.lerp_(p, 1 - decay)
-        bar.update(1)
-        for key, val in (("mse", err.mean().item()), ("ground", loss_g.item())):
-            run[key] = val if run[key] is None else 0.95 * run[key] + 0.05 * val
-        if step % 10 == 0:
-            bar.set_postfix(mse=f"{run['mse']:.4f}", ground=f"{run['ground']:.3f}")
-            log(
-                phase="ground",
-                step=step,
-                loss=loss.item(),
-                mse_avg=run["mse"],
-                ground_avg=run["ground"],
-                lr=lr,
-                elapsed=time.time() - t0,
-            )
-        if time.time() - last_ck > args.ckpt_minutes * 60:
-            save()
-            last_ck = time.time()
-    bar.close()
-    save()
-    log(
-        phase="ground_done", step=step, mse_avg=run["mse"], ground_avg=run["ground"], elapsed=time.time() - t0
-    )
-    print(f"ground: {step} steps, mse {run['mse']}, ground {run['ground']}", file=sys.stderr)
-    _mark(out, "ground", {"steps": step, "minutes": (time.time() - t0) / 60, "ground_avg": run["ground"]})
+def grounding_loss(store: list, bits, masks, keep):
+    """Cross-attention grounding loss (in the spirit of TokenCompose, Wang et al. 2024).
+
+    For every noun, colour and size token of a kept sample, in every cross-attention layer (mean over
+    heads), two terms: the share of the token's attention mass that falls outside its object(s), and
+    one minus the soft Dice overlap of its max-normalised map with the object mask. The first alone
+    lets a map collapse onto one pixel of its object; the second asks it to cover the object, which is
+    what a thresholded DAAM map is scored on.
+
+    ``bits`` (B, 77) int64 object bits per token, ``masks`` (B, O, 16, 16) in [0, 1], ``keep`` (B,)."""
+    import torch
+    import torch.nn.functional as F
+
+    obj = (bits.unsqueeze(-1) >> torch.arange(masks.shape[1])) & 1  # (B, 77, O)
+    sel = (obj.sum(-1) > 0) & keep.unsqueeze(1)  # (B, 77)
+    if not sel.any():
+        return torch.zeros(())
+    obj = obj.float()
+    terms = []
+    for heads, probs in store:
+        n = probs.shape[1]
+        res = int(round(math.sqrt(n)))
+        p = probs.reshape(len(bits), heads, n, -1).mean(1).transpose(1, 2)  # (B, tokens, pixels)
+        m = masks if res == masks.shape[-1] else F.adaptive_avg_pool2d(masks, res)
+        target = (obj @ m.flatten(2)).clamp(max=1)  # (B, 77, pixels)
+        a, t = p[sel], target[sel]
+        inside = (a * t).sum(-1) / a.sum(-1).clamp_min(1e-8)
+        ahat = a / a.amax(-1, keepdim=True).detach().clamp_min(1e-8)
+        dice = 2 * (ahat * t).sum(-1) / (ahat.sum(-1) + t.sum(-1)).clamp_min(1e-8)
+        terms.append(((1 - inside) + (1 - dice)).mean() / 2)
+    return torch.stack(terms).mean()
 
 
 def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
@@ -792,8 +716,7 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
     vae = _load_vae(args, out)
     vae.register_to_config(scaling_factor=scale)
     unet, te = _build_unet_and_text(args)
-    ground = out / "ckpt_ground.pt"
-    st = torch.load(ground if ground.exists() else out / "ckpt_unet.pt", weights_only=False)
+    st = torch.load(out / "ckpt_unet.pt", weights_only=False)
     unet.load_state_dict(st["ema_unet" if use_ema else "unet"])
     te.load_state_dict(st["ema_text" if use_ema else "text"])
     sched = DPMSolverMultistepScheduler(**SCHEDULER_KW, steps_offset=1)
@@ -934,7 +857,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--unet-groups", type=int, default=16, help="GroupNorm groups in the UNet")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--text-width", type=int, default=64)
-    p.add_argument("--text-layers", type=int, default=0, help="CLIP encoder layers (0 = embeddings only)")
+    p.add_argument("--text-layers", type=int, default=1, help="CLIP encoder layers (0 = embeddings only)")
     p.add_argument("--unet-steps", type=int, default=1000000)
     p.add_argument("--unet-minutes", type=float, default=58.0)
     p.add_argument("--batch", type=int, default=32)
@@ -950,18 +873,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="extra loss weight on latent cells covered by objects",
     )
     p.add_argument("--ema", type=float, default=0.998)
-    # optional grounding fine-tune (off by default)
     p.add_argument(
-        "--ground-minutes",
+        "--ground-weight",
         type=float,
-        default=0.0,
-        help="fine-tune with the cross-attention grounding loss after the UNet phase (0: skip)",
+        default=0.2,
+        help="weight of the cross-attention grounding loss (0: plain denoising loss)",
     )
-    p.add_argument("--ground-steps", type=int, default=1000000)
-    p.add_argument("--ground-weight", type=float, default=1.0)
-    p.add_argument("--ground-lr", type=float, default=3e-4)
-    p.add_argument("--ground-ema", type=float, default=0.99)
-    p.add_argument("--ground-from-ema", action="store_true", help="start from the EMA weights")
     return p
 
 
@@ -995,7 +912,6 @@ def run(args) -> int:
         "vae": phase_vae,
         "latents": phase_latents,
         "unet": phase_unet,
-        "ground": phase_ground,
         "decoder": phase_decoder,
         "export": phase_export,
     }
