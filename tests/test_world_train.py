@@ -77,7 +77,7 @@ def test_train_tiny_end_to_end(tmp_path):
 def test_token_object_bits_follow_the_caption_words():
     """Each token of a noun, colour or size word carries the bits of the objects that word names; other
     tokens, BOS, EOS and padding carry none. Words are rebuilt here from the ``</w>`` word ends of the
-    tokens, independently of the word-by-word tokenisation the training code uses."""
+    tokens, independently of the alignment (``daamkit.tokens.align``) the training code uses."""
     import numpy as np
     from transformers import CLIPTokenizer
 

@@ -490,6 +490,22 @@ def phase_unet(args, out: Path, log):
         for m_e, m in ((ema_u, unet), (ema_t, te))
         for e, p in zip(m_e.parameters(), m.parameters(), strict=True)
     ]
+
+    def save():
+        _save(
+            {
+                "unet": unet.state_dict(),
+                "text": te.state_dict(),
+                "ema_unet": ema_u.state_dict(),
+                "ema_text": ema_t.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": time.time() - t0,
+                "rng": torch.get_rng_state(),
+            },
+            ck,
+        )
+
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet", mininterval=10, file=sys.stderr)
     unet.train()
     te.train()
@@ -553,35 +569,11 @@ def phase_unet(args, out: Path, log):
                 elapsed=time.time() - t0,
             )
         if time.time() - last_ck > args.ckpt_minutes * 60:
-            _save(
-                {
-                    "unet": unet.state_dict(),
-                    "text": te.state_dict(),
-                    "ema_unet": ema_u.state_dict(),
-                    "ema_text": ema_t.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "elapsed": time.time() - t0,
-                    "rng": torch.get_rng_state(),
-                },
-                ck,
-            )
+            save()
             last_ck = time.time()
     bar.close()
     elapsed = time.time() - t0
-    _save(
-        {
-            "unet": unet.state_dict(),
-            "text": te.state_dict(),
-            "ema_unet": ema_u.state_dict(),
-            "ema_text": ema_t.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "elapsed": elapsed,
-            "rng": torch.get_rng_state(),
-        },
-        ck,
-    )
+    save()
     log(phase="unet_done", step=step, mse_avg=run_loss, ground_avg=run_g, elapsed=elapsed)
     print(f"unet: {step} steps, {elapsed / 60:.1f} min, mse {run_loss}", file=sys.stderr)
     _mark(
@@ -624,21 +616,21 @@ MAX_OBJECTS = 3
 
 def _token_object_bits(scene, tok, ids: np.ndarray) -> np.ndarray | None:
     """(77,) uint8: bit o set where the token belongs to a noun, colour or size word of object o.
-    Tokenises the caption word by word, as CLIP's pre-tokeniser splits it; None if that does not
-    reproduce the caption's ids (then the sample is not grounded)."""
-    pieces = scene.caption.replace(",", " ,").split()
-    words = iter(scene.words)
-    bits = np.zeros(77, np.uint8)
-    pos = 1
-    for piece in pieces:
-        toks = tok(piece, add_special_tokens=False).input_ids
-        w = None if piece == "," else next(words)
-        if w is not None and w.role in GROUNDED_ROLES and w.objects:
-            mask = sum(1 << o for o in w.objects)
-            bits[pos : min(pos + len(toks), 77)] = mask
-        if list(ids[pos : pos + len(toks)]) != toks[: max(0, 77 - pos)]:
-            return None
-        pos += len(toks)
+    Words come from :func:`daamkit.tokens.align`, the alignment DAAM itself reads maps through; None
+    if its words do not match the scene's caption words (then the sample is not grounded)."""
+    from daamkit.tokens import align
+
+    try:
+        al = align(tok, ids.tolist(), prompt=scene.caption)
+    except ValueError:
+        return None
+    seen = [w for w in al.words if not w.is_punctuation]
+    if [w.text for w in seen] != [w.text for w in scene.words]:
+        return None
+    bits = np.zeros(len(ids), np.uint8)
+    for w, cw in zip(seen, scene.words, strict=True):
+        if cw.role in GROUNDED_ROLES and cw.objects:
+            bits[list(w.positions)] = sum(1 << o for o in cw.objects)
     return bits
 
 
@@ -859,7 +851,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=1, help="CLIP encoder layers (0 = embeddings only)")
     p.add_argument("--unet-steps", type=int, default=1000000)
-    p.add_argument("--unet-minutes", type=float, default=58.0)
+    p.add_argument("--unet-minutes", type=float, default=90.0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--final-lr-ratio", type=float, default=0.05)
