@@ -91,6 +91,14 @@ def _swap_word(scene, role: str, rng: np.random.Generator) -> str:
     raise ValueError(f"no {role!r} word in {scene.caption!r}")
 
 
+def _text_states(pipe, captions: list[str]):
+    """The text encoder's last hidden states for ``captions``, padded as the pipeline pads them."""
+    ids = pipe.tokenizer(
+        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
 def word_sensitivity(
     pipe,
     roles: tuple[str, ...] = ("noun", "color"),
@@ -120,12 +128,6 @@ def word_sensitivity(
     dev, dtype = pipe.unet.device, pipe.unet.dtype
     t = torch.tensor(timesteps, device=dev)
 
-    def embed(caption: str):
-        ids = pipe.tokenizer(
-            [caption], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(dev)
-        return pipe.text_encoder(ids)[0].expand(len(timesteps), -1, -1).to(dtype)
-
     errs: dict[str, list] = {"true": [], **{r: [] for r in roles}}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -136,7 +138,8 @@ def word_sensitivity(
             zt = noiser.add_noise(z0.expand(len(timesteps), -1, -1, -1), noise, t.cpu()).to(dtype)
             caps = {"true": s.caption, **{r: _swap_word(s, r, rng) for r in roles}}
             for k, cap in caps.items():
-                pred = pipe.unet(zt, t, encoder_hidden_states=embed(cap)).sample
+                cond = _text_states(pipe, [cap]).expand(len(timesteps), -1, -1).to(dev, dtype)
+                pred = pipe.unet(zt, t, encoder_hidden_states=cond).sample
                 errs[k].append((pred.float() - noise.float()).pow(2).mean((1, 2, 3)).cpu().numpy())
     true = np.stack(errs["true"])
     out: dict = {"n": n, "timesteps": list(timesteps), "mse": dict(zip(timesteps, true.mean(0).tolist(), strict=True))}
@@ -156,11 +159,8 @@ def word_similarity(pipe) -> dict[str, float]:
     import torch
 
     def at_word(captions: list[str], position: int):
-        ids = pipe.tokenizer(
-            captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(pipe.text_encoder.device)
         with torch.no_grad():
-            return pipe.text_encoder(ids)[0][:, position].float()
+            return _text_states(pipe, captions)[:, position].float()
 
     def mean_cos(x) -> float:
         c = torch.nn.functional.cosine_similarity(x[:, None], x[None], dim=-1)
