@@ -73,6 +73,15 @@ def test_train_tiny_end_to_end(tmp_path):
     assert main(argv) == 2
     assert main(argv + ["--resume"]) == 0
 
+    # a later export needs no architecture flags: they come from the run's args.json ...
+    before = (model / "unet" / "config.json").read_text()
+    again = ["--out", str(out), "--resume", "--only", "export", "--threads", "1", "--sample-steps", "0"]
+    assert main(again) == 0
+    assert (model / "unet" / "config.json").read_text() == before
+    # ... and a flag that contradicts them is refused before anything is written
+    assert main(again + ["--unet-channels", "32,32,32"]) == 2
+    assert (model / "unet" / "config.json").read_text() == before
+
 
 def test_token_object_bits_follow_the_caption_words():
     """Each token of a noun, colour or size word carries the bits of the objects that word names; other

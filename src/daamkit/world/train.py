@@ -6,10 +6,12 @@ Phases (each resumable; a finished phase is skipped on ``--resume``):
                and tokenise its captions with the real CLIP BPE ids;
 2. ``vae``     train an ``AutoencoderKL`` (64 px RGB -> 4 x 16 x 16 latents);
 3. ``latents`` encode the training set once (posterior mean and std cached);
-4. ``unet``    train ``UNet2DConditionModel`` + ``CLIPTextModel`` jointly on the cached latents
-               (epsilon prediction, min-SNR weighting, 10% caption dropout for classifier-free
-               guidance, an EMA of the weights);
-5. ``export``  write a standard diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors) and
+4. ``unet``    train ``UNet2DConditionModel`` + ``CLIPTextModel`` (0 layers by default: embeddings
+               only) jointly on the cached latents (epsilon prediction, min-SNR weighting, 10% caption
+               dropout for classifier-free guidance, a cross-attention grounding loss, an EMA of the
+               weights);
+5. ``decoder`` fine-tune the VAE decoder alone on the cached latents (may run alongside ``unet``);
+6. ``export``  write a standard diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors) and
                generate a sample grid through ``StableDiffusionPipeline.from_pretrained``.
 
 Everything goes under ``--out`` (checkpoints, ``log.jsonl``, samples); the pipeline folder is
@@ -526,10 +528,13 @@ def phase_unet(args, out: Path, log):
         noise = torch.randn_like(z0)
         t = torch.randint(0, 1000, (len(idx),))
         zt = sched.add_noise(z0, noise, t)
-        cond = te(ids)[0]
         store.clear()
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        err = (pred - noise).pow(2)
+        # bf16 autocast: about 1.25x the steps per minute on a CPU with AVX512-BF16; the weights, the
+        # optimiser and the losses stay float32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            cond = te(ids)[0]
+            pred = unet(zt, t, encoder_hidden_states=cond).sample
+        err = (pred.float() - noise).pow(2)
         w_obj = 1 + args.object_weight * torch.from_numpy(objmask[idx]).float().div(255).unsqueeze(1)
         per = (err * w_obj).mean((1, 2, 3)) / w_obj.mean((1, 2, 3))
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon)
@@ -686,7 +691,7 @@ def grounding_loss(store: list, bits, masks, keep):
     for heads, probs in store:
         n = probs.shape[1]
         res = int(round(math.sqrt(n)))
-        p = probs.reshape(len(bits), heads, n, -1).mean(1).transpose(1, 2)  # (B, tokens, pixels)
+        p = probs.float().reshape(len(bits), heads, n, -1).mean(1).transpose(1, 2)  # (B, tokens, pixels)
         m = masks if res == masks.shape[-1] else F.adaptive_avg_pool2d(masks, res)
         target = (obj @ m.flatten(2)).clamp(max=1)  # (B, 77, pixels)
         a, t = p[sel], target[sel]
@@ -695,6 +700,13 @@ def grounding_loss(store: list, bits, masks, keep):
         dice = 2 * (ahat * t).sum(-1) / (ahat.sum(-1) + t.sum(-1)).clamp_min(1e-8)
         terms.append(((1 - inside) + (1 - dice)).mean() / 2)
     return torch.stack(terms).mean()
+
+
+def _recorded_args(args, out: Path) -> dict:
+    path = out / "args.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {k: v for k, v in vars(args).items() if k not in ("func",)}
 
 
 def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
@@ -741,7 +753,8 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
         "unet_steps": st["step"],
         "unet_minutes": st["elapsed"] / 60,
         "ema": use_ema,
-        "config": {k: v for k, v in vars(args).items() if k not in ("func",)},
+        # the arguments the run was trained with, not those of this (possibly later) export call
+        "config": _recorded_args(args, out),
     }
     (tmp / "daamkit_world.json").write_text(json.dumps(info, indent=1, default=str))
     if dest.exists():
@@ -849,7 +862,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--unet-groups", type=int, default=16, help="GroupNorm groups in the UNet")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--text-width", type=int, default=64)
-    p.add_argument("--text-layers", type=int, default=1, help="CLIP encoder layers (0 = embeddings only)")
+    p.add_argument(
+        "--text-layers",
+        type=int,
+        default=0,
+        help="CLIP encoder layers (0 = token + position embeddings only; a jointly trained layer merged "
+        "the shape nouns, see the model card)",
+    )
     p.add_argument("--unet-steps", type=int, default=1000000)
     p.add_argument("--unet-minutes", type=float, default=90.0)
     p.add_argument("--batch", type=int, default=32)
@@ -866,12 +885,50 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="bfloat16 autocast for the UNet phase's forward pass (weights and optimiser stay float32); "
+        "about 1.25x the steps per minute on a CPU with AVX512-BF16. Off for the shipped model",
+    )
+    p.add_argument(
         "--ground-weight",
         type=float,
         default=0.2,
         help="weight of the cross-attention grounding loss (0: plain denoising loss)",
     )
     return p
+
+
+ARCHITECTURE = (
+    "vae_channels",
+    "vae_layers",
+    "vae_groups",
+    "unet_channels",
+    "unet_layers",
+    "unet_groups",
+    "heads",
+    "text_width",
+    "text_layers",
+)
+
+
+def _adopt_architecture(args, recorded: dict) -> None:
+    """On ``--resume`` the model shapes come from the run's ``args.json``: checkpoints only load into
+    the architecture they were trained with, and a later ``--only export`` must not need the original
+    flags repeated. A flag given on the command line that contradicts the record is an error, not a
+    silent override."""
+    defaults = vars(add_arguments(argparse.ArgumentParser()).parse_args([]))
+    for key in ARCHITECTURE:
+        if key not in recorded or recorded[key] == getattr(args, key):
+            continue
+        if getattr(args, key) != defaults[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"{flag} {getattr(args, key)} contradicts this run's args.json ({flag} {recorded[key]}); "
+                "the architecture of a run cannot change on --resume: start a new --out instead"
+            )
+        setattr(args, key, recorded[key])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,7 +953,13 @@ def run(args) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "args.json"
-    if not cfg_path.exists():
+    if cfg_path.exists():
+        try:
+            _adopt_architecture(args, json.loads(cfg_path.read_text()))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
         cfg_path.write_text(json.dumps(vars(args), indent=1, default=str))
     log = Logger(out)
     funcs = {
