@@ -142,3 +142,21 @@ def test_word_similarity_is_one_for_one_word_and_separates_colours():
         tokenizer, text_encoder = OneShape(), pipe.text_encoder
 
     assert word_similarity(Same())["noun"] > 0.999
+
+
+def test_autoencoder_ceiling_scores_round_trips_and_exact_renders():
+    """The ceiling check must pass the exact renders almost always (the judge's own error is small) and
+    find the shipped VAE's round trips good but below them (it measured 0.87 vs 0.98 shapes per object
+    on 200 held-out scenes); a broken encode/decode would score near zero."""
+    _model_or_skip()
+    from daamkit.world import load_pipeline
+    from daamkit.world.quality import autoencoder_ceiling, heldout_captions
+
+    pipe = load_pipeline(None)
+    scenes = heldout_captions(16, 10_000)
+    vae_rt, exact = autoencoder_ceiling(pipe, scenes, batch=8)
+    assert vae_rt["all"]["n"] == exact["all"]["n"] == 16
+    assert exact["all"]["shapes_correct"] >= 0.9 and exact["all"]["all_objects_drawn"] >= 0.9
+    assert vae_rt["all"]["all_objects_drawn"] >= 0.8
+    assert 0.6 <= vae_rt["all"]["shapes_correct"] <= exact["all"]["shapes_correct"]
+    assert 0 <= vae_rt["all"]["all_shapes_right"] <= 1

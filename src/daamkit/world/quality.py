@@ -70,6 +70,33 @@ def evaluate_generation(
     return summarize(recs), recs, images
 
 
+def autoencoder_ceiling(pipe, scenes, batch: int = 50) -> tuple[dict, dict]:
+    """What the generation judge would give a perfect denoiser on top of this pipeline's VAE: each
+    scene's exact render, encoded (posterior mean) and decoded, scored like a generated image.
+    Returns (summary of the round trips, summary of the exact renders, i.e. the judge's own error)."""
+    import torch
+
+    vae = pipe.vae
+    x = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2)
+    x = x.float().div(127.5).sub(1)
+    with torch.no_grad():
+        parts = []
+        for i in range(0, len(x), batch):
+            z = vae.encode(x[i : i + batch].to(vae.device, vae.dtype)).latent_dist.mean
+            parts.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+    images = torch.cat(parts).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+    def score(imgs):
+        recs = []
+        for s, im in zip(scenes, imgs, strict=True):
+            rec = generation_accuracy(im, s).to_dict()
+            rec.update(template=s.template, n_objects=len(s.objects))
+            recs.append(rec)
+        return summarize(recs)
+
+    return score(images), score([np.asarray(s.image) for s in scenes])
+
+
 def _swap_word(scene, role: str, rng: np.random.Generator) -> str:
     """The caption with its first word of ``role`` ("noun" or "color") replaced by another of its kind
     (plural stays plural); everything else, articles included, is left as written."""
@@ -194,6 +221,7 @@ def summarize(recs: list[dict]) -> dict:
             out[key] = float(np.mean(v))
             out[key + "_ci95"] = _ci(v)
         out["all_objects_drawn"] = float(np.mean([r["objects_present"] == 1.0 for r in rs]))
+        out["all_shapes_right"] = float(np.mean([r["shapes_correct"] == 1.0 for r in rs]))
         return out
 
     summary = {"all": agg(recs)}
@@ -221,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of generating: how much the denoising loss depends on the shape noun and on the "
         "colour word (swap test on --n one-object training scenes)",
     )
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="instead of generating: score the --n scenes' exact renders after a round trip through the "
+        "VAE (the best any denoiser on this VAE can do) and as they are (the judge's own error)",
+    )
     a = p.parse_args(argv)
     import torch
 
@@ -245,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
         scenes = heldout_captions(a.n, 10_000 + a.seed)
     else:
         scenes = [make_scene(10_000_000 + a.seed + i, a.split) for i in range(a.n)]
+    if a.ceiling:
+        vae_rt, exact = autoencoder_ceiling(pipe, scenes)
+        for label, summ in (("VAE round trip", vae_rt), ("exact renders", exact)):
+            al = summ["all"]
+            print(
+                f"{label} (n = {al['n']}): all objects drawn {al['all_objects_drawn']:.3f}, all shapes right "
+                f"{al['all_shapes_right']:.3f}, right shape per object {al['shapes_correct']:.3f}, "
+                f"exact scene {al['exact']:.3f}"
+            )
+        return 0
     t0 = time.time()
     summary, recs, images = evaluate_generation(pipe, scenes, a.steps, a.guidance, a.batch, a.seed)
     summary["seconds"] = time.time() - t0
