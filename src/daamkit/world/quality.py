@@ -59,15 +59,18 @@ def evaluate_generation(
             height=64,
             width=64,
         ).images
-        for s, im in zip(chunk, out, strict=True):
-            chk = generation_accuracy(im, s)
-            rec = chk.to_dict()
-            rec.update(
-                caption=s.caption, template=s.template, heldout=is_heldout(s), n_objects=len(s.objects)
-            )
-            recs.append(rec)
-            images.append(im)
+        recs += [_record(im, s) for s, im in zip(chunk, out, strict=True)]
+        images += out
     return summarize(recs), recs, images
+
+
+def _record(image, scene) -> dict:
+    """One image's generation check against the scene it was asked for, with what summarize groups by."""
+    rec = generation_accuracy(image, scene).to_dict()
+    rec.update(
+        caption=scene.caption, template=scene.template, heldout=is_heldout(scene), n_objects=len(scene.objects)
+    )
+    return rec
 
 
 def autoencoder_ceiling(pipe, scenes, batch: int = 50) -> tuple[dict, dict]:
@@ -76,25 +79,18 @@ def autoencoder_ceiling(pipe, scenes, batch: int = 50) -> tuple[dict, dict]:
     Returns (summary of the round trips, summary of the exact renders, i.e. the judge's own error)."""
     import torch
 
-    vae = pipe.vae
-    x = torch.from_numpy(np.stack([np.asarray(s.image) for s in scenes])).permute(0, 3, 1, 2)
-    x = x.float().div(127.5).sub(1)
+    vae, proc = pipe.vae, pipe.image_processor
+    images = []
     with torch.no_grad():
-        parts = []
-        for i in range(0, len(x), batch):
-            z = vae.encode(x[i : i + batch].to(vae.device, vae.dtype)).latent_dist.mean
-            parts.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
-    images = torch.cat(parts).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for i in range(0, len(scenes), batch):
+            x = proc.preprocess([s.image for s in scenes[i : i + batch]]).to(vae.device, vae.dtype)
+            decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu()
+            images += proc.postprocess(decoded, output_type="pil")
 
     def score(imgs):
-        recs = []
-        for s, im in zip(scenes, imgs, strict=True):
-            rec = generation_accuracy(im, s).to_dict()
-            rec.update(template=s.template, n_objects=len(s.objects))
-            recs.append(rec)
-        return summarize(recs)
+        return summarize([_record(im, s) for s, im in zip(scenes, imgs, strict=True)])
 
-    return score(images), score([np.asarray(s.image) for s in scenes])
+    return score(images), score([s.image for s in scenes])
 
 
 def _swap_word(scene, role: str, rng: np.random.Generator) -> str:
@@ -160,8 +156,8 @@ def word_sensitivity(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in scenes:
-            x = torch.from_numpy(np.array(s.image)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
-            z0 = pipe.vae.encode(x.to(dev, pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+            x = pipe.image_processor.preprocess(s.image).to(dev, pipe.vae.dtype)
+            z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
             noise = torch.randn((len(timesteps), *z0.shape[1:]), generator=gen).to(dev, z0.dtype)
             zt = noiser.add_noise(z0.expand(len(timesteps), -1, -1, -1), noise, t.cpu()).to(dtype)
             caps = {"true": s.caption, **{r: _swap_word(s, r, rng) for r in roles}}
