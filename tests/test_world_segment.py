@@ -7,6 +7,7 @@ import pytest
 
 from daamkit.world.scenes import COLORS, SHAPES, SceneObject, make_scene, render
 from daamkit.world.segment import (
+    BLUR_SIGMAS,
     classify_pixels,
     classify_shape,
     connected_components,
@@ -56,6 +57,36 @@ def test_shape_classifier_on_single_shapes(shape):
         hits += got == shape
         assert score > 0.6
     assert hits >= 2  # the smallest hearts and circles are nearly alike at 64 px
+
+
+def _blurred_single_shapes(sigma: float):
+    """(image, true shape) for every shape at five sizes and angles, in varied colours and
+    backgrounds, blurred like a decoded image."""
+    from PIL import ImageFilter
+
+    colors = list(COLORS)
+    for si, shape in enumerate(SHAPES):
+        for k, (r, ang) in enumerate([(7.0, 0.0), (9.0, -6.0), (11.0, 8.0), (14.0, -10.0), (16.0, 4.0)]):
+            obj = SceneObject(
+                shape, colors[(si + k) % 6], "medium", 30 + k, 33 - k, r, ang if shape != "circle" else 0.0
+            )
+            image = render([obj], ("white", "grey", "black")[k % 3])[0]
+            yield image.filter(ImageFilter.GaussianBlur(sigma)), shape
+
+
+def test_shape_classifier_reads_blurred_shapes():
+    # sharp templates alone read blurred hearts, stars and squares as circles (26 of 30 right here);
+    # the blurred templates must get nearly all of them
+    def right(blurs):
+        hits = 0
+        for image, shape in _blurred_single_shapes(1.5):
+            comps = segment(image, classify=False)
+            hits += bool(comps) and classify_shape(comps[0].mask, blurs=blurs)[0] == shape
+        return hits
+
+    with_blur, sharp_only = right(BLUR_SIGMAS), right((0.0,))
+    assert with_blur >= 28
+    assert with_blur > sharp_only
 
 
 def test_segment_recovers_rendered_scenes():

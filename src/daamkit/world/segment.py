@@ -6,7 +6,7 @@ segmented without any learned model:
 1. every pixel is classified as background (low saturation) or as the nearest palette colour;
 2. connected components of each colour are the drawn objects (tiny specks are dropped);
 3. each component's shape is classified by the best-matching rendered template (IoU over a small
-   search of scales, rotations and offsets).
+   search of scales, rotations, offsets and blurs: generated images are blurred drawings).
 
 :func:`generation_accuracy` then checks whether the objects a caption asked for were drawn, and
 returns the mask of each requested object as drawn (the ground truth for evaluating a word's map).
@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from daamkit.world.scenes import COLORS, PLURALS, SHAPES, shape_polygon
 
@@ -98,11 +98,39 @@ def connected_components(mask: np.ndarray, connectivity: int = 4) -> tuple[np.nd
 # ------------------------------------------------------------------------------------- shapes
 
 
-def _template(shape: str, cx: float, cy: float, r: float, angle: float, size: tuple[int, int], ss: int = 2):
+def _template(
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    angle: float,
+    size: tuple[int, int],
+    ss: int = 2,
+    blur: float = 0.0,
+    window: tuple[int, int, int, int] | None = None,
+):
+    """Binary template of ``shape`` on an (H, W) grid, or on its ``window`` (x0, y0, x1, y1, exclusive
+    ends). With ``blur`` (Gaussian sigma in px) the shape is blurred first and cut at ``_BLUR_LEVEL``."""
     h, w = size
-    im = Image.new("L", (w * ss, h * ss), 0)
-    ImageDraw.Draw(im).polygon(shape_polygon(shape, cx * ss, cy * ss, r * ss, angle), fill=255)
-    return np.asarray(im).reshape(h, ss, w, ss).mean((1, 3)) >= 127.5
+    x0, y0, x1, y1 = window or (0, 0, w, h)
+    im = Image.new("L", ((x1 - x0) * ss, (y1 - y0) * ss), 0)
+    poly = shape_polygon(shape, (cx - x0) * ss, (cy - y0) * ss, r * ss, angle)
+    ImageDraw.Draw(im).polygon(poly, fill=255)
+    level = 0.5
+    if blur > 0:
+        im = im.filter(ImageFilter.GaussianBlur(blur * ss))
+        level = _BLUR_LEVEL
+    return np.asarray(im).reshape(y1 - y0, ss, x1 - x0, ss).mean((1, 3)) >= level * 255
+
+
+# A generated (or VAE-decoded) image is a blurred drawing: its notches fill in and its points round
+# off, so a heart or a star matched against sharp templates looks most like a circle. Each shape is
+# therefore also matched blurred. classify_pixels calls a pixel object once 30-50% of it is object
+# colour (saturation 70, the palette's 140-240), so the drawn mask of a blurred edge ends below the
+# half level of the blur, and blurred templates are cut at 0.35 (0.5 gave 0.85 instead of 0.88 of
+# VAE round-trip objects their right shape).
+BLUR_SIGMAS: tuple[float, ...] = (0.0, 1.0, 1.75)
+_BLUR_LEVEL = 0.35
 
 
 def _unit_bbox(shape: str) -> tuple[float, float, float, float]:
@@ -119,13 +147,17 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def classify_shape(
-    mask: np.ndarray, shapes: tuple[str, ...] = SHAPES, ignore: np.ndarray | None = None
+    mask: np.ndarray,
+    shapes: tuple[str, ...] = SHAPES,
+    ignore: np.ndarray | None = None,
+    blurs: tuple[float, ...] = BLUR_SIGMAS,
 ) -> tuple[str, float, dict]:
     """Best template for a component mask: (shape, IoU, {shape: IoU}).
 
     Each shape's template is fitted to the component's bounding box (uniform scale), then refined over
-    a few scales, rotations and half-pixel offsets. ``ignore`` (bool mask, e.g. the pixels of other
-    objects that may occlude this one) is left out of the IoU.
+    a few scales, rotations, half-pixel offsets and blurs (``blurs``: Gaussian sigmas in px, 0 = the
+    sharp shape; see ``BLUR_SIGMAS``). ``ignore`` (bool mask, e.g. the pixels of other objects that
+    may occlude this one) is left out of the IoU.
     """
     mask = np.asarray(mask, bool)
     keep = ~np.asarray(ignore, bool) if ignore is not None else np.ones_like(mask)
@@ -133,6 +165,14 @@ def classify_shape(
     if len(xs) == 0:
         return shapes[0], 0.0, {s: 0.0 for s in shapes}
     x0, x1, y0, y1 = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
+    # templates are drawn on a window around the component only (the IoU is zero elsewhere): the
+    # largest scale (1.1) plus a point's overhang and the blur stay inside this margin
+    h, w = mask.shape
+    pad = int(np.ceil(0.25 * max(x1 - x0, y1 - y0) + 3 * max(blurs, default=0.0) + 2))
+    win = (max(0, int(x0) - pad), max(0, int(y0) - pad), min(w, int(x1) + 1 + pad), min(h, int(y1) + 1 + pad))
+    m_win = mask[win[1] : win[3], win[0] : win[2]]
+    k_win = keep[win[1] : win[3], win[0] : win[2]]
+    sharp = 0.0 in blurs
     scores = {}
     for s in shapes:
         ux0, uy0, ux1, uy1 = _UNIT_BBOX[s]
@@ -142,10 +182,21 @@ def classify_shape(
             r = r0 * scale
             cx = (x0 + x1) / 2 - r * (ux0 + ux1) / 2
             cy = (y0 + y1) / 2 - r * (uy0 + uy1) / 2
+            # the pose search runs on the sharp template and the blurs are tried at this scale's best
+            # pose only: 3x faster than blurring every pose, for nearly the same calls (VAE round trips
+            # of 200 held-out scenes: 0.878 vs 0.885 of objects given their right shape)
+            pose, pose_iou = ((0.0, 0.0, 0.0), -1.0)
             for ang in (-10.0, 0.0, 10.0) if s != "circle" else (0.0,):
                 for dx, dy in ((0, 0), (0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5)):
-                    t = _template(s, cx + dx, cy + dy, r, ang, mask.shape) & keep
-                    best = max(best, _iou(t, mask))
+                    iou = _iou(_template(s, cx + dx, cy + dy, r, ang, mask.shape, window=win) & k_win, m_win)
+                    if iou > pose_iou:
+                        pose, pose_iou = (ang, dx, dy), iou
+            if sharp:
+                best = max(best, pose_iou)
+            ang, dx, dy = pose
+            for blur in (b for b in blurs if b > 0):
+                t = _template(s, cx + dx, cy + dy, r, ang, mask.shape, blur=blur, window=win) & k_win
+                best = max(best, _iou(t, m_win))
         scores[s] = best
     shape = max(scores, key=scores.get)
     return shape, scores[shape], scores
