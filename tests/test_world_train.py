@@ -24,6 +24,8 @@ def test_train_tiny_end_to_end(tmp_path):
         "1",
         "--dataset-size",
         "24",
+        "--latent-channels",
+        "6",  # not the default 4: every phase must follow the option
         "--vae-channels",
         "8,8,8",
         "--vae-steps",
@@ -61,6 +63,9 @@ def test_train_tiny_end_to_end(tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert (
+        pipe.vae.config.latent_channels == pipe.unet.config.in_channels == pipe.unet.config.out_channels == 6
+    )
     tok = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
     assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407]  # real CLIP ids
     pipe.set_progress_bar_config(disable=True)
