@@ -347,9 +347,7 @@ def phase_decoder(args, out: Path, log):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = gen.integers(0, n - n_val, args.vae_batch)
-        z = torch.from_numpy(lmean[idx]).float() + torch.from_numpy(lstd[idx]).float() * torch.randn(
-            len(idx), args.latent_channels, 16, 16
-        )
+        z = _sample_latents(lmean, lstd, idx)
         x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
         rec = vae.decode(z.contiguous(memory_format=torch.channels_last)).sample
         l1 = (rec - x).abs().mean()
@@ -414,13 +412,19 @@ def phase_latents(args, out: Path, log):
             std[i : i + 256] = d.std.numpy()
     rng = np.random.default_rng(0)
     sub = rng.choice(len(imgs), min(4096, len(imgs)), replace=False)
-    z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal(
-        (len(sub), args.latent_channels, 16, 16)
-    )
+    z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal(mean[sub].shape)
     scale = float(1.0 / z.std())
     np.savez(out / "latents.npz", mean=mean, std=std)
     log(phase="latents", scaling_factor=scale, seconds=time.time() - t0)
     _mark(out, "latents", {"scaling_factor": scale, "seconds": time.time() - t0})
+
+
+def _sample_latents(lmean: np.ndarray, lstd: np.ndarray, idx):
+    """A posterior sample of the cached latents ``idx`` (float32 tensor, shaped like the cache)."""
+    import torch
+
+    mean = torch.from_numpy(lmean[idx]).float()
+    return mean + torch.from_numpy(lstd[idx]).float() * torch.randn_like(mean)
 
 
 def _build_unet_and_text(args):
@@ -518,10 +522,7 @@ def phase_unet(args, out: Path, log):
         opt.param_groups[0]["lr"] = lr
         opt.param_groups[1]["lr"] = lr * args.text_lr_mult
         idx = gen.integers(0, n, args.batch)
-        z0 = torch.from_numpy(lmean[idx]).float() + torch.from_numpy(lstd[idx]).float() * torch.randn(
-            len(idx), args.latent_channels, 16, 16
-        )
-        z0 = z0 * scale
+        z0 = _sample_latents(lmean, lstd, idx) * scale
         ids = torch.from_numpy(ids_all[idx])
         drop = torch.from_numpy(gen.random(len(idx)) < args.uncond_prob)
         ids[drop] = empty
