@@ -152,3 +152,19 @@ def test_grounding_loss_is_low_on_the_mask_and_high_off_it():
     assert right < collapsed < swapped  # the Dice term asks for coverage, not only containment
     # a dropped (unconditional) sample is not grounded
     assert grounding_loss([(heads, torch.rand(heads, res * res, tokens))], bits, mask, ~keep).item() == 0
+
+
+def test_bf16_default_follows_native_support():
+    """The default (--bf16 unset) autocasts only where bfloat16 is native: emulated bf16 on an older CPU
+    is slower than float32, and the UNet phase is budgeted in minutes."""
+    from daamkit.world.train import add_arguments, bf16_native
+
+    assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni") is True
+    assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 amx_tile amx_bf16") is True
+    assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 avx512f avx512_vnni") is False
+    assert bf16_native(cpu_flags="flags\t: fpu avx512_bf16x") is False  # whole flags only
+    import argparse
+
+    p = add_arguments(argparse.ArgumentParser())
+    assert p.parse_args([]).bf16 is None
+    assert p.parse_args(["--bf16"]).bf16 is True and p.parse_args(["--no-bf16"]).bf16 is False
