@@ -60,6 +60,7 @@ def test_train_tiny_end_to_end(tmp_path):
     done = [r for r in log if r["phase"] == "unet_done"][0]
     assert done["ground_avg"] is not None and 0 <= done["ground_avg"] <= 1  # the grounding loss ran
     assert (out / "ground.npz").exists()
+    assert json.loads((out / "args.json").read_text())["bf16"] in (True, False)  # the default is resolved
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model), local_files_only=True)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
@@ -163,6 +164,7 @@ def test_bf16_default_follows_native_support():
     assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 amx_tile amx_bf16") is True
     assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 avx512f avx512_vnni") is False
     assert bf16_native(cpu_flags="flags\t: fpu avx512_bf16x") is False  # whole flags only
+    assert bf16_native("meta", cpu_flags="flags\t: avx512_bf16") is False  # CPU flags say nothing of it
     import argparse
 
     p = add_arguments(argparse.ArgumentParser())

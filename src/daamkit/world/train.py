@@ -432,10 +432,13 @@ def bf16_native(device: str = "cpu", cpu_flags: str | None = None) -> bool:
     """Whether ``device`` computes bfloat16 natively: CUDA devices that report it, CPUs whose
     /proc/cpuinfo flags list avx512_bf16 or amx_bf16. Elsewhere bf16 autocast is emulated, which is
     slower than float32, so the training default follows this."""
-    if device.startswith("cuda"):
-        import torch
+    import torch
 
+    kind = torch.device(device).type
+    if kind == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind != "cpu":
+        return False
     if cpu_flags is None:
         try:
             cpu_flags = Path("/proc/cpuinfo").read_text()
@@ -507,8 +510,7 @@ def phase_unet(args, out: Path, log):
     n_t = sum(p.numel() for p in te.parameters())
     print(f"unet {n_u / 1e6:.2f}M params, text encoder {n_t / 1e6:.2f}M params", file=sys.stderr)
     budget = args.unet_minutes * 60
-    bf16 = bf16_native(args.device) if args.bf16 is None else args.bf16
-    print(f"bf16 autocast {'on' if bf16 else 'off'}", file=sys.stderr)
+    print(f"bf16 autocast {'on' if args.bf16 else 'off'}", file=sys.stderr)
     gen = np.random.default_rng(args.seed + 1000 + step)
     t0 = time.time() - elapsed
     last_ck = time.time()
@@ -552,7 +554,7 @@ def phase_unet(args, out: Path, log):
         store.clear()
         # bf16 autocast: about 1.25x the steps per minute on a CPU with AVX512-BF16; the weights, the
         # optimiser and the losses stay float32
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
             cond = te(ids)[0]
             pred = unet(zt, t, encoder_hidden_states=cond).sample
         err = (pred.float() - noise).pow(2)
@@ -609,7 +611,7 @@ def phase_unet(args, out: Path, log):
             "minutes": elapsed / 60,
             "mse_avg": run_loss,
             "ground_avg": run_g,
-            "bf16": bf16,
+            "bf16": args.bf16,
             "device": str(dev),
             "unet_params": n_u,
             "text_params": n_t,
@@ -993,6 +995,8 @@ def run(args) -> int:
         print(f"{out} is not empty: pass --resume to continue it, or choose another --out", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if args.bf16 is None:  # resolved before args.json is written, so the run records what it used
+        args.bf16 = bf16_native(args.device)
     cfg_path = out / "args.json"
     if cfg_path.exists():
         try:
