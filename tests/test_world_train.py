@@ -4,6 +4,7 @@ folder that StableDiffusionPipeline loads offline and that generates an image.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,65 @@ def test_bf16_default_follows_native_support():
     p = add_arguments(argparse.ArgumentParser())
     assert p.parse_args([]).bf16 is None
     assert p.parse_args(["--bf16"]).bf16 is True and p.parse_args(["--no-bf16"]).bf16 is False
+
+
+_TINY = (
+    "--dataset-size 24 --vae-channels 8,8,8 --vae-steps 2 --vae-batch 4 --unet-channels 16,16,16 --heads 2 "
+    "--text-width 16 --batch 4 --decoder-steps 3 --sample-steps 0"
+).split()
+
+
+@pytest.mark.slow
+def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path):
+    """With 2 threads a plain run fine-tunes the decoder in a second process while the UNet trains (that
+    is how a complete run fits about 2 hours on 2 cores); the decoder's own output goes to decoder.log."""
+    from daamkit.cli import main
+
+    out = tmp_path / "run"
+    # through the CLI, whose parsed namespace also carries its dispatch function (not picklable);
+    # enough UNet steps that the decoder process (a fresh interpreter) finishes while the UNet trains
+    assert main(["world", "train", "--out", str(out), "--threads", "2", "--unet-steps", "150", *_TINY]) == 0
+    assert json.loads((out / "decoder.done").read_text())["steps"] == 3
+    assert "decoder: 3 steps" in (out / "decoder.log").read_text()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in log]
+    assert "decoder_done" in phases and "unet_done" in phases
+    # the decoder finished first and the UNet took its thread back
+    assert phases.index("decoder_done") < phases.index("unet_done")
+    assert any(r["phase"] == "unet_threads" and r["threads"] == 2 for r in log)
+    assert (out / "model" / "vae" / "config.json").exists()
+
+
+def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):
+    """An exception in the UNet phase must not leave the decoder process running."""
+    from daamkit.world import train
+
+    seen = {}
+
+    def failing_unet(args, out, log, alongside=None):
+        seen["alongside"] = alongside
+        assert alongside is not None and alongside.running()
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train, "phase_unet", failing_unet)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.main(["--out", str(tmp_path / "run"), "--threads", "2", "--unet-steps", "3", *_TINY])
+    assert not seen["alongside"].running()
+    assert not (tmp_path / "run" / "decoder.done").exists()
+
+
+def test_decoder_alongside_default():
+    """On by default with a spare core (or a UNet on another device), off with one thread, never when
+    the decoder phase is skipped or already done."""
+    import argparse
+
+    from daamkit.world.train import _decoder_alongside, add_arguments
+
+    p = add_arguments(argparse.ArgumentParser())
+    assert p.parse_args([]).decoder_alongside is None
+    assert _decoder_alongside(p.parse_args(["--threads", "2"]), Path("/nonexistent"))
+    assert not _decoder_alongside(p.parse_args(["--threads", "1"]), Path("/nonexistent"))
+    assert _decoder_alongside(p.parse_args(["--threads", "1", "--device", "cuda"]), Path("/nonexistent"))
+    assert _decoder_alongside(p.parse_args(["--threads", "1", "--decoder-alongside"]), Path("/nonexistent"))
+    assert not _decoder_alongside(p.parse_args(["--no-decoder-alongside"]), Path("/nonexistent"))
+    assert not _decoder_alongside(p.parse_args(["--threads", "2", "--decoder-minutes", "0"]), Path("/nonexistent"))

@@ -243,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         wsub = w.add_subparsers(dest="world_command", required=True)
         t = wsub.add_parser("train", help="train the shapes-world model from scratch")
         world_train.add_arguments(t)
-        t.set_defaults(func=lambda a: world_train.main_from_args(a) if hasattr(world_train, "main_from_args")
-                       else world_train.main(sys.argv[3:]))
+        t.set_defaults(func=world_train.main_from_args)
     return parser
 
 

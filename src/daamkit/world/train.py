@@ -10,7 +10,8 @@ Phases (each resumable; a finished phase is skipped on ``--resume``):
                only) jointly on the cached latents (epsilon prediction, min-SNR weighting, 10% caption
                dropout for classifier-free guidance, a cross-attention grounding loss, an EMA of the
                weights);
-5. ``decoder`` fine-tune the VAE decoder alone on the cached latents (may run alongside ``unet``);
+5. ``decoder`` fine-tune the VAE decoder alone on the cached latents; by default (2+ threads) in a
+               second process alongside ``unet``, which lends it one thread until it ends;
 6. ``export``  write a standard diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors) and
                generate a sample grid through ``StableDiffusionPipeline.from_pretrained``.
 
@@ -456,7 +457,60 @@ def _build_unet_and_text(args):
     return unet, te
 
 
-def phase_unet(args, out: Path, log):
+def _own_args(args) -> dict:
+    """This script's options only: `daamkit world train` parses into a namespace that also holds the
+    CLI's dispatch function, which cannot be pickled for the decoder process."""
+    known = vars(add_arguments(argparse.ArgumentParser()).parse_args([]))
+    return {k: v for k, v in vars(args).items() if k in known}
+
+
+def _decoder_process(ns: dict, out: str) -> None:
+    """Entry point of the second process that runs the ``decoder`` phase beside the UNet phase."""
+    import torch
+
+    torch.set_num_threads(1)
+    out_p = Path(out)
+    with open(out_p / "decoder.log", "a") as err:
+        sys.stderr = err  # two tqdm bars on one terminal garble each other
+        phase_decoder(argparse.Namespace(**ns), out_p, Logger(out_p))
+
+
+class _DecoderAlongside:
+    """The ``decoder`` phase in a second process while the UNet phase trains.
+
+    The decoder fine-tune only needs the cached latents and never touches the UNet, so the two can
+    share the machine: on 2 cores the UNet gives one thread to the decoder while it runs and takes it
+    back when it ends. Sequentially the decoder's 30 minutes would push a run past about 2 hours."""
+
+    def __init__(self, args, out: Path):
+        import multiprocessing as mp
+
+        # spawn, not fork: a forked child would inherit torch's thread pools and OpenMP state
+        self.proc = mp.get_context("spawn").Process(
+            target=_decoder_process, args=(_own_args(args), str(out)), name="daamkit-decoder"
+        )
+        self.proc.start()
+        self.out = out
+        self.released = False
+
+    def running(self) -> bool:
+        return self.proc.is_alive()
+
+    def wait(self) -> None:
+        self.proc.join()
+        if self.proc.exitcode != 0:
+            raise RuntimeError(
+                f"the decoder phase running alongside the UNet failed (exit code {self.proc.exitcode}); "
+                f"see {self.out / 'decoder.log'}. `--resume` continues it"
+            )
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
+def phase_unet(args, out: Path, log, alongside: _DecoderAlongside | None = None):
     import copy
 
     import torch
@@ -537,7 +591,13 @@ def phase_unet(args, out: Path, log):
     unet.train()
     te.train()
     run_loss = run_g = None
+    if alongside is not None and dev.type == "cpu":
+        torch.set_num_threads(max(1, args.threads - 1))
     while step < args.unet_steps and time.time() - t0 < budget:
+        if alongside is not None and not alongside.released and not alongside.running():
+            torch.set_num_threads(args.threads)  # the decoder is done: take its core back
+            alongside.released = True
+            log(phase="unet_threads", step=step, threads=args.threads)
         frac = max(step / args.unet_steps, (time.time() - t0) / budget)
         lr = _lr_at(frac, args.lr, 0.04, args.final_lr_ratio)
         opt.param_groups[0]["lr"] = lr
@@ -886,8 +946,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--decoder-minutes",
         type=float,
         default=30.0,
-        help="fine-tune the decoder alone on the cached latents (0: skip); may run alongside "
-        "the UNet phase: `--resume --only decoder`",
+        help="fine-tune the decoder alone on the cached latents (0: skip); see --decoder-alongside",
+    )
+    p.add_argument(
+        "--decoder-alongside",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the decoder phase in a second process while the UNet phase trains (the UNet lends it "
+        "one of its --threads until it ends). Default: on with --threads 2 or more, or a non-CPU "
+        "--device; that is how a complete run fits about 2 hours on 2 cores",
     )
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--decoder-steps", type=int, default=1000000)
@@ -1016,17 +1083,41 @@ def run(args) -> int:
         "export": phase_export,
     }
     t0 = time.time()
-    for ph in PHASES:
-        if args.only and ph != args.only:
-            continue
-        if _done(out, ph) and not args.only:
-            continue
-        print(f"== phase {ph}", file=sys.stderr)
-        t1 = time.time()
-        funcs[ph](args, out, log)
-        print(f"== phase {ph} took {(time.time() - t1) / 60:.1f} min", file=sys.stderr)
+    alongside = None
+    try:
+        for ph in PHASES:
+            if args.only and ph != args.only:
+                continue
+            if alongside is not None and ph == "decoder":
+                alongside.wait()  # it ran beside the UNet and wrote decoder.done
+                continue
+            if _done(out, ph) and not args.only:
+                continue
+            print(f"== phase {ph}", file=sys.stderr)
+            t1 = time.time()
+            if ph == "unet" and not args.only and _decoder_alongside(args, out):
+                print(f"== phase decoder runs alongside (log: {out / 'decoder.log'})", file=sys.stderr)
+                alongside = _DecoderAlongside(args, out)
+                phase_unet(args, out, log, alongside)
+                torch.set_num_threads(args.threads)
+            else:
+                funcs[ph](args, out, log)
+            print(f"== phase {ph} took {(time.time() - t1) / 60:.1f} min", file=sys.stderr)
+    except BaseException:
+        if alongside is not None:
+            alongside.stop()
+        raise
     log(phase="all_done", seconds=time.time() - t0)
     return 0
+
+
+def _decoder_alongside(args, out: Path) -> bool:
+    """Whether the decoder phase should run in a second process beside the UNet phase."""
+    if args.decoder_alongside is not None:
+        want = args.decoder_alongside
+    else:  # by default when there is a core to spare for it, or the UNet trains on another device
+        want = args.threads >= 2 or args.device != "cpu"
+    return want and args.decoder_minutes > 0 and not _done(out, "decoder")
 
 
 main_from_args = run  # for `daamkit world train` (the CLI parses with add_arguments)
