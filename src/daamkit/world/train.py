@@ -460,7 +460,7 @@ def _build_unet_and_text(args):
 def _own_args(args) -> dict:
     """This script's options only: `daamkit world train` parses into a namespace that also holds the
     CLI's dispatch function, which cannot be pickled for the decoder process."""
-    known = vars(add_arguments(argparse.ArgumentParser()).parse_args([]))
+    known = _default_args()
     return {k: v for k, v in vars(args).items() if k in known}
 
 
@@ -491,7 +491,6 @@ class _DecoderAlongside:
         )
         self.proc.start()
         self.out = out
-        self.released = False
 
     def running(self) -> bool:
         return self.proc.is_alive()
@@ -594,10 +593,10 @@ def phase_unet(args, out: Path, log, alongside: _DecoderAlongside | None = None)
     if alongside is not None and dev.type == "cpu":
         torch.set_num_threads(max(1, args.threads - 1))
     while step < args.unet_steps and time.time() - t0 < budget:
-        if alongside is not None and not alongside.released and not alongside.running():
+        if alongside is not None and not alongside.running():
             torch.set_num_threads(args.threads)  # the decoder is done: take its core back
-            alongside.released = True
             log(phase="unet_threads", step=step, threads=args.threads)
+            alongside = None  # run() still holds it, to join it and check its exit code
         frac = max(step / args.unet_steps, (time.time() - t0) / budget)
         lr = _lr_at(frac, args.lr, 0.04, args.final_lr_ratio)
         opt.param_groups[0]["lr"] = lr
@@ -1009,6 +1008,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _default_args() -> dict:
+    """Every option of this script with its default value."""
+    return vars(add_arguments(argparse.ArgumentParser()).parse_args([]))
+
+
 ARCHITECTURE = (
     "latent_channels",
     "vae_channels",
@@ -1028,7 +1032,7 @@ def _adopt_architecture(args, recorded: dict) -> None:
     the architecture they were trained with, and a later ``--only export`` must not need the original
     flags repeated. A flag given on the command line that contradicts the record is an error, not a
     silent override."""
-    defaults = vars(add_arguments(argparse.ArgumentParser()).parse_args([]))
+    defaults = _default_args()
     for key in ARCHITECTURE:
         if key not in recorded or recorded[key] == getattr(args, key):
             continue
