@@ -103,8 +103,8 @@ def test_word_sensitivity_sees_that_the_model_relies_on_colour_and_shape_words()
 def test_shipped_model_draws_the_requested_shape_of_a_single_object():
     """Generation, not maps: for one-object held-out captions (held-out pairs and templates included)
     the segmenter must find the requested shape in most images. Chance is 1/6; the autoencoder's own
-    round trip keeps ~90% of shapes, and the shipped model measured 26 of 27 on the eval's one-object
-    captions (run 5: 27 of 27, run 3: 0.89)."""
+    round trip keeps ~96% of shapes, and the shipped model (run 7) measured 25 of 27 on the eval's
+    one-object captions (run 6: 26 of 27, run 5: 27 of 27, run 3: 0.89)."""
     _model_or_skip()
     from daamkit.world import load_pipeline
     from daamkit.world.quality import evaluate_generation
@@ -147,8 +147,9 @@ def test_word_similarity_is_one_for_one_word_and_separates_colours():
 
 def test_autoencoder_ceiling_scores_round_trips_and_exact_renders():
     """The ceiling check must pass the exact renders almost always (the judge's own error is small) and
-    find the shipped VAE's round trips good but below them (it measured 0.90 vs 0.99 shapes per object
-    on 200 held-out scenes); a broken encode/decode would score near zero."""
+    find the shipped VAE's round trips about as good (it measured 0.963 vs 0.988 shapes per object on 200
+    held-out scenes; on a handful of scenes the judge's own misses can put the round trip ahead); a
+    broken encode/decode would score near zero."""
     _model_or_skip()
     from daamkit.world import load_pipeline
     from daamkit.world.quality import autoencoder_ceiling, heldout_captions
@@ -159,5 +160,5 @@ def test_autoencoder_ceiling_scores_round_trips_and_exact_renders():
     assert vae_rt["all"]["n"] == exact["all"]["n"] == 16
     assert exact["all"]["shapes_correct"] >= 0.9 and exact["all"]["all_objects_drawn"] >= 0.9
     assert vae_rt["all"]["all_objects_drawn"] >= 0.8
-    assert 0.6 <= vae_rt["all"]["shapes_correct"] <= exact["all"]["shapes_correct"]
+    assert 0.6 <= vae_rt["all"]["shapes_correct"] <= exact["all"]["shapes_correct"] + 0.1
     assert 0 <= vae_rt["all"]["all_shapes_right"] <= 1

@@ -198,6 +198,11 @@ def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path):
     assert phases.index("decoder_done") < phases.index("unet_done")
     assert any(r["phase"] == "unet_threads" and r["threads"] == 2 for r in log)
     assert (out / "model" / "vae" / "config.json").exists()
+    # what the run records is this script's options, not the CLI's dispatch function
+    recorded = json.loads((out / "args.json").read_text())
+    assert "func" not in recorded and recorded["threads"] == 2
+    card = json.loads((out / "model" / "daamkit_world.json").read_text())
+    assert card["config"] == recorded
 
 
 def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):

@@ -786,10 +786,13 @@ def grounding_loss(store: list, bits, masks, keep):
 
 
 def _recorded_args(args, out: Path) -> dict:
+    # Filtered on read too: runs started before args.json held only these options recorded the CLI's
+    # dispatch function as a string.
     path = out / "args.json"
+    known = _default_args()
     if path.exists():
-        return json.loads(path.read_text())
-    return {k: v for k, v in vars(args).items() if k not in ("func",)}
+        return {k: v for k, v in json.loads(path.read_text()).items() if k in known}
+    return _own_args(args)
 
 
 def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
@@ -1076,7 +1079,7 @@ def run(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        cfg_path.write_text(json.dumps(vars(args), indent=1, default=str))
+        cfg_path.write_text(json.dumps(_own_args(args), indent=1, default=str))
     log = Logger(out)
     funcs = {
         "data": phase_data,
