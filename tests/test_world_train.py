@@ -238,3 +238,36 @@ def test_decoder_alongside_default():
     assert _decoder_alongside(p.parse_args(["--threads", "1", "--decoder-alongside"]), Path("/nonexistent"))
     assert not _decoder_alongside(p.parse_args(["--no-decoder-alongside"]), Path("/nonexistent"))
     assert not _decoder_alongside(p.parse_args(["--threads", "2", "--decoder-minutes", "0"]), Path("/nonexistent"))
+
+
+def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path):
+    """``--object-count-weights`` draws scenes of 1, 2 and 3 objects in proportion to their weights
+    (object counts are read from the grounding targets' per-object masks); the default draws uniformly
+    from the same random stream as before the option existed; bad weights are refused up front."""
+    import argparse
+
+    import numpy as np
+
+    from daamkit.world.train import _scene_sampler, add_arguments, main
+
+    n = 300
+    masks = np.zeros((n, 3, 16, 16), np.uint8)
+    count = np.repeat([1, 2, 3], n // 3)
+    for i, c in enumerate(count):
+        masks[i, :c, 4:8, 4:8] = 255
+    np.savez(tmp_path / "ground.npz", masks=masks, bits=np.zeros((n, 77), np.uint8))
+    p = add_arguments(argparse.ArgumentParser())
+
+    pick = _scene_sampler(p.parse_args(["--object-count-weights", "1,2,3"]), tmp_path, n)
+    share = np.bincount(count[pick(np.random.default_rng(0), 60_000)], minlength=4)[1:] / 60_000
+    assert np.allclose(share, [1 / 6, 2 / 6, 3 / 6], atol=0.01), share
+    only_three = _scene_sampler(p.parse_args(["--object-count-weights", "0,0,1"]), tmp_path, n)
+    assert set(count[only_three(np.random.default_rng(1), 500)]) == {3}
+
+    uniform = _scene_sampler(p.parse_args([]), tmp_path / "missing", n)  # needs no grounding targets
+    assert (uniform(np.random.default_rng(7), 32) == np.random.default_rng(7).integers(0, n, 32)).all()
+
+    out = tmp_path / "run"
+    for bad in ("1,2", "1,-1,1", "0,0,0", "a,b,c"):
+        assert main(["--out", str(out), "--object-count-weights", bad]) == 2
+    assert not out.exists()

@@ -565,6 +565,7 @@ def phase_unet(args, out: Path, log, alongside: _DecoderAlongside | None = None)
     budget = args.unet_minutes * 60
     print(f"bf16 autocast {'on' if args.bf16 else 'off'}", file=sys.stderr)
     gen = np.random.default_rng(args.seed + 1000 + step)
+    pick = _scene_sampler(args, out, n)
     t0 = time.time() - elapsed
     last_ck = time.time()
     # one foreach call per step instead of a lerp per tensor (the per-op overhead dominates on a GPU)
@@ -601,7 +602,7 @@ def phase_unet(args, out: Path, log, alongside: _DecoderAlongside | None = None)
         lr = _lr_at(frac, args.lr, 0.04, args.final_lr_ratio)
         opt.param_groups[0]["lr"] = lr
         opt.param_groups[1]["lr"] = lr * args.text_lr_mult
-        idx = gen.integers(0, n, args.batch)
+        idx = pick(gen, args.batch)
         z0 = _sample_latents(lmean, lstd, idx).to(dev) * scale
         ids = torch.from_numpy(ids_all[idx])
         drop = torch.from_numpy(gen.random(len(idx)) < args.uncond_prob)
@@ -720,6 +721,34 @@ def _token_object_bits(scene, tok, ids: np.ndarray) -> np.ndarray | None:
         if cw.role in GROUNDED_ROLES and cw.objects:
             bits[list(w.positions)] = sum(1 << o for o in cw.objects)
     return bits
+
+
+def _object_count_weights(args) -> tuple[float, float, float] | None:
+    """``--object-count-weights`` as (w1, w2, w3), or None for uniform sampling of scenes."""
+    try:
+        w = tuple(float(x) for x in str(args.object_count_weights).split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 3 or min(w) < 0 or max(w) <= 0:
+        raise ValueError(
+            f"--object-count-weights {args.object_count_weights!r}: give three non-negative weights for "
+            "scenes of 1, 2 and 3 objects, not all zero, e.g. 1,2,3"
+        )
+    return None if w[0] == w[1] == w[2] else w
+
+
+def _scene_sampler(args, out: Path, n: int):
+    """Draws the training scenes of a batch: uniformly, or weighted by how many objects each scene
+    has (the multi-object scenes are where shapes go wrong). Uniform keeps the original random
+    stream, so runs without the option are unchanged."""
+    w = _object_count_weights(args)
+    if w is None:
+        return lambda gen, k: gen.integers(0, n, k)
+    masks = np.load(_ground_targets(args, out))["masks"]  # (n, 3, 16, 16): one slot per object
+    count = (masks.reshape(len(masks), masks.shape[1], -1).max(axis=2) > 0).sum(axis=1).clip(1, 3)
+    p = np.asarray(w)[count - 1]
+    p = p / p.sum()
+    return lambda gen, k: gen.choice(n, size=k, p=p)
 
 
 def _ground_targets(args, out: Path) -> Path:
@@ -1008,6 +1037,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=0.2,
         help="weight of the cross-attention grounding loss (0: plain denoising loss)",
     )
+    p.add_argument(
+        "--object-count-weights",
+        default="1,1,1",
+        help="relative sampling weights of training scenes with 1, 2 and 3 objects (UNet phase)",
+    )
     return p
 
 
@@ -1064,6 +1098,11 @@ def run(args) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    try:
+        _object_count_weights(args)
+    except ValueError as e:  # before anything is written or trained
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         print(f"{out} is not empty: pass --resume to continue it, or choose another --out", file=sys.stderr)
