@@ -468,3 +468,24 @@ def test_pair_prompts_are_recognised_in_plain_records():
     assert ent._parse_pair_prompt("a big giraffe and a zebra", ent.load_ontology()).colors == ("big", None)
     assert ent._parse_pair_prompt("two red circles", ent.SHAPE_FAMILIES) is None
     assert ent._parse_pair_prompt("a red circle above a blue star", ent.SHAPE_FAMILIES) is None
+
+
+def test_entangle_cli_uses_the_world_for_world_model_folders(tmp_path):
+    """A folder exported by `daamkit world train` gets the world's pairs and judge without --world;
+    another model folder gets them only with --world."""
+    import argparse
+
+    from daamkit.analysis.entanglement import _world_mode, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    plain = tmp_path / "sd"
+    plain.mkdir()
+    (plain / "model_index.json").write_text("{}")
+    world = tmp_path / "shapes"
+    world.mkdir()
+    (world / "daamkit_world.json").write_text("{}")
+    assert _world_mode(p.parse_args([]))
+    assert _world_mode(p.parse_args(["--model", str(world)]))
+    assert not _world_mode(p.parse_args(["--model", str(plain)]))
+    assert _world_mode(p.parse_args(["--model", str(plain), "--world"]))

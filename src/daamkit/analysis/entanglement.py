@@ -555,7 +555,8 @@ def run_entanglement(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local model folder (default: the embedded shapes-world model)")
     p.add_argument("--world", action="store_true",
-                   help="shapes-world prompts with --model (the default when --model is not given)")
+                   help="shapes-world prompts with --model (the default when --model is not given or is a "
+                        "folder exported by `daamkit world train`)")
     p.add_argument("--ontology", help="JSON {hypernym: [nouns]} for real models (default: the shipped one)")
     p.add_argument("--pairs", nargs="+", metavar="X,Y", help="noun pairs to test instead of sampled ones")
     p.add_argument("--runs", help="score saved records (written with --save-records) instead of generating")
@@ -572,8 +573,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _world_mode(args: argparse.Namespace) -> bool:
+    """Shapes-world pairs and judge: asked for, the embedded model, or a model folder that
+    `daamkit world train` exported (it carries ``daamkit_world.json``)."""
+    if args.world or not args.model:
+        return True
+    return Path(args.model, "daamkit_world.json").is_file()
+
+
 def main(args: argparse.Namespace) -> int:
-    world = args.world or not args.model
+    world = _world_mode(args)
     onto = load_ontology(args.ontology) if args.ontology else None
     if args.runs:
         from daamkit.analysis import open_runs
