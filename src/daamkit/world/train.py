@@ -815,13 +815,12 @@ def grounding_loss(store: list, bits, masks, keep):
 
 
 def _recorded_args(args, out: Path) -> dict:
-    # Filtered on read too: runs started before args.json held only these options recorded the CLI's
-    # dispatch function as a string.
+    # The record is filtered too: runs started before args.json held only these options recorded the
+    # CLI's dispatch function as a string.
     path = out / "args.json"
+    recorded = json.loads(path.read_text()) if path.exists() else vars(args)
     known = _default_args()
-    if path.exists():
-        return {k: v for k, v in json.loads(path.read_text()).items() if k in known}
-    return _own_args(args)
+    return {k: v for k, v in recorded.items() if k in known}
 
 
 def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
