@@ -242,8 +242,9 @@ def test_decoder_alongside_default():
 
 def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path):
     """``--object-count-weights`` draws scenes of 1, 2 and 3 objects in proportion to their weights
-    (object counts are read from the grounding targets' per-object masks); the default draws uniformly
-    from the same random stream as before the option existed; bad weights are refused up front."""
+    (object counts are read from the grounding targets' per-object masks); the default is 1,2,3;
+    1,1,1 draws uniformly from the same random stream as before the option existed; bad weights are
+    refused up front."""
     import argparse
 
     import numpy as np
@@ -264,7 +265,10 @@ def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path)
     only_three = _scene_sampler(p.parse_args(["--object-count-weights", "0,0,1"]), tmp_path, n)
     assert set(count[only_three(np.random.default_rng(1), 500)]) == {3}
 
-    uniform = _scene_sampler(p.parse_args([]), tmp_path / "missing", n)  # needs no grounding targets
+    default = _scene_sampler(p.parse_args([]), tmp_path, n)
+    assert (default(np.random.default_rng(3), 64) == pick(np.random.default_rng(3), 64)).all()
+
+    uniform = _scene_sampler(p.parse_args(["--object-count-weights", "1,1,1"]), tmp_path / "missing", n)
     assert (uniform(np.random.default_rng(7), 32) == np.random.default_rng(7).integers(0, n, 32)).all()
 
     out = tmp_path / "run"
