@@ -275,3 +275,33 @@ def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path)
     for bad in ("1,2", "1,-1,1", "0,0,0", "a,b,c"):
         assert main(["--out", str(out), "--object-count-weights", bad]) == 2
     assert not out.exists()
+
+
+def test_object_loss_weights_can_favour_small_objects():
+    """``--small-object-power`` 0 weighs every object cell alike (the shipped recipe: 1 + w on the
+    objects' union); power 1 gives a small object the total extra weight of a medium one (16 cells),
+    capped at 4x for specks, and leaves large objects as they were; overlapping objects take the
+    larger weight, empty slots add nothing."""
+    import torch
+
+    from daamkit.world.train import object_loss_weights
+
+    masks = torch.zeros(2, 3, 16, 16)
+    masks[0, 0, 0:2, 0:2] = 1  # small: 4 cells
+    masks[0, 1, 8:16, 8:16] = 1  # large: 64 cells
+    masks[1, 0, 5, 5] = 0.25  # a speck: 0.25 cells
+
+    flat = object_loss_weights(masks, 2.0, 0.0)
+    assert flat.shape == (2, 1, 16, 16)
+    assert flat[0, 0, 0, 0] == flat[0, 0, 10, 10] == 3.0 and flat[0, 0, 4, 4] == 1.0
+    assert torch.isclose(flat[1, 0, 5, 5], torch.tensor(1.5))
+
+    even = object_loss_weights(masks, 2.0, 1.0)
+    extra = even - 1
+    assert torch.isclose(extra[0, 0, 0:2, 0:2].sum(), torch.tensor(2.0 * 16))  # as much as a medium one
+    assert torch.equal(even[0, 0, 8:16, 8:16], flat[0, 0, 8:16, 8:16])  # large: unchanged
+    assert extra[0, 0, 4, 4] == 0
+    assert torch.isclose(extra[1, 0, 5, 5], torch.tensor(2.0 * 0.25 * 4.0))  # capped at 4x
+
+    masks[0, 1, 0:2, 0:2] = 1  # the large object now also covers the small one's cells
+    assert torch.isclose(object_loss_weights(masks, 2.0, 1.0)[0, 0, 0, 0], torch.tensor(1 + 2.0 * 4.0))
