@@ -89,6 +89,19 @@ def test_train_tiny_end_to_end(tmp_path):
     assert main(again + ["--unet-channels", "32,32,32"]) == 2
     assert (model / "unet" / "config.json").read_text() == before
 
+    # a recipe option given again on --resume is kept in args.json with its history, and reaches the
+    # export's record, while a hard link of the old args.json (runs share their files) stays as it was
+    linked = tmp_path / "linked_args.json"
+    linked.hardlink_to(out / "args.json")
+    old_record = linked.read_text()
+    assert main(again + ["--text-lr-mult", "2"]) == 0
+    assert linked.read_text() == old_record
+    record = json.loads((out / "args.json").read_text())
+    assert record["text_lr_mult"] == 2.0
+    assert record["changed_on_resume"][-1]["options"] == {"text_lr_mult": [1.0, 2.0]}
+    info = json.loads((model / "daamkit_world.json").read_text())
+    assert info["config"]["text_lr_mult"] == 2.0 and info["changed_on_resume"] == record["changed_on_resume"]
+
 
 def test_token_object_bits_follow_the_caption_words():
     """Each token of a noun, colour or size word carries the bits of the objects that word names; other
@@ -305,3 +318,37 @@ def test_object_loss_weights_can_favour_small_objects():
 
     masks[0, 1, 0:2, 0:2] = 1  # the large object now also covers the small one's cells
     assert torch.isclose(object_loss_weights(masks, 2.0, 1.0)[0, 0, 0, 0], torch.tensor(1 + 2.0 * 4.0))
+
+
+def test_resume_keeps_the_recorded_options_unless_given_again():
+    import argparse
+
+    from daamkit.cli import build_parser
+    from daamkit.world.train import _adopt_record, _own_args, add_arguments
+
+    def parse(*argv):
+        return add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+    recorded = _own_args(parse("--lr", "5e-4", "--unet-minutes", "200", "--threads", "1"))
+    del recorded["object_count_weights"]  # a run started before the option existed
+    args = parse("--resume", "--threads", "2")
+    assert _adopt_record(args, recorded) == {}
+    assert args.lr == 5e-4 and args.unet_minutes == 200  # the record's, not today's defaults
+    assert args.object_count_weights == "1,1,1"  # what such runs did, not today's default (1,2,3)
+    assert args.threads == 2  # this call's own
+
+    # given again, the command line wins, also where it spells out today's default
+    args = parse("--resume", "--object-count-weights", "1,2,3", "--lr", "5e-4", "--text-lr-mult", "3")
+    assert _adopt_record(args, recorded) == {"object_count_weights": ["1,1,1", "1,2,3"], "text_lr_mult": [1.0, 3.0]}
+    assert (args.object_count_weights, args.lr, args.text_lr_mult) == ("1,2,3", 5e-4, 3.0)
+    assert args.unet_minutes == 200
+
+    # the architecture cannot change, and nothing is adopted when it is asked to
+    args = parse("--resume", "--heads", "2")
+    with pytest.raises(ValueError, match="--heads 2 contradicts this run's args.json"):
+        _adopt_record(args, recorded)
+    assert args.lr == 1e-3
+
+    # `daamkit world train` notes the options given the same way
+    cli = build_parser().parse_args(["world", "train", "--lr", "3e-4", "--no-bf16", "--resume"])
+    assert cli.given_options == ["bf16", "lr"]

@@ -900,6 +900,9 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
         # the arguments the run was trained with, not those of this (possibly later) export call
         "config": _recorded_args(args, out),
     }
+    record = out / "args.json"
+    if record.exists() and "changed_on_resume" in (history := json.loads(record.read_text())):
+        info["changed_on_resume"] = history["changed_on_resume"]
     (tmp / "daamkit_world.json").write_text(json.dumps(info, indent=1, default=str))
     if dest.exists():
         shutil.rmtree(dest)
@@ -968,10 +971,41 @@ def phase_export(args, out: Path, log):
 # ------------------------------------------------------------------------------------------- CLI
 
 
+# Where the parser notes which options were given on the command line (see _NotedStore).
+GIVEN = "given_options"
+
+
+class _NotedStore(argparse.Action):
+    """argparse's plain store, which also notes the option under ``args.given_options``: on --resume
+    an option given again replaces the recorded one, while one left out keeps it, even where the
+    recorded value is not today's default (a default can change between a run's start and its
+    resume, as --object-count-weights did)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, sorted({*getattr(namespace, GIVEN, ()), self.dest}))
+
+
+class _NotedBool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        setattr(namespace, GIVEN, sorted({*getattr(namespace, GIVEN, ()), self.dest}))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.register("action", None, _NotedStore)
+    p.register("action", "store", _NotedStore)
     p.add_argument("--out", default="runs/world_train", help="working folder (checkpoints, logs, samples)")
     p.add_argument("--export-to", default=None, help="pipeline folder to write (default OUT/model)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints in --out with the options recorded in its args.json; an "
+        "option given again replaces the recorded one from then on (noted in args.json under "
+        "changed_on_resume), except the architecture's, which cannot change. --out, --export-to, "
+        "--only, --threads, --device, --ckpt-minutes, --sample-steps and --decoder-alongside are this "
+        "call's own",
+    )
     p.add_argument("--only", choices=PHASES, default=None, help="run a single phase (with --resume)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)), help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -1010,7 +1044,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--decoder-alongside",
-        action=argparse.BooleanOptionalAction,
+        action=_NotedBool,
         default=None,
         help="run the decoder phase in a second process while the UNet phase trains (the UNet lends it "
         "one of its --threads until it ends). Default: on with --threads 2 or more, or a non-CPU "
@@ -1062,7 +1096,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument(
         "--bf16",
-        action=argparse.BooleanOptionalAction,
+        action=_NotedBool,
         default=None,
         help="bfloat16 autocast for the UNet phase's forward pass (weights and optimiser stay float32); "
         "about 1.25x the steps per minute on a CPU with AVX512-BF16 or AMX. Default: on where the "
@@ -1102,22 +1136,58 @@ ARCHITECTURE = (
 )
 
 
-def _adopt_architecture(args, recorded: dict) -> None:
-    """On ``--resume`` the model shapes come from the run's ``args.json``: checkpoints only load into
-    the architecture they were trained with, and a later ``--only export`` must not need the original
-    flags repeated. A flag given on the command line that contradicts the record is an error, not a
-    silent override."""
-    defaults = _default_args()
-    for key in ARCHITECTURE:
-        if key not in recorded or recorded[key] == getattr(args, key):
+# Options about this call and this machine, not about the model being trained: --resume always takes
+# them from the command line (or their defaults), never from the record.
+SESSION_OPTIONS = (
+    "out",
+    "export_to",
+    "resume",
+    "only",
+    "threads",
+    "device",
+    "ckpt_minutes",
+    "sample_steps",
+    "decoder_alongside",
+)
+
+# What a run whose args.json predates an option did, where that is not the option's default today.
+LEGACY_VALUES = {"object_count_weights": "1,1,1", "bf16": False}
+
+
+def _adopt_record(args, recorded: dict) -> dict:
+    """On ``--resume`` a run goes on with the options it recorded in ``args.json``: each recipe option
+    not given on the command line is set from the record. One given again and different from the
+    record is a change, returned as ``{option: [recorded, now]}``, except for the architecture's:
+    checkpoints only load into the shapes they were trained with, so that is an error, raised before
+    anything changes."""
+    given = set(getattr(args, GIVEN, ()))
+    adopt, changes = {}, {}
+    for key, default in _default_args().items():
+        if key in SESSION_OPTIONS:
             continue
-        if getattr(args, key) != defaults[key]:
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(
-                f"{flag} {getattr(args, key)} contradicts this run's args.json ({flag} {recorded[key]}); "
-                "the architecture of a run cannot change on --resume: start a new --out instead"
-            )
-        setattr(args, key, recorded[key])
+        before = recorded.get(key, LEGACY_VALUES.get(key, default))
+        now = getattr(args, key)
+        if key not in given:
+            adopt[key] = before
+        elif now != before:
+            if key in ARCHITECTURE:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"{flag} {now} contradicts this run's args.json ({flag} {before}); "
+                    "the architecture of a run cannot change on --resume: start a new --out instead"
+                )
+            changes[key] = [before, now]
+    for key, value in adopt.items():
+        setattr(args, key, value)
+    return changes
+
+
+def _write_record(path: Path, record: dict) -> None:
+    # A new file, not a rewrite: runs share their first phases' files as hard links (the model card's
+    # runs do), and a rewrite in place would change every linked run's record.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1146,17 +1216,28 @@ def run(args) -> int:
         print(f"{out} is not empty: pass --resume to continue it, or choose another --out", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    if args.bf16 is None:  # resolved before args.json is written, so the run records what it used
-        args.bf16 = bf16_native(args.device)
     cfg_path = out / "args.json"
-    if cfg_path.exists():
+    recorded = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    changes = {}
+    if recorded is not None:
         try:
-            _adopt_architecture(args, json.loads(cfg_path.read_text()))
+            changes = _adopt_record(args, recorded)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    else:
-        cfg_path.write_text(json.dumps(_own_args(args), indent=1, default=str))
+    if args.bf16 is None:  # resolved before args.json is written, so the run records what it used
+        args.bf16 = bf16_native(args.device)
+    if recorded is None:
+        _write_record(cfg_path, _own_args(args))
+    elif changes:
+        for key, (before, now) in changes.items():
+            print(f"--resume: --{key.replace('_', '-')} {before} -> {now}", file=sys.stderr)
+        record = {**recorded, **{k: now for k, (_, now) in changes.items()}}
+        record["changed_on_resume"] = [
+            *recorded.get("changed_on_resume", []),
+            {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "only": args.only, "options": changes},
+        ]
+        _write_record(cfg_path, record)
     log = Logger(out)
     funcs = {
         "data": phase_data,
