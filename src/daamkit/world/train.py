@@ -844,13 +844,15 @@ def grounding_loss(store: list, bits, masks, keep):
     return torch.stack(terms).mean()
 
 
-def _recorded_args(args, out: Path) -> dict:
-    # The record is filtered too: runs started before args.json held only these options recorded the
-    # CLI's dispatch function as a string.
+def _recorded_args(args, out: Path) -> tuple[dict, list]:
+    """The options the run recorded in ``args.json`` (this call's for a run without one), and the
+    record's ``changed_on_resume`` history."""
     path = out / "args.json"
     recorded = json.loads(path.read_text()) if path.exists() else vars(args)
+    # The record is filtered too: runs started before args.json held only these options recorded the
+    # CLI's dispatch function as a string.
     known = _default_args()
-    return {k: v for k, v in recorded.items() if k in known}
+    return {k: v for k, v in recorded.items() if k in known}, recorded.get("changed_on_resume", [])
 
 
 def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
@@ -880,6 +882,8 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
         requires_safety_checker=False,
     )
     pipe.to(torch.float16)
+    # the arguments the run was trained with, not those of this (possibly later) export call
+    config, history = _recorded_args(args, out)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -897,12 +901,10 @@ def export(args, out: Path, dest: Path, log=None, use_ema: bool = True) -> Path:
         "unet_steps": st["step"],
         "unet_minutes": st["elapsed"] / 60,
         "ema": use_ema,
-        # the arguments the run was trained with, not those of this (possibly later) export call
-        "config": _recorded_args(args, out),
+        "config": config,
     }
-    record = out / "args.json"
-    if record.exists() and "changed_on_resume" in (history := json.loads(record.read_text())):
-        info["changed_on_resume"] = history["changed_on_resume"]
+    if history:
+        info["changed_on_resume"] = history
     (tmp / "daamkit_world.json").write_text(json.dumps(info, indent=1, default=str))
     if dest.exists():
         shutil.rmtree(dest)
@@ -975,6 +977,14 @@ def phase_export(args, out: Path, log):
 GIVEN = "given_options"
 
 
+def _note_given(namespace, dest: str) -> None:
+    setattr(namespace, GIVEN, sorted({*getattr(namespace, GIVEN, ()), dest}))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 class _NotedStore(argparse.Action):
     """argparse's plain store, which also notes the option under ``args.given_options``: on --resume
     an option given again replaces the recorded one, while one left out keeps it, even where the
@@ -983,13 +993,13 @@ class _NotedStore(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
-        setattr(namespace, GIVEN, sorted({*getattr(namespace, GIVEN, ()), self.dest}))
+        _note_given(namespace, self.dest)
 
 
 class _NotedBool(argparse.BooleanOptionalAction):
     def __call__(self, parser, namespace, values, option_string=None):
         super().__call__(parser, namespace, values, option_string)
-        setattr(namespace, GIVEN, sorted({*getattr(namespace, GIVEN, ()), self.dest}))
+        _note_given(namespace, self.dest)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1002,9 +1012,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the checkpoints in --out with the options recorded in its args.json; an "
         "option given again replaces the recorded one from then on (noted in args.json under "
-        "changed_on_resume), except the architecture's, which cannot change. --out, --export-to, "
-        "--only, --threads, --device, --ckpt-minutes, --sample-steps and --decoder-alongside are this "
-        "call's own",
+        "changed_on_resume), except the architecture's, which cannot change. "
+        + ", ".join(_flag(k) for k in SESSION_OPTIONS if k != "resume")
+        + " are this call's own",
     )
     p.add_argument("--only", choices=PHASES, default=None, help="run a single phase (with --resume)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)), help="torch CPU threads")
@@ -1171,7 +1181,7 @@ def _adopt_record(args, recorded: dict) -> dict:
             adopt[key] = before
         elif now != before:
             if key in ARCHITECTURE:
-                flag = "--" + key.replace("_", "-")
+                flag = _flag(key)
                 raise ValueError(
                     f"{flag} {now} contradicts this run's args.json ({flag} {before}); "
                     "the architecture of a run cannot change on --resume: start a new --out instead"
@@ -1231,7 +1241,7 @@ def run(args) -> int:
         _write_record(cfg_path, _own_args(args))
     elif changes:
         for key, (before, now) in changes.items():
-            print(f"--resume: --{key.replace('_', '-')} {before} -> {now}", file=sys.stderr)
+            print(f"--resume: {_flag(key)} {before} -> {now}", file=sys.stderr)
         record = {**recorded, **{k: now for k, (_, now) in changes.items()}}
         record["changed_on_resume"] = [
             *recorded.get("changed_on_resume", []),
