@@ -193,15 +193,19 @@ _TINY = (
 
 
 @pytest.mark.slow
-def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path):
+@pytest.mark.parametrize("workers", [None, 1])
+def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path, workers):
     """With 2 threads a plain run fine-tunes the decoder in a second process while the UNet trains (that
-    is how a complete run fits about 2 hours on 2 cores); the decoder's own output goes to decoder.log."""
+    is how a complete run fits about 2 hours on 2 cores); the decoder's own output goes to decoder.log.
+    When the decoder ends, the UNet takes its thread back: by default as a second data-parallel worker,
+    with ``--unet-workers 1`` as a second thread of its one process."""
     from daamkit.cli import main
 
     out = tmp_path / "run"
     # through the CLI, whose parsed namespace also carries its dispatch function (not picklable);
     # enough UNet steps that the decoder process (a fresh interpreter) finishes while the UNet trains
-    assert main(["world", "train", "--out", str(out), "--threads", "2", "--unet-steps", "150", *_TINY]) == 0
+    extra = [] if workers is None else ["--unet-workers", str(workers)]
+    assert main(["world", "train", "--out", str(out), "--threads", "2", "--unet-steps", "150", *extra, *_TINY]) == 0
     assert json.loads((out / "decoder.done").read_text())["steps"] == 3
     assert "decoder: 3 steps" in (out / "decoder.log").read_text()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -209,7 +213,16 @@ def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path):
     assert "decoder_done" in phases and "unet_done" in phases
     # the decoder finished first and the UNet took its thread back
     assert phases.index("decoder_done") < phases.index("unet_done")
-    assert any(r["phase"] == "unet_threads" and r["threads"] == 2 for r in log)
+    if workers == 1:
+        assert any(r["phase"] == "unet_threads" and r["threads"] == 2 for r in log)
+        assert json.loads((out / "unet.done").read_text())["workers"] == 1
+    else:
+        handover = [r for r in log if r["phase"] == "unet_handover"]
+        assert len(handover) == 1 and handover[0]["workers"] == 2 and 0 < handover[0]["step"] < 150
+        assert json.loads((out / "unet.done").read_text()) | {"steps": 150, "workers": 2} == json.loads(
+            (out / "unet.done").read_text()
+        )
+        assert not list(out.glob(".unet_workers_*"))  # the rendezvous file is gone
     assert (out / "model" / "vae" / "config.json").exists()
     # what the run records is this script's options, not the CLI's dispatch function
     recorded = json.loads((out / "args.json").read_text())
@@ -352,3 +365,85 @@ def test_resume_keeps_the_recorded_options_unless_given_again():
     # `daamkit world train` notes the options given the same way
     cli = build_parser().parse_args(["world", "train", "--lr", "3e-4", "--no-bf16", "--resume"])
     assert cli.given_options == ["bf16", "lr"]
+
+
+@pytest.mark.slow
+def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch):
+    """Data-parallel workers each compute their part of the batch one process would draw, and average
+    the gradients: after a few steps the weights match those of one process, up to float rounding."""
+    import argparse
+    import shutil
+
+    import torch
+
+    from daamkit.world.train import _build_unet_and_text, main
+
+    one = tmp_path / "one"
+    common = ["--unet-steps", "4", "--no-decoder-alongside", *_TINY]
+    assert main(["--out", str(one), "--threads", "1", *common]) == 0
+    two = tmp_path / "two"
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model"))
+    monkeypatch.chdir(tmp_path)  # a relative --out, as on the command line, must reach the workers
+    assert main(["--out", "two", "--resume", "--only", "unet", "--threads", "2", "--unet-workers", "2"]) == 0
+    assert json.loads((two / "unet.done").read_text())["workers"] == 2
+    assert json.loads((one / "unet.done").read_text())["workers"] == 1
+    a, b = (torch.load(d / "ckpt_unet.pt", weights_only=False) for d in (one, two))
+    assert a["step"] == b["step"] == 4
+    # Adam turns float rounding in near-zero gradients into steps of the learning rate's size, so the
+    # weights are compared by how far they moved: a worker with a wrong part of the batch (or the whole
+    # batch of another worker) moves them about as far as training itself does
+    args = argparse.Namespace(**json.loads((one / "args.json").read_text()))
+    torch.manual_seed(args.seed)
+    unet, te = _build_unet_and_text(args)
+    for part, init in (("unet", unet.state_dict()), ("text", te.state_dict())):
+        moved = torch.cat([(a[part][k] - init[k]).abs().flatten() for k in init])
+        apart = torch.cat([(b[part][k] - a[part][k]).abs().flatten() for k in init])
+        assert moved.mean() > 1e-6
+        assert apart.mean() < 0.05 * moved.mean(), (part, apart.mean(), moved.mean())
+    log = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    assert [r["workers"] for r in log if r["phase"] == "unet_done"] == [2]
+
+
+def test_grounding_loss_of_batch_parts_averages_to_the_whole_batch():
+    """What each data-parallel worker computes: with ``norm`` = the whole batch's scored tokens over the
+    number of workers, the mean of the parts' losses is the whole batch's loss (without it, a part with
+    fewer scored tokens would weigh each of them more)."""
+    import torch
+
+    from daamkit.world.train import grounded_tokens, grounding_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, pixels = 6, 64
+    bits = torch.zeros(b, 77, dtype=torch.int64)
+    bits[:, 1:4] = 1
+    bits[:2, 5:9] = 2  # the first part has more scored tokens than the second
+    keep = torch.tensor([True, True, False, True, True, True])
+    masks = (torch.rand(b, 3, 8, 8, generator=g) > 0.5).float()
+    store = [(2, torch.rand(b * 2, pixels, 77, generator=g).softmax(-1))]
+    whole = grounding_loss(store, bits, masks, keep)
+    parts = [slice(0, 3), slice(3, 6)]
+    norm = grounded_tokens(bits, keep) / len(parts)
+    split = [
+        grounding_loss([(2, store[0][1].reshape(b, 2, pixels, 77)[s].reshape(-1, pixels, 77))], bits[s], masks[s], keep[s], norm)
+        for s in parts
+    ]
+    torch.testing.assert_close(sum(split) / len(parts), whole)
+    naive = [
+        grounding_loss([(2, store[0][1].reshape(b, 2, pixels, 77)[s].reshape(-1, pixels, 77))], bits[s], masks[s], keep[s])
+        for s in parts
+    ]
+    assert abs(float(sum(naive) / len(parts) - whole)) > 1e-5  # rounding is about 1e-7 here
+
+
+def test_unet_workers_default_and_divide_the_batch():
+    import argparse
+
+    from daamkit.world.train import add_arguments, unet_workers
+
+    p = add_arguments(argparse.ArgumentParser())
+    assert unet_workers(p.parse_args(["--threads", "2"])) == 2
+    assert unet_workers(p.parse_args(["--threads", "1"])) == 1
+    assert unet_workers(p.parse_args(["--threads", "2", "--unet-workers", "1"])) == 1
+    assert unet_workers(p.parse_args(["--threads", "3"])) == 2  # 3 does not divide the batch of 32
+    assert unet_workers(p.parse_args(["--threads", "4", "--unet-workers", "8"])) == 4  # not above --threads
+    assert unet_workers(p.parse_args(["--threads", "4", "--device", "cuda"])) == 1
