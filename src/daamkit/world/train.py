@@ -469,6 +469,7 @@ def _decoder_process(ns: dict, out: str) -> None:
     """Entry point of the second process that runs the ``decoder`` phase beside the UNet phase."""
     import torch
 
+    _exit_with_parent()
     torch.set_num_threads(1)
     out_p = Path(out)
     with open(out_p / "decoder.log", "a") as err:
