@@ -952,10 +952,16 @@ def _ground_targets(args, out: Path) -> Path:
     return path
 
 
+def _scored_tokens(bits, keep, n_objects: int = MAX_OBJECTS):
+    """(B, 77) mask of the tokens the grounding loss scores: tokens bound to one of the first
+    ``n_objects`` objects (noun, colour and size words) in kept captions."""
+    return ((bits & ((1 << n_objects) - 1)) > 0) & keep.unsqueeze(1)
+
+
 def grounded_tokens(bits, keep) -> int:
     """How many tokens of a batch the grounding loss scores (noun, colour and size tokens of kept
     captions)."""
-    return int(((bits > 0) & keep.unsqueeze(1)).sum())
+    return int(_scored_tokens(bits, keep).sum())
 
 
 def grounding_loss(store: list, bits, masks, keep, norm: float | None = None):
@@ -974,7 +980,7 @@ def grounding_loss(store: list, bits, masks, keep, norm: float | None = None):
     import torch.nn.functional as F
 
     obj = (bits.unsqueeze(-1) >> torch.arange(masks.shape[1], device=bits.device)) & 1  # (B, 77, O)
-    sel = (obj.sum(-1) > 0) & keep.unsqueeze(1)  # (B, 77)
+    sel = _scored_tokens(bits, keep, masks.shape[1])  # (B, 77)
     if not sel.any():
         return torch.zeros((), device=bits.device)
     obj = obj.float()
