@@ -378,13 +378,17 @@ def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch)
     from daamkit.world.train import _build_unet_and_text, main
 
     one = tmp_path / "one"
-    common = ["--unet-steps", "4", "--no-decoder-alongside", *_TINY]
+    # float32 on every CPU: with bf16 autocast (the default where the CPU has it natively) the rounding
+    # depends on how the batch is split, so even one process on 1 vs 2 threads ends about 9% of the
+    # movement apart after 4 steps (2 workers: 13%), against 0.07% in float32 (measured 2026-11-29)
+    common = ["--unet-steps", "4", "--no-decoder-alongside", "--no-bf16", *_TINY]
     assert main(["--out", str(one), "--threads", "1", *common]) == 0
     two = tmp_path / "two"
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model"))
     monkeypatch.chdir(tmp_path)  # a relative --out, as on the command line, must reach the workers
     assert main(["--out", "two", "--resume", "--only", "unet", "--threads", "2", "--unet-workers", "2"]) == 0
     assert json.loads((two / "unet.done").read_text())["workers"] == 2
+    assert not json.loads((two / "unet.done").read_text())["bf16"]  # the recorded --no-bf16 was kept
     assert json.loads((one / "unet.done").read_text())["workers"] == 1
     a, b = (torch.load(d / "ckpt_unet.pt", weights_only=False) for d in (one, two))
     assert a["step"] == b["step"] == 4
