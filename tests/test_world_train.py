@@ -387,8 +387,9 @@ def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch)
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model"))
     monkeypatch.chdir(tmp_path)  # a relative --out, as on the command line, must reach the workers
     assert main(["--out", "two", "--resume", "--only", "unet", "--threads", "2", "--unet-workers", "2"]) == 0
-    assert json.loads((two / "unet.done").read_text())["workers"] == 2
-    assert not json.loads((two / "unet.done").read_text())["bf16"]  # the recorded --no-bf16 was kept
+    done = json.loads((two / "unet.done").read_text())
+    assert done["workers"] == 2
+    assert not done["bf16"]  # the recorded --no-bf16 was kept
     assert json.loads((one / "unet.done").read_text())["workers"] == 1
     a, b = (torch.load(d / "ckpt_unet.pt", weights_only=False) for d in (one, two))
     assert a["step"] == b["step"] == 4
