@@ -34,7 +34,8 @@ def _step_seconds(arch: str, batch: int, steps: int, bf16: bool) -> tuple[float,
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_config(args)).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    x = torch.randn(batch, args.latent_channels, 16, 16)
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size)
     t = torch.randint(0, 1000, (batch,))
     text = torch.randn(batch, 77, args.text_width)
     times = []
