@@ -302,7 +302,34 @@ def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path)
     assert not out.exists()
 
 
-def test_object_loss_weights_can_favour_small_objects():
+def test_timestep_focus_draws_its_share_from_its_range(tmp_path):
+    """``--timestep-focus LO,HI,SHARE`` draws about SHARE of the timesteps from [LO, HI) on top of the
+    uniform draw over [0, 1000); given empty, the draw is the plain uniform one, from the same random
+    stream as before the option existed; bad specs are refused before anything is written."""
+    import argparse
+
+    import torch
+
+    from daamkit.world.train import _timestep_sampler, add_arguments, main
+
+    p = add_arguments(argparse.ArgumentParser())
+    t = _timestep_sampler(p.parse_args(["--timestep-focus", "100,450,0.5"]))(100_000)
+    assert t.min() >= 0 and t.max() < 1000
+    inside = ((t >= 100) & (t < 450)).float().mean().item()
+    assert abs(inside - (0.5 + 0.5 * 0.35)) < 0.01, inside
+    assert ((t >= 450) & (t < 1000)).float().mean().item() == pytest.approx(0.5 * 0.55, abs=0.01)
+
+    assert p.parse_args([]).timestep_focus == "100,450,0.5"  # the shipped model's recipe
+    torch.manual_seed(5)
+    plain = _timestep_sampler(p.parse_args(["--timestep-focus", ""]))(64)
+    torch.manual_seed(5)
+    assert torch.equal(plain, torch.randint(0, 1000, (64,)))
+
+    out = tmp_path / "run"
+    for bad in ("100,450", "450,100,0.5", "0,1001,0.5", "100,450,1.5", "a,b,c"):
+        assert main(["--out", str(out), "--timestep-focus", bad]) == 2
+    assert not out.exists()
+
     """``--small-object-power`` 0 weighs every object cell alike (the shipped recipe: 1 + w on the
     objects' union); power 1 gives a small object the total extra weight of a medium one (16 cells),
     capped at 4x for specks, and leaves large objects as they were; overlapping objects take the
@@ -342,11 +369,12 @@ def test_resume_keeps_the_recorded_options_unless_given_again():
         return add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
 
     recorded = _own_args(parse("--lr", "5e-4", "--unet-minutes", "200", "--threads", "1"))
-    del recorded["object_count_weights"]  # a run started before the option existed
+    del recorded["object_count_weights"], recorded["timestep_focus"]  # runs started before the options existed
     args = parse("--resume", "--threads", "2")
     assert _adopt_record(args, recorded) == {}
     assert args.lr == 5e-4 and args.unet_minutes == 200  # the record's, not today's defaults
     assert args.object_count_weights == "1,1,1"  # what such runs did, not today's default (1,2,3)
+    assert args.timestep_focus == ""  # uniform timesteps, as they were drawn then
     assert args.threads == 2  # this call's own
 
     # given again, the command line wins, also where it spells out today's default

@@ -9,7 +9,9 @@ builds the DAAM evaluation on top of the same pieces.
 :func:`word_sensitivity` asks a narrower question without sampling: does the denoiser's loss depend on
 a word of a given role at all? (``--sensitivity``; for shape nouns the previous shipped model, with a
 1-layer text encoder, answered no, the shipped one yes.) :func:`word_similarity` shows why: that
-encoder mapped the six shape nouns to nearly one vector.
+encoder mapped the six shape nouns to nearly one vector. :func:`restoration` and
+:func:`one_step_restoration` (``--restore``) start from the exact renders noised to several levels and
+ask at which of them the shapes are lost.
 """
 
 from __future__ import annotations
@@ -91,6 +93,72 @@ def autoencoder_ceiling(pipe, scenes, batch: int = 50) -> tuple[dict, dict]:
         return summarize([_record(im, s) for s, im in zip(scenes, imgs, strict=True)])
 
     return score(images), score([s.image for s in scenes])
+
+
+def restoration(
+    pipe,
+    scenes,
+    strengths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 1.0),
+    steps: int = 20,
+    guidance: float = 5.0,
+    batch: int = 25,
+    seed: int = 0,
+) -> dict[float, dict]:
+    """Where along the noise levels a pipeline loses what the caption asks for: each scene's exact
+    render is noised to ``strength`` (SDEdit, ``StableDiffusionImg2ImgPipeline`` on the same
+    components, seeded per index) and sampled back with its caption, then judged like a generated
+    image. Strength 1 starts from pure noise (plain generation); a low strength keeps the true layout
+    and asks only for the last part of the chain. Returns ``{strength: summary}``."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    out = {}
+    for strength in strengths:
+        recs = []
+        for i in range(0, len(scenes), batch):
+            chunk = scenes[i : i + batch]
+            gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
+            images = i2i(
+                [s.caption for s in chunk],
+                image=[s.image for s in chunk],
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+            ).images
+            recs += [_record(im, s) for s, im in zip(chunk, images, strict=True)]
+        out[strength] = summarize(recs)
+    return out
+
+
+def one_step_restoration(pipe, scenes, timesteps: tuple[int, ...] = (100, 200, 300, 400), seed: int = 0) -> dict:
+    """The denoiser alone, without a sampler or guidance: each scene's exact render is encoded, noised
+    at ``t``, and the UNet's one-step estimate of the clean latent is decoded and judged. A blurred
+    mean, so it flatters blobs, but it says at which noise level the caption no longer pins the
+    shapes down. Returns ``{t: summary}``."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    noiser = DDPMScheduler.from_config(pipe.scheduler.config)
+    acp = noiser.alphas_cumprod
+    vae, unet, proc = pipe.vae, pipe.unet, pipe.image_processor
+    sf = vae.config.scaling_factor
+    out = {}
+    with torch.no_grad():
+        x = proc.preprocess([s.image for s in scenes]).to(vae.device, vae.dtype)
+        z0 = vae.encode(x).latent_dist.mean.float() * sf
+        cond = _text_states(pipe, [s.caption for s in scenes]).to(unet.dtype)
+        for t in timesteps:
+            noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + t))
+            a = acp[t]
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            eps = unet(zt.to(unet.dtype), torch.full((len(scenes),), t), encoder_hidden_states=cond).sample.float()
+            x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
+            images = proc.postprocess(vae.decode((x0 / sf).to(vae.dtype)).sample.float(), output_type="pil")
+            out[t] = summarize([_record(im, s) for s, im in zip(scenes, images, strict=True)])
+    return out
 
 
 def _swap_word(scene, role: str, rng: np.random.Generator) -> str:
@@ -251,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of generating: score the --n scenes' exact renders after a round trip through the "
         "VAE (the best any denoiser on this VAE can do) and as they are (the judge's own error)",
     )
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="instead of generating: start from the --n scenes' exact renders noised to several strengths "
+        "and sample back (and the UNet's one-step estimate at several timesteps), to see at which noise "
+        "levels the shapes are lost",
+    )
     a = p.parse_args(argv)
     import torch
 
@@ -284,6 +359,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{al['all_shapes_right']:.3f}, right shape per object {al['shapes_correct']:.3f}, "
                 f"exact scene {al['exact']:.3f}"
             )
+        return 0
+    if a.restore:
+        def row(label: str, summ: dict) -> str:
+            by = [summ.get(f"{k}_objects", {}).get("all_shapes_right", float("nan")) for k in (1, 2, 3)]
+            return (
+                f"{label:<26}{summ['all']['all_shapes_right']:>8.3f}{by[0]:>8.2f}{by[1]:>8.2f}{by[2]:>8.2f}"
+                f"{summ['all']['all_objects_drawn']:>10.3f}"
+            )
+
+        print(f"all shapes right (n = {len(scenes)}); by 1 / 2 / 3 objects; all objects drawn")
+        for strength, summ in restoration(pipe, scenes, steps=a.steps, guidance=a.guidance, seed=a.seed).items():
+            print(row(f"sampled from strength {strength:g}", summ))
+        for t, summ in one_step_restoration(pipe, scenes, seed=a.seed).items():
+            print(row(f"one step from t = {t}", summ))
         return 0
     t0 = time.time()
     summary, recs, images = evaluate_generation(pipe, scenes, a.steps, a.guidance, a.batch, a.seed)
