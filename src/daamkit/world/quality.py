@@ -152,8 +152,8 @@ def one_step_restoration(pipe, scenes, timesteps: tuple[int, ...] = (100, 200, 3
         cond = _text_states(pipe, [s.caption for s in scenes]).to(unet.dtype)
         for t in timesteps:
             noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + t))
+            zt = noiser.add_noise(z0, noise, torch.tensor([t]))
             a = acp[t]
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             eps = unet(zt.to(unet.dtype), torch.full((len(scenes),), t), encoder_hidden_states=cond).sample.float()
             x0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
             images = proc.postprocess(vae.decode((x0 / sf).to(vae.dtype)).sample.float(), output_type="pil")
