@@ -330,6 +330,8 @@ def test_timestep_focus_draws_its_share_from_its_range(tmp_path):
         assert main(["--out", str(out), "--timestep-focus", bad]) == 2
     assert not out.exists()
 
+
+def test_object_loss_weights_can_favour_small_objects():
     """``--small-object-power`` 0 weighs every object cell alike (the shipped recipe: 1 + w on the
     objects' union); power 1 gives a small object the total extra weight of a medium one (16 cells),
     capped at 4x for specks, and leaves large objects as they were; overlapping objects take the
