@@ -209,7 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model to evaluate (default: the embedded shapes-world model)")
     e.add_argument("--runs", help="score a runs directory of saved records instead of generating")
     e.add_argument("--n", type=int, default=200, help="held-out captions to generate (default 200)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="first held-out scene: captions are scenes SEED .. SEED+N-1, image i is generated with seed "
+        "SEED+i; two caption sets are disjoint only when their seeds differ by at least N (e.g. --seed 0 "
+        "and --seed 200 with --n 200)",
+    )
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=5.0)
     e.add_argument("--batch-size", type=int, default=16)
