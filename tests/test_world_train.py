@@ -10,12 +10,23 @@ import pytest
 
 
 @pytest.mark.slow
-def test_train_tiny_end_to_end(tmp_path):
+def test_train_tiny_end_to_end(tmp_path, monkeypatch):
     import torch
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from daamkit.world.train import main
+
+    # the text encoder's position ids as training hands them over (--position-shift 2 below)
+    seen_positions = []
+    plain_forward = CLIPTextModel.forward
+
+    def spy(self, *a, position_ids=None, **kw):
+        if position_ids is not None:
+            seen_positions.append(position_ids.clone())
+        return plain_forward(self, *a, position_ids=position_ids, **kw)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", spy)
 
     out = tmp_path / "run"
     argv = [
@@ -47,8 +58,17 @@ def test_train_tiny_end_to_end(tmp_path):
         "2",
         "--sample-steps",
         "0",
+        "--position-shift",
+        "2",
     ]
     assert main(argv) == 0
+    # one row per training caption: 0..76 moved along by 0, 1 or 2 places, clamped at 76
+    rows = torch.cat(seen_positions)
+    assert len(rows) == 3 * 4
+    shift = rows[:, 0]
+    assert set(shift.tolist()) <= {0, 1, 2} and len(set(shift.tolist())) > 1
+    expected = (torch.arange(77)[None] + shift[:, None]).clamp(max=76)
+    assert torch.equal(rows, expected)
     model = out / "model"
     for sub in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (model / sub).exists()
@@ -328,6 +348,33 @@ def test_timestep_focus_draws_its_share_from_its_range(tmp_path):
     out = tmp_path / "run"
     for bad in ("100,450", "450,100,0.5", "0,1001,0.5", "100,450,1.5", "a,b,c"):
         assert main(["--out", str(out), "--timestep-focus", bad]) == 2
+    assert not out.exists()
+
+
+def test_position_shift_moves_each_caption_and_leaves_the_plain_stream_alone(tmp_path):
+    """``--position-shift N`` gives each caption of a batch its own shift in 0..N (clamped at the last
+    position); 0 returns None (plain positions) without drawing, so the random stream of runs without
+    the option is unchanged; out-of-range values are refused before anything is written."""
+    import numpy as np
+    import torch
+
+    from daamkit.world.train import _shifted_positions, main
+
+    gen = np.random.default_rng(0)
+    assert _shifted_positions(gen, 8, 77, 0) is None
+    assert gen.integers(0, 1000, 4).tolist() == np.random.default_rng(0).integers(0, 1000, 4).tolist()
+
+    pos = _shifted_positions(np.random.default_rng(1), 4000, 77, 3)
+    assert pos.shape == (4000, 77) and pos.dtype == torch.int64
+    shift = pos[:, 0]
+    counts = torch.bincount(shift, minlength=4)
+    assert len(counts) == 4 and (counts > 900).all(), counts  # about uniform over 0..3
+    assert torch.equal(pos, (torch.arange(77)[None] + shift[:, None]).clamp(max=76))
+    assert pos.max() == 76
+
+    out = tmp_path / "run"
+    for bad in ("-1", "17"):
+        assert main(["--out", str(out), "--position-shift", bad]) == 2
     assert not out.exists()
 
 
