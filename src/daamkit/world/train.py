@@ -1345,7 +1345,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="move each training caption's text-encoder position ids along by a random 0..N places "
         "(UNet phase), so that a word is not bound to the absolute place where training captions put it "
         "(see the model card: a held-out sentence with its first colour word later loses that colour); "
-        "0: plain positions",
+        "0: plain positions. From scratch, 3 ruined the noun maps (run 15 in the model card): off by default",
     )
     p.add_argument(
         "--timestep-focus",
