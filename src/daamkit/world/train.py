@@ -948,8 +948,9 @@ def _shifted_positions(gen: np.random.Generator, k: int, n_pos: int, shift: int)
 
     The 0-layer text encoder tells words apart only by token + position embedding, so it learns a
     colour's binding at the absolute places where training captions put it; a held-out sentence that
-    puts the colour later then loses it. Shifting breaks that tie to absolute places. Nothing is drawn
-    when shift is 0, so runs without the option keep their random stream."""
+    puts the colour later then loses it. Shifting breaks that tie to absolute places, but from scratch
+    it also broke the noun-to-object binding those places carry (run 15 in the model card), hence off
+    by default. Nothing is drawn when shift is 0, so runs without the option keep their random stream."""
     import torch
 
     if shift <= 0:
