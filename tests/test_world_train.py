@@ -444,12 +444,15 @@ def test_resume_keeps_the_recorded_options_unless_given_again():
 
 
 @pytest.mark.slow
-def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch):
+def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch, capfd):
     """Data-parallel workers each compute their part of the batch one process would draw, and average
-    the gradients: after a few steps the weights match those of one process, up to float rounding."""
+    the gradients: after a few steps the weights match those of one process, up to float rounding.
+    Workers that start without grounding targets get them built once, before they are spawned (each
+    building its own raced on one file: a worker read it half-written)."""
     import argparse
     import shutil
 
+    import numpy as np
     import torch
 
     from daamkit.world.train import _build_unet_and_text, main
@@ -461,9 +464,15 @@ def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch)
     common = ["--unet-steps", "4", "--no-decoder-alongside", "--no-bf16", *_TINY]
     assert main(["--out", str(one), "--threads", "1", *common]) == 0
     two = tmp_path / "two"
-    shutil.copytree(one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model"))
+    shutil.copytree(
+        one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model", "ground.npz")
+    )
     monkeypatch.chdir(tmp_path)  # a relative --out, as on the command line, must reach the workers
+    capfd.readouterr()
     assert main(["--out", "two", "--resume", "--only", "unet", "--threads", "2", "--unet-workers", "2"]) == 0
+    assert capfd.readouterr().err.count("captions aligned") == 1  # built once, not by each worker
+    for key in ("masks", "bits"):
+        assert np.array_equal(np.load(one / "ground.npz")[key], np.load(two / "ground.npz")[key])
     done = json.loads((two / "unet.done").read_text())
     assert done["workers"] == 2
     assert not done["bf16"]  # the recorded --no-bf16 was kept

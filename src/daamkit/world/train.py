@@ -543,6 +543,8 @@ def phase_unet(args, out: Path, log, alongside: _DecoderAlongside | None = None)
 def _unet_data_parallel(args, out: Path, workers: int) -> None:
     import torch.multiprocessing as mp
 
+    if args.ground_weight > 0 or args.small_object_power or _object_count_weights(args) is not None:
+        _ground_targets(args, out)  # once, here: workers that each built them raced on one file
     rendezvous = out / f".unet_workers_{os.getpid()}"  # gloo's file rendezvous: must not exist yet
     rendezvous.unlink(missing_ok=True)
     print(f"unet: {workers} data-parallel workers", file=sys.stderr)
@@ -998,7 +1000,11 @@ def _ground_targets(args, out: Path) -> Path:
             skipped += 1
         else:
             bits[i] = b
-    np.savez(path, masks=masks, bits=bits)
+    # written whole, then renamed: a reader never sees a half-written file
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, masks=masks, bits=bits)
+    os.replace(tmp, path)
     print(f"grounding targets: {n - skipped} of {n} captions aligned", file=sys.stderr)
     return path
 
