@@ -1399,7 +1399,7 @@ SESSION_OPTIONS = (
 )
 
 # What a run whose args.json predates an option did, where that is not the option's default today.
-LEGACY_VALUES = {"object_count_weights": "1,1,1", "bf16": False, "timestep_focus": "", "position_shift": 0}
+LEGACY_VALUES = {"object_count_weights": "1,1,1", "bf16": False, "timestep_focus": ""}
 
 
 def _adopt_record(args, recorded: dict) -> dict:
