@@ -60,8 +60,16 @@ def test_train_tiny_end_to_end(tmp_path, monkeypatch):
         "0",
         "--position-shift",
         "2",
+        # the layered encoder's recipe (identity start, grounding kept off the text states) end to end;
+        # the other tests train the default 0-layer one
+        "--text-layers",
+        "1",
+        "--text-identity-init",
+        "--ground-detach-text",
     ]
     assert main(argv) == 0
+    recorded = json.loads((out / "args.json").read_text())
+    assert recorded["text_identity_init"] is True and recorded["ground_detach_text"] is True
     # one row per training caption: 0..76 moved along by 0, 1 or 2 places, clamped at 76
     rows = torch.cat(seen_positions)
     assert len(rows) == 3 * 4
@@ -75,6 +83,7 @@ def test_train_tiny_end_to_end(tmp_path, monkeypatch):
     assert list(model.rglob("*.safetensors"))
     index = json.loads((model / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    assert json.loads((model / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 1
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any(r["phase"] == "unet_done" for r in log)
     assert any(r["phase"] == "decoder_done" for r in log)
@@ -536,3 +545,57 @@ def test_unet_workers_default_and_divide_the_batch():
     assert unet_workers(p.parse_args(["--threads", "3"])) == 2  # 3 does not divide the batch of 32
     assert unet_workers(p.parse_args(["--threads", "4", "--unet-workers", "8"])) == 4  # not above --threads
     assert unet_workers(p.parse_args(["--threads", "4", "--device", "cuda"])) == 1
+
+
+def test_text_identity_init_starts_as_the_zero_layer_encoder():
+    """``--text-identity-init``: a fresh encoder with a layer gives exactly the 0-layer encoder's output
+    for the same embeddings, and still learns (its zeroed projections get a gradient)."""
+    import argparse
+
+    import torch
+
+    from daamkit.world.train import _build_unet_and_text, add_arguments
+
+    p = add_arguments(argparse.ArgumentParser())
+    tiny = ["--unet-channels", "16,16,16", "--heads", "2", "--text-width", "16"]
+    torch.manual_seed(0)
+    _, layered = _build_unet_and_text(p.parse_args(["--text-layers", "1", "--text-identity-init", *tiny]))
+    _, plain = _build_unet_and_text(p.parse_args(["--text-layers", "0", *tiny]))
+    plain.load_state_dict({k: v for k, v in layered.state_dict().items() if "encoder.layers" not in k})
+    ids = torch.randint(0, 49406, (3, 77), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layered(ids)[0], plain(ids)[0], rtol=0, atol=0)
+    layered(ids)[0].pow(2).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in layered.named_parameters() if "out_proj" in n or "fc2" in n)
+    torch.manual_seed(0)
+    _, random_start = _build_unet_and_text(p.parse_args(["--text-layers", "1", *tiny]))
+    assert (random_start(ids)[0] - plain(ids)[0]).abs().max() > 1e-3  # without the option: not the identity
+
+
+def test_ground_detach_text_keeps_the_grounding_maps_off_the_text_states():
+    """``--ground-detach-text``: the attention maps kept for the grounding loss have the same values,
+    the layer's output is unchanged, the UNet's key projection still learns from them, but no gradient
+    reaches the text states through them."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    from daamkit.world.train import _CaptureCrossAttention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    x = torch.randn(2, 64, 16)
+    grads, outs, maps = {}, {}, {}
+    for detach in (False, True):
+        text = torch.randn(2, 77, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        store: list = []
+        attn.zero_grad()
+        outs[detach] = _CaptureCrossAttention(store, detach_text=detach)(attn, x, encoder_hidden_states=text)
+        (heads, probs), = store
+        maps[detach] = probs.detach()
+        probs[..., 3].sum().backward()  # a grounding-like loss on one token's map
+        grads[detach] = (text.grad, attn.to_k.weight.grad.clone())
+    torch.testing.assert_close(outs[True], outs[False])
+    torch.testing.assert_close(maps[True], maps[False])
+    assert grads[False][0].abs().sum() > 0
+    assert grads[True][0] is None or grads[True][0].abs().sum() == 0
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    assert grads[True][1].abs().sum() > 0

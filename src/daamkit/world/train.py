@@ -459,7 +459,26 @@ def _build_unet_and_text(args):
 
     unet = UNet2DConditionModel(**unet_config(args))
     te = CLIPTextModel(CLIPTextConfig(**text_config(args)))
+    if args.text_identity_init:
+        _identity_init(te)
     return unet, te
+
+
+def _identity_init(te) -> None:
+    """Zero the last projection of each encoder layer's attention and MLP branch, so that a fresh
+    encoder with layers computes exactly what the 0-layer one does (embeddings + final LayerNorm).
+
+    A jointly trained layer merged the six shape nouns within a few hundred steps when it started
+    random (run 2 in the model card); starting from the 0-layer encoder, which keeps them apart, the
+    layer only mixes in a neighbour's word where the denoising loss pays for it."""
+    import torch
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    with torch.no_grad():
+        for layer in (m for m in te.modules() if isinstance(m, CLIPEncoderLayer)):
+            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
 
 
 def _own_args(args) -> dict:
@@ -661,7 +680,7 @@ def _train_unet(
     if ground:  # after the EMA copy: the exported weights never carry the training processor
         for name, mod in unet.named_modules():
             if name.endswith("attn2"):
-                mod.set_processor(_CaptureCrossAttention(store))
+                mod.set_processor(_CaptureCrossAttention(store, detach_text=args.ground_detach_text))
     params = [
         {"params": list(unet.parameters()), "lr": args.lr},
         {"params": list(te.parameters()), "lr": args.lr * args.text_lr_mult},
@@ -864,8 +883,9 @@ class _CaptureCrossAttention:
     the probabilities (with gradients) for the grounding loss. Same output as diffusers' AttnProcessor.
     Used only while training: the exported pipeline has diffusers' default processors."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, detach_text: bool = False):
         self.store = store
+        self.detach_text = detach_text
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         import torch
@@ -874,7 +894,14 @@ class _CaptureCrossAttention:
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(q, k, None)  # (batch * heads, pixels, tokens)
-        self.store.append((attn.heads, probs))
+        if self.detach_text:
+            # The grounding loss then trains the UNet's queries and keys only. It asks every noun for
+            # the same kind of key ("this object"), which an encoder layer can give by making the nouns
+            # alike (run 2 in the model card); the text encoder learns from the denoising loss alone.
+            k_g = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states.detach()))
+            self.store.append((attn.heads, attn.get_attention_scores(q, k_g, None)))
+        else:
+            self.store.append((attn.heads, probs))
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -1294,7 +1321,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="CLIP encoder layers (0 = token + position embeddings only; a jointly trained layer merged "
-        "the shape nouns, see the model card)",
+        "the shape nouns, one started with --text-identity-init --ground-detach-text did not, see the "
+        "model card)",
+    )
+    p.add_argument(
+        "--text-identity-init",
+        action=_NotedBool,
+        default=False,
+        help="start each text-encoder layer as the identity (its attention and MLP output projections "
+        "zeroed), so that a fresh encoder with --text-layers N computes what the 0-layer one does and "
+        "learns from there to let words see the words before them",
     )
     p.add_argument("--unet-steps", type=int, default=1000000)
     p.add_argument(
@@ -1338,6 +1374,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=float,
         default=0.2,
         help="weight of the cross-attention grounding loss (0: plain denoising loss)",
+    )
+    p.add_argument(
+        "--ground-detach-text",
+        action=_NotedBool,
+        default=False,
+        help="keep the grounding loss off the text encoder's output: it scores attention maps computed "
+        "a second time from detached text states, so it trains the UNet's queries and keys (and reaches the "
+        "text only through earlier layers' outputs); the denoising loss still trains the encoder",
     )
     p.add_argument(
         "--object-count-weights",
