@@ -895,10 +895,10 @@ class _CaptureCrossAttention:
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(q, k, None)  # (batch * heads, pixels, tokens)
         if self.detach_text:
-            # The grounding loss then trains the UNet's queries and keys, not the keys' text. It asks every noun for
-            # the same kind of key ("this object"), which an encoder layer can give by making the nouns
-            # alike (run 2 in the model card). Its gradient still reaches the text through the earlier
-            # layers' outputs, a small share (about 13% in a random tiny model, see the model card).
+            # The grounding loss then trains the UNet's queries and keys, not the keys' text. It asks
+            # every noun for the same kind of key ("this object"), which an encoder layer can give by
+            # making the nouns alike (run 2 in the model card). Its gradient still reaches the text
+            # through the earlier layers' outputs, a small share (about 13% in a random tiny model).
             k_g = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states.detach()))
             self.store.append((attn.heads, attn.get_attention_scores(q, k_g, None)))
         else:
