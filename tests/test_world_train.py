@@ -331,6 +331,27 @@ def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path)
     assert not out.exists()
 
 
+def test_ground_targets_are_needed_by_each_option_that_reads_them(tmp_path):
+    """The grounding loss, the small-object weights and the object-count sampler each read
+    ``ground.npz``; the data-parallel launcher builds it before spawning its workers exactly when one
+    of them is on, and a run with none of them trains without the file."""
+    import argparse
+
+    import numpy as np
+
+    from daamkit.world.train import _needs_ground_targets, _scene_sampler, add_arguments
+
+    p = add_arguments(argparse.ArgumentParser())
+    none = ["--ground-weight", "0", "--object-count-weights", "1,1,1"]
+    assert not _needs_ground_targets(p.parse_args(none))
+    assert _needs_ground_targets(p.parse_args([]))  # the default recipe: grounding and 1,2,3 weights
+    assert _needs_ground_targets(p.parse_args(["--ground-weight", "0.2", "--object-count-weights", "1,1,1"]))
+    assert _needs_ground_targets(p.parse_args(["--ground-weight", "0", "--object-count-weights", "1,2,3"]))
+    assert _needs_ground_targets(p.parse_args([*none, "--small-object-power", "1"]))
+    # without the file, the sampler of a run that does not need it still draws
+    assert len(_scene_sampler(p.parse_args(none), tmp_path / "missing", 10)(np.random.default_rng(0), 4)) == 4
+
+
 def test_timestep_focus_draws_its_share_from_its_range(tmp_path):
     """``--timestep-focus LO,HI,SHARE`` draws about SHARE of the timesteps from [LO, HI) on top of the
     uniform draw over [0, 1000); given empty, the draw is the plain uniform one, from the same random

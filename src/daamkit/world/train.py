@@ -562,7 +562,7 @@ def phase_unet(args, out: Path, log, alongside: _DecoderAlongside | None = None)
 def _unet_data_parallel(args, out: Path, workers: int) -> None:
     import torch.multiprocessing as mp
 
-    if args.ground_weight > 0 or args.small_object_power or _object_count_weights(args) is not None:
+    if _needs_ground_targets(args):
         _ground_targets(args, out)  # once, here: workers that each built them raced on one file
     rendezvous = out / f".unet_workers_{os.getpid()}"  # gloo's file rendezvous: must not exist yet
     rendezvous.unlink(missing_ok=True)
@@ -987,6 +987,13 @@ def _shifted_positions(gen: np.random.Generator, k: int, n_pos: int, shift: int)
         return None
     sh = torch.from_numpy(gen.integers(0, shift + 1, k))
     return (torch.arange(n_pos)[None] + sh[:, None]).clamp(max=n_pos - 1)
+
+
+def _needs_ground_targets(args) -> bool:
+    """Whether the UNet phase reads ``ground.npz``: the grounding loss, the small-object weights and
+    the object-count sampler all take their object masks from it. One rule, so that the data-parallel
+    launcher builds the file before its workers need it."""
+    return args.ground_weight > 0 or bool(args.small_object_power) or _object_count_weights(args) is not None
 
 
 def _scene_sampler(args, out: Path, n: int):
