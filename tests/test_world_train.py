@@ -60,6 +60,8 @@ def test_train_tiny_end_to_end(tmp_path, monkeypatch):
         "0",
         "--position-shift",
         "2",
+        "--position-shift-from",
+        "0.5",  # of 3 steps: the first two (fractions 0 and 1/3) plain, the last (2/3) shifted
         # the layered encoder's recipe (identity start, grounding kept off the text states) end to end;
         # the other tests train the default 0-layer one
         "--text-layers",
@@ -70,9 +72,10 @@ def test_train_tiny_end_to_end(tmp_path, monkeypatch):
     assert main(argv) == 0
     recorded = json.loads((out / "args.json").read_text())
     assert recorded["text_identity_init"] is True and recorded["ground_detach_text"] is True
-    # one row per training caption: 0..76 moved along by 0, 1 or 2 places, clamped at 76
+    # one row per caption of the last step only (before --position-shift-from the encoder gets no
+    # position ids, i.e. the plain 0..76): moved along by 0, 1 or 2 places, clamped at 76
     rows = torch.cat(seen_positions)
-    assert len(rows) == 3 * 4
+    assert len(rows) == 4
     shift = rows[:, 0]
     assert set(shift.tolist()) <= {0, 1, 2} and len(set(shift.tolist())) > 1
     expected = (torch.arange(77)[None] + shift[:, None]).clamp(max=76)
@@ -405,6 +408,8 @@ def test_position_shift_moves_each_caption_and_leaves_the_plain_stream_alone(tmp
     out = tmp_path / "run"
     for bad in ("-1", "17"):
         assert main(["--out", str(out), "--position-shift", bad]) == 2
+    for bad in ("-0.1", "1", "1.5"):
+        assert main(["--out", str(out), "--position-shift", "3", "--position-shift-from", bad]) == 2
     assert not out.exists()
 
 
