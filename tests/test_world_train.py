@@ -625,3 +625,35 @@ def test_ground_detach_text_keeps_the_grounding_maps_off_the_text_states():
     assert grads[True][0] is None or grads[True][0].abs().sum() == 0
     torch.testing.assert_close(grads[True][1], grads[False][1])
     assert grads[True][1].abs().sum() > 0
+
+
+def test_unet_time_norm_scale_shift_makes_the_timestep_scale_and_shift_the_features():
+    """``--unet-time-norm scale_shift``: each ResNet's timestep projection gives a scale and a shift
+    (twice its channels), the model still denoises, and the timestep changes the output through it."""
+    import argparse
+
+    import torch
+
+    from daamkit.world.train import _build_unet_and_text, add_arguments
+
+    p = add_arguments(argparse.ArgumentParser())
+    tiny = ["--unet-channels", "16,16,16", "--heads", "2", "--text-width", "16"]
+    torch.manual_seed(0)
+    unet, text = _build_unet_and_text(p.parse_args(["--unet-time-norm", "scale_shift", *tiny]))
+    plain, _ = _build_unet_and_text(p.parse_args(tiny))
+    assert unet.config.resnet_time_scale_shift == "scale_shift"
+    assert plain.config.resnet_time_scale_shift == "default"
+    proj = unet.down_blocks[0].resnets[0].time_emb_proj
+    assert proj.out_features == 2 * plain.down_blocks[0].resnets[0].time_emb_proj.out_features
+    with torch.no_grad():  # a fresh UNet zeroes nothing here: make the timestep path visible
+        for block in unet.modules():
+            if hasattr(block, "time_emb_proj") and block.time_emb_proj is not None:
+                block.time_emb_proj.weight.normal_(0, 0.5)
+    ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    states = text(ids)[0]
+    a = unet(x, torch.tensor([10, 10]), states).sample
+    b = unet(x, torch.tensor([900, 900]), states).sample
+    assert a.shape == x.shape and (a - b).abs().max() > 1e-3
+    with pytest.raises(SystemExit):
+        p.parse_args(["--unet-time-norm", "adagn"])

@@ -78,6 +78,9 @@ def unet_config(args) -> dict:
         cross_attention_dim=args.text_width,
         attention_head_dim=args.heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=args.unet_groups,
+        # "scale_shift": the timestep scales and shifts each ResNet's normalised features (AdaGN, as in
+        # Dhariwal & Nichol's guided diffusion) instead of being added to them
+        resnet_time_scale_shift=args.unet_time_norm,
     )
 
 
@@ -1324,6 +1327,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--unet-layers", type=int, default=1)
     p.add_argument("--unet-groups", type=int, default=16, help="GroupNorm groups in the UNet")
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument(
+        "--unet-time-norm",
+        choices=("default", "scale_shift"),
+        default="default",
+        help="how the timestep enters each UNet ResNet block: added to its features (default, as in "
+        "Stable Diffusion) or as a scale and shift of its normalised features (scale_shift, AdaGN)",
+    )
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument(
         "--text-layers",
@@ -1439,6 +1449,7 @@ ARCHITECTURE = (
     "unet_layers",
     "unet_groups",
     "heads",
+    "unet_time_norm",
     "text_width",
     "text_layers",
 )
