@@ -629,7 +629,7 @@ def test_ground_detach_text_keeps_the_grounding_maps_off_the_text_states():
 
 def test_unet_time_norm_scale_shift_makes_the_timestep_scale_and_shift_the_features():
     """``--unet-time-norm scale_shift``: each ResNet's timestep projection gives a scale and a shift
-    (twice its channels), the model still denoises, and the timestep changes the output through it."""
+    (twice its channels), and the model still runs and depends on the timestep."""
     import argparse
 
     import torch
@@ -645,10 +645,6 @@ def test_unet_time_norm_scale_shift_makes_the_timestep_scale_and_shift_the_featu
     assert plain.config.resnet_time_scale_shift == "default"
     proj = unet.down_blocks[0].resnets[0].time_emb_proj
     assert proj.out_features == 2 * plain.down_blocks[0].resnets[0].time_emb_proj.out_features
-    with torch.no_grad():  # a fresh UNet zeroes nothing here: make the timestep path visible
-        for block in unet.modules():
-            if hasattr(block, "time_emb_proj") and block.time_emb_proj is not None:
-                block.time_emb_proj.weight.normal_(0, 0.5)
     ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(1))
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     states = text(ids)[0]
