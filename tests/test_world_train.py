@@ -653,3 +653,79 @@ def test_unet_time_norm_scale_shift_makes_the_timestep_scale_and_shift_the_featu
     assert a.shape == x.shape and (a - b).abs().max() > 1e-3
     with pytest.raises(SystemExit):
         p.parse_args(["--unet-time-norm", "adagn"])
+
+
+def test_data_workers_render_the_same_training_set(tmp_path):
+    """Scenes rendered by two spawned processes are the ones one process renders, in seed order,
+    for the data phase and for the grounding targets."""
+    import argparse
+
+    import numpy as np
+
+    from daamkit.world import train as T
+    from daamkit.world.scenes import make_scene
+
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers{workers}"
+        argv = ["--out", str(out), "--only", "data", "--threads", "1", "--dataset-size", "10"]
+        assert T.main([*argv, "--data-workers", str(workers)]) == 0
+        T._ground_targets(argparse.Namespace(**{**T._default_args(), "data_workers": workers}), out)
+        outs[workers] = out
+    assert len(T._chunks(10, 2)) == 2  # so the second run really went through two processes
+    for name in ("data.npz", "ground.npz"):
+        one, two = np.load(outs[1] / name), np.load(outs[2] / name)
+        assert one.files == two.files
+        for key in one.files:
+            assert len(one[key]) == 10 and np.array_equal(one[key], two[key]), (name, key)
+    captions = (outs[2] / "captions.txt").read_text().splitlines()
+    assert captions == [make_scene(i, "train").caption for i in range(10)]
+    assert np.load(outs[2] / "ground.npz")["bits"].any(axis=1).all()  # every caption's words grounded
+
+
+def test_vae_from_takes_a_trained_autoencoder_whole(tmp_path, capsys):
+    """`--vae-from shipped`: no VAE or decoder training; the latents are the shipped encoder's, at its
+    scaling factor, and the exported pipeline carries the shipped autoencoder unchanged."""
+    import argparse
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from daamkit.world import default_model_path
+    from daamkit.world import train as T
+
+    shipped = default_model_path() / "vae"
+    out = tmp_path / "run"
+    small_unet = ["--unet-channels", "16,16,16", "--heads", "2", "--text-width", "16", "--batch", "4"]
+    argv = ["--out", str(out), "--threads", "1", "--dataset-size", "12", "--unet-steps", "1", *small_unet]
+    assert T.main([*argv, "--sample-steps", "0", "--vae-from", "shipped"]) == 0
+
+    ref = load_file(str(shipped / "diffusion_pytorch_model.safetensors"))
+    got = load_file(str(out / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    scale = json.loads((shipped / "config.json").read_text())["scaling_factor"]
+    assert json.loads((out / "model" / "vae" / "config.json").read_text())["scaling_factor"] == scale
+    assert json.loads((out / "latents.done").read_text())["scaling_factor"] == scale
+    assert not (out / "ckpt_decoder.pt").exists() and json.loads((out / "decoder.done").read_text())["skipped"]
+    phases = [json.loads(line)["phase"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "decoder_done" not in phases
+    vae = AutoencoderKL.from_pretrained(str(shipped), torch_dtype=torch.float32)
+    image = np.load(out / "data.npz")["images"][:2]
+    with torch.no_grad():
+        mean = vae.encode(torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+    cached = torch.from_numpy(np.load(out / "latents.npz")["mean"][:2]).float()
+    assert torch.allclose(cached, mean, atol=2e-3)
+    two_threads = argparse.Namespace(**{**T._default_args(), "threads": 2, "vae_from": "shipped"})
+    assert T._decoder_alongside(two_threads, tmp_path / "elsewhere") is False
+
+    # an autoencoder of another shape is refused before anything is written, naming the matching flags
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert T.main(["--out", str(bad), "--vae-from", "shipped", "--latent-channels", "6", "--vae-groups", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--latent-channels 4" in err and "--vae-groups 4" in err and "--vae-channels" not in err
+    assert not bad.exists()
+    assert T.main(["--out", str(tmp_path / "none"), "--vae-from", str(tmp_path)]) == 2
+    assert "no AutoencoderKL there" in capsys.readouterr().err

@@ -2,9 +2,10 @@
 
 Phases (each resumable; a finished phase is skipped on ``--resume``):
 
-1. ``data``    render a fixed training set of scenes (train split only: no held-out pair or template)
-               and tokenise its captions with the real CLIP BPE ids;
-2. ``vae``     train an ``AutoencoderKL`` (64 px RGB -> 4 x 16 x 16 latents, ``--latent-channels``);
+1. ``data``    render a fixed training set of scenes (train split only: no held-out pair or template;
+               in ``--data-workers`` processes) and tokenise its captions with the real CLIP BPE ids;
+2. ``vae``     train an ``AutoencoderKL`` (64 px RGB -> 4 x 16 x 16 latents, ``--latent-channels``), or
+               take a trained one whole with ``--vae-from`` (then phase ``decoder`` is skipped too);
 3. ``latents`` encode the training set once (posterior mean and std cached);
 4. ``unet``    train ``UNet2DConditionModel`` + ``CLIPTextModel`` (0 layers by default: embeddings
                only) jointly on the cached latents (epsilon prediction, min-SNR weighting, 10% caption
@@ -158,22 +159,60 @@ def _lr_at(frac: float, base: float, warm_frac: float, final_ratio: float = 0.1)
 # ------------------------------------------------------------------------------------------ phases
 
 
-def phase_data(args, out: Path, log):
+def data_workers(args) -> int:
+    """Processes that render the training scenes (phase ``data`` and the grounding targets):
+    ``--data-workers``, or by default one per ``--threads``."""
+    return max(1, args.data_workers if args.data_workers is not None else args.threads)
+
+
+def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    size = max(1, min(2000, -(-n // workers)))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _map_chunks(func, jobs: list, workers: int, desc: str) -> list:
+    """``func`` over ``jobs`` in order, in ``workers`` spawned processes (spawn, not fork: this process
+    may already hold torch's thread pools). Each scene comes from its own seed, so the result does not
+    depend on the worker count."""
     from tqdm import tqdm
 
+    def bar(it):
+        return tqdm(it, total=len(jobs), desc=desc, unit="chunk", mininterval=5, file=sys.stderr)
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [func(j) for j in bar(jobs)]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return list(bar(pool.imap(func, jobs)))
+
+
+def _render_chunk(job: tuple[int, int, int]):
     from daamkit.world.scenes import make_scene
 
+    a, b, data_seed = job
+    imgs = np.empty((b - a, 64, 64, 3), np.uint8)
+    objmask = np.empty((b - a, 16, 16), np.uint8)
+    caps = []
+    for k, i in enumerate(range(a, b)):
+        s = make_scene(data_seed + i, "train")
+        imgs[k] = np.asarray(s.image)
+        m = s.masks.any(0) if len(s.masks) else np.zeros((64, 64), bool)
+        objmask[k] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+        caps.append(s.caption)
+    return imgs, objmask, caps
+
+
+def phase_data(args, out: Path, log):
     tok = _tokenizer(out)
     n = args.dataset_size
-    imgs = np.empty((n, 64, 64, 3), np.uint8)
-    objmask = np.empty((n, 16, 16), np.uint8)
-    caps = []
-    for i in tqdm(range(n), desc="render", mininterval=5, file=sys.stderr):
-        s = make_scene(args.data_seed + i, "train")
-        imgs[i] = np.asarray(s.image)
-        m = s.masks.any(0) if len(s.masks) else np.zeros((64, 64), bool)
-        objmask[i] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
-        caps.append(s.caption)
+    jobs = [(a, b, args.data_seed) for a, b in _chunks(n, data_workers(args))]
+    t0 = time.time()
+    parts = _map_chunks(_render_chunk, jobs, data_workers(args), "render")
+    imgs = np.concatenate([q[0] for q in parts])
+    objmask = np.concatenate([q[1] for q in parts])
+    caps = [c for q in parts for c in q[2]]
+    print(f"data: {n} scenes rendered in {time.time() - t0:.0f} s", file=sys.stderr)
     ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
     np.savez(out / "data.npz", images=imgs, objmask=objmask, input_ids=ids.astype(np.int32))
     (out / "captions.txt").write_text("\n".join(caps) + "\n")
@@ -191,12 +230,66 @@ def _sobel(x):
     return F.pad(dx, (0, 1)), F.pad(dy, (0, 0, 0, 1))
 
 
+VAE_ARCHITECTURE = {  # AutoencoderKL config key -> the option that sets it
+    "block_out_channels": "vae_channels",
+    "layers_per_block": "vae_layers",
+    "norm_num_groups": "vae_groups",
+    "latent_channels": "latent_channels",
+}
+
+
+def vae_source(value: str) -> Path:
+    """The ``AutoencoderKL`` folder that ``--vae-from VALUE`` names: ``shipped`` (the shipped model's),
+    a pipeline folder (its ``vae/``) or a ``vae`` folder itself."""
+    if value == "shipped":
+        from daamkit.world import default_model_path
+
+        path = default_model_path() / "vae"
+    else:
+        path = Path(value)
+        if (path / "vae" / "config.json").exists():
+            path = path / "vae"
+    cfg = path / "config.json"
+    if not cfg.exists() or json.loads(cfg.read_text()).get("_class_name") != "AutoencoderKL":
+        raise ValueError(
+            f"--vae-from {value}: no AutoencoderKL there (looked for {cfg}); give `shipped`, a diffusers "
+            "pipeline folder with a vae/ subfolder, or an AutoencoderKL folder"
+        )
+    return path
+
+
+def check_vae_source(args) -> None:
+    """Refuse a ``--vae-from`` autoencoder whose shape differs from this run's VAE options, naming the
+    options that would match it."""
+    if not args.vae_from:
+        return
+    path = vae_source(args.vae_from)
+    theirs = json.loads((path / "config.json").read_text())
+    ours = vae_config(args)
+    wrong = [k for k in VAE_ARCHITECTURE if list(np.atleast_1d(theirs.get(k))) != list(np.atleast_1d(ours[k]))]
+    if wrong:
+        def flag_value(k):
+            v = theirs.get(k)
+            return ",".join(map(str, v)) if isinstance(v, list) else v
+
+        fix = " ".join(f"{_flag(VAE_ARCHITECTURE[k])} {flag_value(k)}" for k in wrong)
+        raise ValueError(f"--vae-from {args.vae_from}: its autoencoder differs from this run's in {', '.join(wrong)}; pass {fix}")
+
+
 def phase_vae(args, out: Path, log):
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
     from tqdm import tqdm
 
+    if args.vae_from:  # a trained autoencoder, taken whole (encoder and decoder) instead of trained
+        src = vae_source(args.vae_from)
+        vae = AutoencoderKL.from_pretrained(str(src), torch_dtype=torch.float32)
+        _save({"model": vae.state_dict(), "from": str(src)}, out / "ckpt_vae.pt")
+        sf = float(vae.config.scaling_factor)
+        log(phase="vae_done", source=str(src), scaling_factor=sf)
+        _mark(out, "vae", {"from": str(src), "scaling_factor": sf})
+        return
     data = np.load(out / "data.npz")
     imgs = data["images"]
     n = len(imgs)
@@ -318,6 +411,9 @@ def phase_decoder(args, out: Path, log):
     if args.decoder_minutes <= 0:
         _mark(out, "decoder", {"skipped": True})
         return
+    if args.vae_from:  # its decoder is part of the autoencoder taken whole
+        _mark(out, "decoder", {"skipped": True, "from": args.vae_from})
+        return
     while not _done(out, "latents"):  # when started alongside the main run
         time.sleep(10)
     vae = _load_vae(args, out).to(memory_format=torch.channels_last)
@@ -409,21 +505,25 @@ def phase_latents(args, out: Path, log):
     import torch
     from tqdm import tqdm
 
-    vae = _load_vae(args, out, decoder=False)
+    dev = torch.device(args.device)
+    vae = _load_vae(args, out, decoder=False).to(dev)
     imgs = np.load(out / "data.npz")["images"]
     mean = np.empty((len(imgs), args.latent_channels, 16, 16), np.float16)
     std = np.empty((len(imgs), args.latent_channels, 16, 16), np.float16)
     t0 = time.time()
     with torch.no_grad():
         for i in tqdm(range(0, len(imgs), 256), desc="encode", mininterval=10, file=sys.stderr):
-            x = torch.from_numpy(imgs[i : i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = torch.from_numpy(imgs[i : i + 256]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
             d = vae.encode(x).latent_dist
-            mean[i : i + 256] = d.mean.numpy()
-            std[i : i + 256] = d.std.numpy()
-    rng = np.random.default_rng(0)
-    sub = rng.choice(len(imgs), min(4096, len(imgs)), replace=False)
-    z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal(mean[sub].shape)
-    scale = float(1.0 / z.std())
+            mean[i : i + 256] = d.mean.cpu().numpy()
+            std[i : i + 256] = d.std.cpu().numpy()
+    if args.vae_from:  # keep the autoencoder's own scale: a model trained on it then pairs with it as is
+        scale = json.loads((out / "vae.done").read_text())["scaling_factor"]
+    else:
+        rng = np.random.default_rng(0)
+        sub = rng.choice(len(imgs), min(4096, len(imgs)), replace=False)
+        z = mean[sub].astype(np.float32) + std[sub].astype(np.float32) * rng.standard_normal(mean[sub].shape)
+        scale = float(1.0 / z.std())
     np.savez(out / "latents.npz", mean=mean, std=std)
     log(phase="latents", scaling_factor=scale, seconds=time.time() - t0)
     _mark(out, "latents", {"scaling_factor": scale, "seconds": time.time() - t0})
@@ -1014,37 +1114,49 @@ def _scene_sampler(args, out: Path, n: int):
     return lambda gen, k: gen.choice(n, size=k, p=p)
 
 
+def _ground_chunk(job: tuple[int, int, int, np.ndarray, str]):
+    from daamkit.world.scenes import make_scene
+
+    a, b, data_seed, ids, out = job
+    tok = _tokenizer(Path(out))
+    masks = np.zeros((b - a, MAX_OBJECTS, 16, 16), np.uint8)
+    bits = np.zeros((b - a, 77), np.uint8)
+    skipped = 0
+    for k, i in enumerate(range(a, b)):
+        s = make_scene(data_seed + i, "train")
+        for o, m in enumerate(s.masks[:MAX_OBJECTS]):
+            masks[k, o] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+        bb = _token_object_bits(s, tok, ids[k])
+        if bb is None:
+            skipped += 1
+        else:
+            bits[k] = bb
+    return masks, bits, skipped
+
+
 def _ground_targets(args, out: Path) -> Path:
     """Cache what the grounding loss needs: each training scene's object masks at the latent grid
     (coverage in 0..255) and, per token, which objects its word names."""
-    from tqdm import tqdm
-
-    from daamkit.world.scenes import make_scene
-
     path = out / "ground.npz"
     if path.exists():
         return path
     ids = np.load(out / "data.npz")["input_ids"]
-    tok = _tokenizer(out)
-    n = len(ids)
-    masks = np.zeros((n, MAX_OBJECTS, 16, 16), np.uint8)
-    bits = np.zeros((n, 77), np.uint8)
-    skipped = 0
-    for i in tqdm(range(n), desc="grounding targets", mininterval=5, file=sys.stderr):
-        s = make_scene(args.data_seed + i, "train")
-        for o, m in enumerate(s.masks[:MAX_OBJECTS]):
-            masks[i, o] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
-        b = _token_object_bits(s, tok, ids[i])
-        if b is None:
-            skipped += 1
-        else:
-            bits[i] = b
+    _tokenizer(out)  # written once, before the workers read it
+    jobs = [(a, b, args.data_seed, ids[a:b], str(out)) for a, b in _chunks(len(ids), data_workers(args))]
+    t0 = time.time()
+    parts = _map_chunks(_ground_chunk, jobs, data_workers(args), "grounding targets")
+    masks = np.concatenate([q[0] for q in parts])
+    bits = np.concatenate([q[1] for q in parts])
+    skipped = sum(q[2] for q in parts)
     # written whole, then renamed: a reader never sees a half-written file
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, masks=masks, bits=bits)
     os.replace(tmp, path)
-    print(f"grounding targets: {n - skipped} of {n} captions aligned", file=sys.stderr)
+    print(
+        f"grounding targets: {len(ids) - skipped} of {len(ids)} captions aligned ({time.time() - t0:.0f} s)",
+        file=sys.stderr,
+    )
     return path
 
 
@@ -1278,11 +1390,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "compute parts of the same batch, so the recipe does not change). Default: one per thread, as "
         "many as divide --batch; about 1.4x the steps per minute of one process on 2 cores",
     )
+    p.add_argument(
+        "--data-workers",
+        type=int,
+        default=None,
+        help="processes that render the training scenes and their grounding targets (the same data at "
+        "any count). Default: one per --threads",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--device",
         default="cpu",
-        help="torch device of the UNet phase (e.g. cuda); the recipe's budgets and timings are for 2 CPU cores",
+        help="torch device of the latents and UNet phases (e.g. cuda); the recipe's budgets and timings "
+        "are for 2 CPU cores",
     )
     p.add_argument("--data-seed", type=int, default=0, help="first scene seed of the training set")
     p.add_argument("--dataset-size", type=int, default=40000)
@@ -1296,6 +1416,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="channels of the 16 x 16 latent (more: a sharper autoencoder at little UNet cost)",
+    )
+    p.add_argument(
+        "--vae-from",
+        default=None,
+        metavar="MODEL",
+        help="take a trained autoencoder (encoder, decoder and scaling factor) instead of training one: "
+        "`shipped` (the shipped model's), a diffusers pipeline folder or an AutoencoderKL folder. The "
+        "vae and decoder phases are then skipped; a UNet trained so pairs with that autoencoder as is",
     )
     p.add_argument("--vae-channels", default="16,32,64")
     p.add_argument("--vae-layers", type=int, default=1)
@@ -1464,6 +1592,7 @@ SESSION_OPTIONS = (
     "only",
     "threads",
     "unet_workers",
+    "data_workers",
     "device",
     "ckpt_minutes",
     "sample_steps",
@@ -1553,6 +1682,13 @@ def run(args) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    try:
+        check_vae_source(args)
+    except ValueError as e:
+        if recorded is None and not any(out.iterdir()):
+            out.rmdir()  # this call made it: leave nothing behind
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.bf16 is None:  # resolved before args.json is written, so the run records what it used
         args.bf16 = bf16_native(args.device)
     if recorded is None:
@@ -1610,7 +1746,7 @@ def _decoder_alongside(args, out: Path) -> bool:
         want = args.decoder_alongside
     else:  # by default when there is a core to spare for it, or the UNet trains on another device
         want = args.threads >= 2 or args.device != "cpu"
-    return want and args.decoder_minutes > 0 and not _done(out, "decoder")
+    return want and args.decoder_minutes > 0 and not args.vae_from and not _done(out, "decoder")
 
 
 main_from_args = run  # for `daamkit world train` (the CLI parses with add_arguments)
