@@ -187,6 +187,11 @@ def _map_chunks(func, jobs: list, workers: int, desc: str) -> list:
         return list(bar(pool.imap(func, jobs)))
 
 
+def _cell_coverage(mask: np.ndarray) -> np.ndarray:
+    """A 64 x 64 boolean mask as the share of each 4 x 4 latent cell it covers, in 0..255."""
+    return (mask.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+
+
 def _render_chunk(job: tuple[int, int, int]):
     from daamkit.world.scenes import make_scene
 
@@ -198,7 +203,7 @@ def _render_chunk(job: tuple[int, int, int]):
         s = make_scene(data_seed + i, "train")
         imgs[k] = np.asarray(s.image)
         m = s.masks.any(0) if len(s.masks) else np.zeros((64, 64), bool)
-        objmask[k] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+        objmask[k] = _cell_coverage(m)
         caps.append(s.caption)
     return imgs, objmask, caps
 
@@ -206,9 +211,10 @@ def _render_chunk(job: tuple[int, int, int]):
 def phase_data(args, out: Path, log):
     tok = _tokenizer(out)
     n = args.dataset_size
-    jobs = [(a, b, args.data_seed) for a, b in _chunks(n, data_workers(args))]
+    workers = data_workers(args)
+    jobs = [(a, b, args.data_seed) for a, b in _chunks(n, workers)]
     t0 = time.time()
-    parts = _map_chunks(_render_chunk, jobs, data_workers(args), "render")
+    parts = _map_chunks(_render_chunk, jobs, workers, "render")
     imgs = np.concatenate([q[0] for q in parts])
     objmask = np.concatenate([q[1] for q in parts])
     caps = [c for q in parts for c in q[2]]
@@ -1125,7 +1131,7 @@ def _ground_chunk(job: tuple[int, int, int, np.ndarray, str]):
     for k, i in enumerate(range(a, b)):
         s = make_scene(data_seed + i, "train")
         for o, m in enumerate(s.masks[:MAX_OBJECTS]):
-            masks[k, o] = (m.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
+            masks[k, o] = _cell_coverage(m)
         bb = _token_object_bits(s, tok, ids[k])
         if bb is None:
             skipped += 1
@@ -1142,9 +1148,10 @@ def _ground_targets(args, out: Path) -> Path:
         return path
     ids = np.load(out / "data.npz")["input_ids"]
     _tokenizer(out)  # written once, before the workers read it
-    jobs = [(a, b, args.data_seed, ids[a:b], str(out)) for a, b in _chunks(len(ids), data_workers(args))]
+    workers = data_workers(args)
+    jobs = [(a, b, args.data_seed, ids[a:b], str(out)) for a, b in _chunks(len(ids), workers)]
     t0 = time.time()
-    parts = _map_chunks(_ground_chunk, jobs, data_workers(args), "grounding targets")
+    parts = _map_chunks(_ground_chunk, jobs, workers, "grounding targets")
     masks = np.concatenate([q[0] for q in parts])
     bits = np.concatenate([q[1] for q in parts])
     skipped = sum(q[2] for q in parts)
