@@ -657,8 +657,10 @@ def test_unet_time_norm_scale_shift_makes_the_timestep_scale_and_shift_the_featu
 
 def test_data_workers_render_the_same_training_set(tmp_path):
     """Scenes rendered by two spawned processes are the ones one process renders, in seed order,
-    for the data phase and for the grounding targets."""
+    for the data phase and for the grounding targets it writes with them; and the targets are those
+    rendered again for a data folder that lacks them."""
     import argparse
+    import shutil
 
     import numpy as np
 
@@ -670,16 +672,22 @@ def test_data_workers_render_the_same_training_set(tmp_path):
         out = tmp_path / f"workers{workers}"
         argv = ["--out", str(out), "--only", "data", "--threads", "1", "--dataset-size", "10"]
         assert T.main([*argv, "--data-workers", str(workers)]) == 0
-        T._ground_targets(argparse.Namespace(**{**T._default_args(), "data_workers": workers}), out)
+        assert (out / "ground.npz").exists()  # written by the data phase itself
         outs[workers] = out
+    again = tmp_path / "again"
+    shutil.copytree(outs[1], again, ignore=shutil.ignore_patterns("ground.npz"))
+    T._ground_targets(argparse.Namespace(**{**T._default_args(), "data_workers": 2}), again)
     assert len(T._chunks(10, 2)) == 2  # so the second run really went through two processes
-    for name in ("data.npz", "ground.npz"):
-        one, two = np.load(outs[1] / name), np.load(outs[2] / name)
+    for name, other in (("data.npz", outs[2]), ("ground.npz", outs[2]), ("ground.npz", again)):
+        one, two = np.load(outs[1] / name), np.load(other / name)
         assert one.files == two.files
         for key in one.files:
-            assert len(one[key]) == 10 and np.array_equal(one[key], two[key]), (name, key)
+            assert len(one[key]) == 10 and np.array_equal(one[key], two[key]), (name, other.name, key)
     captions = (outs[2] / "captions.txt").read_text().splitlines()
     assert captions == [make_scene(i, "train").caption for i in range(10)]
+    ids = np.load(outs[2] / "data.npz")["input_ids"]
+    tok = T._tokenizer(outs[2])
+    assert np.array_equal(ids, tok(captions, padding="max_length", max_length=77, return_tensors="np").input_ids)
     assert np.load(outs[2] / "ground.npz")["bits"].any(axis=1).all()  # every caption's words grounded
 
 

@@ -192,38 +192,53 @@ def _cell_coverage(mask: np.ndarray) -> np.ndarray:
     return (mask.reshape(16, 4, 16, 4).mean((1, 3)) * 255).astype(np.uint8)
 
 
-def _render_chunk(job: tuple[int, int, int]):
+def _render_chunk(job: tuple[int, int, int, str]):
+    """Render scenes ``a..b`` once for everything the training reads from them: the images, their
+    object coverage, the token ids, and the grounding targets (each object's mask and, per token,
+    which objects its word names)."""
     from daamkit.world.scenes import make_scene
 
-    a, b, data_seed = job
+    a, b, data_seed, out = job
+    tok = _tokenizer(Path(out))
     imgs = np.empty((b - a, 64, 64, 3), np.uint8)
     objmask = np.empty((b - a, 16, 16), np.uint8)
-    caps = []
+    caps, scenes = [], []
     for k, i in enumerate(range(a, b)):
         s = make_scene(data_seed + i, "train")
         imgs[k] = np.asarray(s.image)
         m = s.masks.any(0) if len(s.masks) else np.zeros((64, 64), bool)
         objmask[k] = _cell_coverage(m)
         caps.append(s.caption)
-    return imgs, objmask, caps
+        scenes.append(s)
+    ids = _token_ids(tok, caps)
+    return imgs, objmask, caps, ids, _object_targets(scenes, tok, ids)
+
+
+def _token_ids(tok, captions: list[str]) -> np.ndarray:
+    return tok(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="np"
+    ).input_ids.astype(np.int32)
 
 
 def phase_data(args, out: Path, log):
-    tok = _tokenizer(out)
+    tok = _tokenizer(out)  # written once, before the workers read it
     n = args.dataset_size
     workers = data_workers(args)
-    jobs = [(a, b, args.data_seed) for a, b in _chunks(n, workers)]
+    jobs = [(a, b, args.data_seed, str(out)) for a, b in _chunks(n, workers)]
     t0 = time.time()
     parts = _map_chunks(_render_chunk, jobs, workers, "render")
     imgs = np.concatenate([q[0] for q in parts])
     objmask = np.concatenate([q[1] for q in parts])
     caps = [c for q in parts for c in q[2]]
+    ids = np.concatenate([q[3] for q in parts])
     print(f"data: {n} scenes rendered in {time.time() - t0:.0f} s", file=sys.stderr)
-    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
-    np.savez(out / "data.npz", images=imgs, objmask=objmask, input_ids=ids.astype(np.int32))
+    np.savez(out / "data.npz", images=imgs, objmask=objmask, input_ids=ids)
     (out / "captions.txt").write_text("\n".join(caps) + "\n")
     empty = tok([""], padding="max_length", max_length=77, return_tensors="np").input_ids[0]
     np.save(out / "empty_ids.npy", empty.astype(np.int32))
+    # the grounding targets come from the very scenes just rendered, so they are written here rather
+    # than by rendering all of them a second time when the UNet phase first needs them
+    _save_ground_targets(out, [q[4] for q in parts], time.time() - t0)
     log(phase="data", n=n)
     _mark(out, "data", {"n": n})
 
@@ -1120,16 +1135,14 @@ def _scene_sampler(args, out: Path, n: int):
     return lambda gen, k: gen.choice(n, size=k, p=p)
 
 
-def _ground_chunk(job: tuple[int, int, int, np.ndarray, str]):
-    from daamkit.world.scenes import make_scene
-
-    a, b, data_seed, ids, out = job
-    tok = _tokenizer(Path(out))
-    masks = np.zeros((b - a, MAX_OBJECTS, 16, 16), np.uint8)
-    bits = np.zeros((b - a, 77), np.uint8)
+def _object_targets(scenes: list, tok, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The grounding targets of ``scenes`` (token ids ``ids``): each object's mask at the latent grid
+    (coverage in 0..255), per token the bits of the objects its word names, and how many captions
+    could not be aligned (their bits stay 0: not grounded)."""
+    masks = np.zeros((len(scenes), MAX_OBJECTS, 16, 16), np.uint8)
+    bits = np.zeros((len(scenes), ids.shape[1]), np.uint8)
     skipped = 0
-    for k, i in enumerate(range(a, b)):
-        s = make_scene(data_seed + i, "train")
+    for k, s in enumerate(scenes):
         for o, m in enumerate(s.masks[:MAX_OBJECTS]):
             masks[k, o] = _cell_coverage(m)
         bb = _token_object_bits(s, tok, ids[k])
@@ -1140,9 +1153,31 @@ def _ground_chunk(job: tuple[int, int, int, np.ndarray, str]):
     return masks, bits, skipped
 
 
+def _ground_chunk(job: tuple[int, int, int, np.ndarray, str]):
+    from daamkit.world.scenes import make_scene
+
+    a, b, data_seed, ids, out = job
+    scenes = [make_scene(data_seed + i, "train") for i in range(a, b)]
+    return _object_targets(scenes, _tokenizer(Path(out)), ids)
+
+
+def _save_ground_targets(out: Path, parts: list, seconds: float) -> Path:
+    path = out / "ground.npz"
+    masks = np.concatenate([q[0] for q in parts])
+    bits = np.concatenate([q[1] for q in parts])
+    skipped = sum(q[2] for q in parts)
+    # written whole, then renamed: a reader never sees a half-written file
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, masks=masks, bits=bits)
+    os.replace(tmp, path)
+    print(f"grounding targets: {len(bits) - skipped} of {len(bits)} captions aligned ({seconds:.0f} s)", file=sys.stderr)
+    return path
+
+
 def _ground_targets(args, out: Path) -> Path:
-    """Cache what the grounding loss needs: each training scene's object masks at the latent grid
-    (coverage in 0..255) and, per token, which objects its word names."""
+    """``ground.npz``, what the grounding loss needs. The data phase writes it; this renders the
+    scenes again only for a data folder made before it did (or with the file removed)."""
     path = out / "ground.npz"
     if path.exists():
         return path
@@ -1152,19 +1187,7 @@ def _ground_targets(args, out: Path) -> Path:
     jobs = [(a, b, args.data_seed, ids[a:b], str(out)) for a, b in _chunks(len(ids), workers)]
     t0 = time.time()
     parts = _map_chunks(_ground_chunk, jobs, workers, "grounding targets")
-    masks = np.concatenate([q[0] for q in parts])
-    bits = np.concatenate([q[1] for q in parts])
-    skipped = sum(q[2] for q in parts)
-    # written whole, then renamed: a reader never sees a half-written file
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, masks=masks, bits=bits)
-    os.replace(tmp, path)
-    print(
-        f"grounding targets: {len(ids) - skipped} of {len(ids)} captions aligned ({time.time() - t0:.0f} s)",
-        file=sys.stderr,
-    )
-    return path
+    return _save_ground_targets(out, parts, time.time() - t0)
 
 
 def _scored_tokens(bits, keep, n_objects: int = MAX_OBJECTS):
