@@ -1453,7 +1453,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="MODEL",
         help="take a trained autoencoder (encoder, decoder and scaling factor) instead of training one: "
         "`shipped` (the shipped model's), a diffusers pipeline folder or an AutoencoderKL folder. The "
-        "vae and decoder phases are then skipped; a UNet trained so pairs with that autoencoder as is",
+        "vae and decoder phases are then skipped; a UNet trained so pairs with that autoencoder as is. "
+        "With no decoder beside it the UNet has every thread from its first step, so in the same "
+        "--unet-minutes it makes more steps than a default run: to compare step for step, cap them with "
+        "--unet-steps",
     )
     p.add_argument("--vae-channels", default="16,32,64")
     p.add_argument("--vae-layers", type=int, default=1)
