@@ -234,8 +234,7 @@ def phase_data(args, out: Path, log):
     print(f"data: {n} scenes rendered in {time.time() - t0:.0f} s", file=sys.stderr)
     np.savez(out / "data.npz", images=imgs, objmask=objmask, input_ids=ids)
     (out / "captions.txt").write_text("\n".join(caps) + "\n")
-    empty = tok([""], padding="max_length", max_length=77, return_tensors="np").input_ids[0]
-    np.save(out / "empty_ids.npy", empty.astype(np.int32))
+    np.save(out / "empty_ids.npy", _token_ids(tok, [""])[0])
     # the grounding targets come from the very scenes just rendered, so they are written here rather
     # than by rendering all of them a second time when the UNet phase first needs them
     _save_ground_targets(out, [q[4] for q in parts], time.time() - t0)
