@@ -2,7 +2,7 @@
 
 Builds the shapes-world UNet and text encoder with today's `daamkit world train` defaults (or
 ``--unet-channels``), gives every parameter a random gradient and times ``opt.step()`` of both
-implementations with the phase's settings (two parameter groups, betas 0.9/0.99, no weight decay), in
+implementations as the phase builds it (`daamkit.world.train.unet_optimizer`), in
 ABAB order on one thread, as one data-parallel worker runs it. Prints the median milliseconds a step
 and the ratio against the per-tensor loop measured in the same run.
 
@@ -18,13 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
-
-def _optimizer(params: list, fused: bool):
-    import torch
-
-    groups = [{"params": params[0], "lr": 1e-3}, {"params": params[1], "lr": 1e-3}]
-    return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), fused=fused)
 
 
 def _ms_per_step(opt, params: list, steps: int) -> float:
@@ -50,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from daamkit.world.train import _build_unet_and_text, _default_args
+    from daamkit.world.train import _build_unet_and_text, _default_args, unet_optimizer
 
     torch.set_num_threads(a.threads)
     args = argparse.Namespace(**_default_args())
@@ -60,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     unet, te = _build_unet_and_text(args)
     params = [list(unet.parameters()), list(te.parameters())]
     n = sum(p.numel() for group in params for p in group)
-    opts = {False: _optimizer(params, False), True: _optimizer(params, True)}
+    opts = {fused: unet_optimizer(unet, te, args, fused=fused) for fused in (False, True)}
     times: dict[bool, list[float]] = {False: [], True: []}
     for rep in range(a.repeats):
         for fused in (False, True) if rep % 2 == 0 else (True, False):

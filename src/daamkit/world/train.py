@@ -756,6 +756,21 @@ def _shared(values: list[float], world: int) -> list[float]:
     return buf.tolist()
 
 
+def unet_optimizer(unet, te, args, fused: bool):
+    """The UNet phase's AdamW over the UNet (group 0) and the text encoder (group 1, ``--text-lr-mult``).
+
+    ``fused``: one kernel per tensor instead of a dozen small ops. PyTorch's default on a CPU is the
+    per-tensor loop, about 8% of a one-thread worker's step (benchmarks/optimizer_step.py, which times
+    both through this function)."""
+    import torch
+
+    params = [
+        {"params": list(unet.parameters()), "lr": args.lr},
+        {"params": list(te.parameters()), "lr": args.lr * args.text_lr_mult},
+    ]
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=fused)
+
+
 def _train_unet(
     args,
     out: Path,
@@ -804,14 +819,7 @@ def _train_unet(
         for name, mod in unet.named_modules():
             if name.endswith("attn2"):
                 mod.set_processor(_CaptureCrossAttention(store, detach_text=args.ground_detach_text))
-    params = [
-        {"params": list(unet.parameters()), "lr": args.lr},
-        {"params": list(te.parameters()), "lr": args.lr * args.text_lr_mult},
-    ]
-    # fused: one kernel per tensor instead of a dozen small ops; the per-tensor loop was about 8% of a
-    # one-thread worker's step (benchmarks/README.md, optimizer_step.py)
-    fused = dev.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99), fused=fused)
+    opt = unet_optimizer(unet, te, args, fused=dev.type in ("cpu", "cuda"))
     sched = DDPMScheduler(**SCHEDULER_KW)
     acp = sched.alphas_cumprod.float()
     snr = (acp / (1 - acp)).to(dev)
