@@ -67,7 +67,7 @@ class Model:
 
 
 def build_sd15(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
-    from daamkit.configs import build_random_pipeline
+    from daamkit.testing.configs import build_random_pipeline
 
     return build_random_pipeline("sd15", dtype=dtype, device=device, seed=seed)
 
@@ -78,7 +78,7 @@ SD3_WITHOUT = ("text_encoder_3", "tokenizer_3")
 def build_sd3(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
     """SD3-medium at full size without T5-XXL (4.7B params, ~19 GB fp32: does not fit next to the rest in
     24 GB). The pipeline supports that mode: the T5 part of the joint context (256 tokens) is zeros."""
-    from daamkit.configs import build_random_pipeline
+    from daamkit.testing.configs import build_random_pipeline
 
     return build_random_pipeline("sd3", dtype=dtype, device=device, seed=seed, without=SD3_WITHOUT)
 
@@ -100,7 +100,7 @@ def build_flux(device: torch.device, dtype: torch.dtype, seed: int, args: argpar
     """Flux.1-dev at full width (3072 = 24 heads x 128, joint dim 4096, pooled 768, rope [16, 56, 56],
     guidance embedding) with fewer blocks, and a T5-XXL-width encoder (d_model 4096) with few layers:
     11.9B + 4.7B parameters do not fit in 24 GB. The prompt goes through CLIP-L and that T5 as usual."""
-    from daamkit.configs import build_random_pipeline
+    from daamkit.testing.configs import build_random_pipeline
 
     return build_random_pipeline(
         "flux", dtype=dtype, device=device, seed=seed, overrides=flux_overrides(args)

@@ -7,14 +7,14 @@ pipeline's throughput measured in the same run as the baseline; and the disk siz
     python benchmarks/throughput.py --record-sizes                 # bytes per record: SD 1.5, SDXL, Flux
 
 Model: ``--model PATH``, else the shapes-world model (``daamkit.world.default_model_path()``) if it is
-shipped, else the tiny random SD pipeline of the tests (tests/tiny_pipes.py) saved to a temporary folder.
+shipped, else the tiny random SD pipeline of the tests (daamkit.testing.pipelines) saved to a temporary folder.
 
 For each process count the driver starts the workers with ``accelerate launch`` (torchrun; gloo on CPU,
 one process per GPU with --device cuda) and, on CPU, gives each process cores // N threads. Each worker
 loads the pipeline once, warms up, then for every batch size, between barriers:
 
 * untraced: the plain pipeline over its share of the prompts (same per-item generators, no trace, no files)
-* traced:   ``daamkit.batch.run_batch`` into a fresh folder: trace, heat maps, records written, index merged
+* traced:   ``daamkit.jobs.batch.run_batch`` into a fresh folder: trace, heat maps, records written, index merged
 
 prompts/s = prompts / wall time of the slowest process (from the barrier before to the barrier after).
 The JSON result is the last line of stdout.
@@ -50,7 +50,7 @@ def prompts(n: int) -> list[str]:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from daamkit.batch import (
+    from daamkit.jobs.batch import (
         BatchConfig,
         _generate_batch,
         _process_device,
@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         run_batch,
         shard,
     )
-    from daamkit.models import load_pipeline
+    from daamkit.jobs.pipeline import load_pipeline
 
     state = _state(args.device)
     device = _process_device(args.device, state)
@@ -119,13 +119,12 @@ def default_model(tmp: Path) -> tuple[str, str]:
             return str(path), "shapes-world model"
     except (ImportError, FileNotFoundError, OSError):
         pass
-    sys.path.insert(0, str(ROOT / "tests"))
-    from daamkit.vocab import clip_tokenizer
-    from tiny_pipes import tiny_sd
+    from daamkit.testing.pipelines import tiny_sd
+    from daamkit.testing.tokenizers import clip_tokenizer
 
     clip_tokenizer(tmp / "tokenizer")
     tiny_sd(str(tmp / "tokenizer")).save_pretrained(tmp / "tiny_sd")
-    return str(tmp / "tiny_sd"), "tiny random SD pipeline (tests/tiny_pipes.py: 2-block UNet, 64 px images)"
+    return str(tmp / "tiny_sd"), "tiny random SD pipeline (daamkit.testing.pipelines: 2-block UNet, 64 px images)"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,7 +185,7 @@ def record_sizes() -> dict:
     from safetensors.torch import save as st_save
 
     from daamkit.heatmap import GlobalHeatMap
-    from daamkit.record import RunRecord
+    from daamkit.io.record import RunRecord
     from daamkit.tokens import TokenAlignment, Word
 
     prompt = "a photograph of an astronaut riding a horse on the moon, highly detailed"

@@ -47,7 +47,7 @@ def main() -> int:
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(tmp),
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     log = open(tmp / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "daamkit.ui", "--port", str(port)], stdout=log,
+    server = subprocess.Popen([sys.executable, "-m", "daamkit", "ui", "--port", str(port)], stdout=log,
                               stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:

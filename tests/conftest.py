@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def clip_tokenizer_dir(tmp_path_factory) -> str:
     """A directory with Stable Diffusion's CLIP tokenizer (real ids), built offline."""
-    from daamkit.vocab import clip_tokenizer
+    from daamkit.testing.tokenizers import clip_tokenizer
 
     d = tmp_path_factory.mktemp("clip_tokenizer")
     clip_tokenizer(d)
@@ -20,7 +20,7 @@ def clip_tokenizer_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def clip_tokenizer_2_dir(tmp_path_factory) -> str:
     """SDXL's second tokenizer: same vocabulary, pads with '!' (id 0)."""
-    from daamkit.vocab import clip_tokenizer
+    from daamkit.testing.tokenizers import clip_tokenizer
 
     d = tmp_path_factory.mktemp("clip_tokenizer_2")
     clip_tokenizer(d, pad_token="!")
@@ -37,7 +37,7 @@ def sd_tokenizer(clip_tokenizer_dir):
 @pytest.fixture(scope="session")
 def t5_tokenizer_dir(tmp_path_factory) -> str:
     """A T5 sentencepiece tokenizer trained here on a small vocabulary (the Flux/SD3 code path)."""
-    from tiny_pipes import t5_tokenizer
+    from daamkit.testing.tokenizers import t5_tokenizer
 
     d = tmp_path_factory.mktemp("t5_tokenizer")
     t5_tokenizer(str(d))
@@ -46,13 +46,13 @@ def t5_tokenizer_dir(tmp_path_factory) -> str:
 
 @pytest.fixture()
 def sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir):
-    from tiny_pipes import tiny_sd3
+    from daamkit.testing.pipelines import tiny_sd3
 
     return tiny_sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir)
 
 
 @pytest.fixture()
 def flux(clip_tokenizer_dir, t5_tokenizer_dir):
-    from tiny_pipes import tiny_flux
+    from daamkit.testing.pipelines import tiny_flux
 
     return tiny_flux(clip_tokenizer_dir, t5_tokenizer_dir)

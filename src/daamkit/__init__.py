@@ -8,9 +8,10 @@ with trace(pipe) as tc:
 ```
 """
 
-from .aggregate import AggregationConfig, LayerInfo
-from .runs import Runs, load_runs
-from .trace import SUPPORTED_FAMILIES, Trace, TraceError, UnsupportedPipelineError, trace
+from daamkit.aggregate import AggregationConfig, LayerInfo
+from daamkit.capture import SUPPORTED_FAMILIES, UnsupportedPipelineError
+from daamkit.io.runs import Runs, load_runs
+from daamkit.trace import Trace, TraceError, trace
 
 __version__ = "0.1.0"
 

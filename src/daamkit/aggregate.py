@@ -16,18 +16,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from daamkit.capture.base import LayerInfo
+
 Mode = Literal["daam", "reference"]
 BLOCKS = ("down", "mid", "up", "single", "joint", "double")
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One traced text-image attention module."""
-
-    name: str  # module path in the denoiser, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
-    block: str  # "down" / "mid" / "up" for UNets; "joint" / "double" / "single" for transformers
-    index: int  # position among the traced layers, in forward order
-    heads: int
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from daamkit.errors import DaamkitError
+
 __all__ = [
     "TokenAlignment",
     "TruncatedWordError",
@@ -63,7 +65,7 @@ _WHITESPACE = (
 
 
 # --------------------------------------------------------------------------------------------- errors
-class WordNotFoundError(KeyError):
+class WordNotFoundError(DaamkitError, KeyError):
     """The query is not a (sequence of) whole word(s) of the prompt.
 
     A ``KeyError`` so that ``maps.word(...)`` behaves like a mapping lookup, but with a readable

@@ -22,26 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aggregate import Accumulator, AggregationConfig, LayerInfo
-from .capture.base import DenoiserCall, HookSet
-from .capture.flux import FluxCapture
-from .capture.mmdit import SD3Capture
-from .capture.unet import UNetCapture, is_traced
+from daamkit.aggregate import Accumulator, AggregationConfig
+from daamkit.capture import UnsupportedPipelineError, detect_capture
+from daamkit.capture.base import DenoiserCall, HookSet, LayerInfo, is_traced
+from daamkit.errors import DaamkitError
 
-SUPPORTED_FAMILIES = (
-    "Stable Diffusion 1.x/2.x and SDXL UNet pipelines (text-to-image, img2img, inpainting, ControlNet), "
-    "Stable Diffusion 3/3.5 (SD3Transformer2DModel) and Flux (FluxTransformer2DModel)"
-)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 _TRUNCATION_MARK = "was truncated because"
 
 
-class UnsupportedPipelineError(TypeError):
-    pass
-
-
-class TraceError(RuntimeError):
+class TraceError(DaamkitError, RuntimeError):
     pass
 
 
@@ -84,27 +75,6 @@ class _TruncationLog(logging.Handler):
             return
         if isinstance(removed, list):
             self.pending = [str(r) for r in removed]
-
-
-def detect_capture(pipe: Any) -> UNetCapture | SD3Capture | FluxCapture:
-    """The capture for this pipeline's family, or a clear error naming the supported ones."""
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        from diffusers import UNet2DConditionModel
-
-        if isinstance(unet, UNet2DConditionModel):
-            return UNetCapture(unet)
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None:
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-        if isinstance(transformer, SD3Transformer2DModel):
-            return SD3Capture(transformer)
-        if isinstance(transformer, FluxTransformer2DModel):
-            return FluxCapture(transformer)
-    kind = type(transformer).__name__ if transformer is not None else type(unet).__name__ if unet is not None else None
-    what = f"{type(pipe).__name__}" + (f" with a {kind} denoiser" if kind else "")
-    raise UnsupportedPipelineError(f"daamkit cannot trace {what}. Supported: {SUPPORTED_FAMILIES}.")
 
 
 class Trace:
@@ -155,7 +125,7 @@ class Trace:
             )
         try:
             if self.concepts:
-                from .capture.concept import ConceptCapture, encode_concepts
+                from daamkit.methods.concept import ConceptCapture, encode_concepts
 
                 embeds = self._concept_embeds
                 if embeds is None:  # before our text-encoder hooks exist, so the prompt capture is clean
@@ -318,7 +288,7 @@ class Trace:
         method: ``"cross"`` (DAAM maps of the prompt's words, default) or ``"concept"`` (ConceptAttention
             maps of the ``concepts`` given to :func:`trace`, which need not be in the prompt).
         """
-        from .heatmap import GlobalHeatMap
+        from daamkit.heatmap import GlobalHeatMap
 
         if method == "concept":
             return self._concept_maps(i)
@@ -350,8 +320,8 @@ class Trace:
         return GlobalHeatMap(maps.cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
 
     def _concept_maps(self, i: int):
-        from .heatmap import GlobalHeatMap
-        from .tokens import TokenAlignment, Word, split_words
+        from daamkit.heatmap import GlobalHeatMap
+        from daamkit.tokens import TokenAlignment, Word, split_words
 
         gen = self._require_gen()
         if not self.concepts:
@@ -381,7 +351,7 @@ class Trace:
         return [self.heat_maps(i, **kwargs) for i in range(self.num_images)]
 
     def _alignment(self, gen: _Generation, i: int, prompt: str | None, branch: str, total: int):
-        from .tokens import concat_alignments
+        from daamkit.tokens import concat_alignments
 
         called = list(dict.fromkeys(c.encoder for c in gen.text_calls))
         encoders = self.capture.context_encoders(called)
@@ -400,7 +370,7 @@ class Trace:
     def _encoder_alignment(
         self, gen: _Generation, encoder: str, i: int, prompt: str | None, branch: str, length: int
     ):
-        from .tokens import align, recover_prompt
+        from daamkit.tokens import align, recover_prompt
 
         own = [c for c in gen.text_calls if c.encoder == encoder]
         index = 0 if branch == "cond" else 1

@@ -6,8 +6,8 @@
   the overlap of the two nouns' maps) and how far a colour adjective's map spreads beyond its noun;
 * :mod:`daamkit.analysis.pos` -- attention mass per part of speech.
 
-Every analysis takes *runs*: any iterable of :class:`daamkit.record.RunRecord` (e.g.
-``daamkit.runs.load_runs(dir)``), of ``(prompt, GlobalHeatMap)`` pairs, or of ``GlobalHeatMap``s that
+Every analysis takes *runs*: any iterable of :class:`daamkit.io.record.RunRecord` (e.g.
+``daamkit.io.runs.load_runs(dir)``), of ``(prompt, GlobalHeatMap)`` pairs, or of ``GlobalHeatMap``s that
 know their prompt. :func:`open_runs` turns a folder into such an iterable. Importing this package is
 cheap: spaCy, matplotlib and diffusers are imported only by the functions that need them.
 """
@@ -129,15 +129,15 @@ def open_runs(path: str | os.PathLike[str]) -> Iterable[Any]:
     """The records under ``path``, loaded lazily.
 
     A folder written by ``daamkit batch`` (or any folder of records) goes through
-    :func:`daamkit.runs.load_runs`. A single record (stem, ``.json`` or ``.safetensors``) gives a
+    :func:`daamkit.io.runs.load_runs`. A single record (stem, ``.json`` or ``.safetensors``) gives a
     one-element list.
     """
     p = Path(path)
     if p.is_dir():
-        from daamkit.runs import load_runs
+        from daamkit.io.runs import load_runs
 
         return load_runs(p)
-    from daamkit.record import RunRecord, record_paths
+    from daamkit.io.record import RunRecord, record_paths
 
     if any(q.exists() for q in record_paths(p)):
         return [RunRecord.load(p)]

@@ -27,7 +27,6 @@ objects (from the generated image); elsewhere the noun's map stands in for its o
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -48,11 +47,9 @@ __all__ = [
     "EntanglementResult",
     "PairPrompt",
     "PairTrial",
-    "add_arguments",
     "adjective_spread",
     "analyze_entanglement",
     "load_ontology",
-    "main",
     "ontology_pair_prompts",
     "pair_prompt",
     "run_entanglement",
@@ -460,7 +457,7 @@ class EntanglementResult:
         return fig
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        from . import save_report
+        from daamkit.analysis import save_report
 
         return save_report(self, out_dir, "entangle")
 
@@ -509,7 +506,7 @@ def run_entanglement(
 
     ``prompts`` default: :func:`world_pair_prompts` (``world=True``) or :func:`ontology_pair_prompts`,
     ``n`` per group. Each prompt's generator is seeded with its ``seed``. ``save_dir`` also writes one
-    :class:`~daamkit.record.RunRecord` per image (``meta["entangle"]`` holds the pair), which
+    :class:`~daamkit.io.record.RunRecord` per image (``meta["entangle"]`` holds the pair), which
     :func:`analyze_entanglement` can score again.
     """
     import torch
@@ -541,7 +538,7 @@ def run_entanglement(
             res.trials.append(t)
             res.adjectives += s
             if save_dir is not None:
-                from daamkit.record import RunRecord
+                from daamkit.io.record import RunRecord
 
                 RunRecord(pp.prompt, image, hm, seed=pp.seed,
                           settings={"steps": steps, "guidance_scale": guidance_scale},
@@ -552,74 +549,3 @@ def run_entanglement(
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local model folder (default: the embedded shapes-world model)")
-    p.add_argument("--world", action="store_true",
-                   help="shapes-world prompts with --model (the default when --model is not given or is a "
-                        "folder exported by `daamkit world train`)")
-    p.add_argument("--ontology", help="JSON {hypernym: [nouns]} for real models (default: the shipped one)")
-    p.add_argument("--pairs", nargs="+", metavar="X,Y", help="noun pairs to test instead of sampled ones")
-    p.add_argument("--runs", help="score saved records (written with --save-records) instead of generating")
-    p.add_argument("--n", type=int, default=100, help="prompts per group (default 100: 200 runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--save-records", action="store_true", help="also write each run's record under OUT/records")
-    p.add_argument("--out", default="daamkit-entangle", help="output folder (default: daamkit-entangle)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def _world_mode(args: argparse.Namespace) -> bool:
-    """Shapes-world pairs and judge: asked for, the embedded model, or a model folder that
-    `daamkit world train` exported (it carries ``daamkit_world.json``)."""
-    if args.world or not args.model:
-        return True
-    return Path(args.model, "daamkit_world.json").is_file()
-
-
-def main(args: argparse.Namespace) -> int:
-    world = _world_mode(args)
-    onto = load_ontology(args.ontology) if args.ontology else None
-    if args.runs:
-        from daamkit.analysis import open_runs
-
-        res = analyze_entanglement(open_runs(args.runs), world=world, ontology=onto, threshold=args.threshold)
-        res.settings = {"runs": str(args.runs), "world": world}
-    else:
-        from daamkit.models import load_pipeline
-
-        if args.model:
-            model = args.model
-        else:
-            from daamkit.world import ModelNotFoundError, default_model_path
-
-            try:
-                model = default_model_path()
-            except ModelNotFoundError as e:
-                raise SystemExit(f"daamkit entangle: error: {e} (or pass --model PATH)") from None
-        prompts = None
-        if args.pairs:
-            onto_for_pairs = onto if onto is not None else (SHAPE_FAMILIES if world else load_ontology())
-            prompts = []
-            for i, spec in enumerate(args.pairs):
-                a, _, b = spec.partition(",")
-                if not a or not b:
-                    raise SystemExit(f"daamkit entangle: error: --pairs takes X,Y (got {spec!r})")
-                prompts.append(pair_prompt(a.strip().lower(), b.strip().lower(), onto_for_pairs, seed=args.seed + i, index=i))
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
-        res = run_entanglement(pipe, prompts, n=args.n, seed=args.seed, world=world, ontology=onto, steps=args.steps,
-                               guidance_scale=args.guidance, batch_size=args.batch_size, threshold=args.threshold,
-                               save_dir=(Path(args.out) / "records") if args.save_records else None,
-                               progress=not args.no_progress)
-        res.settings["model"] = str(model)
-        if not world:
-            print("note: generation success on real models needs a judge (e.g. an object detector): pass "
-                  "judge=... to daamkit.analysis.entanglement.run_entanglement; only overlaps are reported here")
-    paths = res.save(args.out)
-    print(res.markdown())
-    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
-    return 0

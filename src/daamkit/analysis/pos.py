@@ -19,7 +19,6 @@ where available).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from daamkit.analysis.syntax import (
+    Parser,
+    group_map,
+    load_parser,
+    match_tokens,
+    parse,
+    world_parser,
+)
 from daamkit.heatmap import DEFAULT_THRESHOLD
 
-from .syntax import Parser, ParserNotFoundError, group_map, load_parser, match_tokens, parse, world_parser
-
-__all__ = ["PosResult", "WordMass", "add_arguments", "analyze_pos", "main", "pos_masses"]
+__all__ = ["PosResult", "WordMass", "analyze_pos", "pos_masses"]
 
 
 @dataclass
@@ -143,7 +148,7 @@ class PosResult:
         return fig
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        from . import save_report
+        from daamkit.analysis import save_report
 
         return save_report(self, out_dir, "pos")
 
@@ -163,28 +168,3 @@ def analyze_pos(runs: Iterable[Any] | str, tagger: Parser | str | None = None,
         result.words += pos_masses(run, tag, threshold)
         result.n_runs += 1
     return result
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records")
-    p.add_argument("--parser", default=None,
-                   help="spaCy package name, or 'world' for the shapes-world vocabulary (default: the first "
-                        "installed English spaCy pipeline)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="tau for the area column (default 0.4)")
-    p.add_argument("--out", default="daamkit-pos", help="output folder (default: daamkit-pos)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from daamkit.analysis import open_runs
-
-    try:
-        result = analyze_pos(open_runs(args.runs_dir), args.parser, args.threshold)
-    except ParserNotFoundError as e:
-        raise SystemExit(f"daamkit pos: error: {e}") from None
-    if result.n_runs == 0:
-        raise SystemExit(f"daamkit pos: error: no run records found in {args.runs_dir}")
-    result.settings = {"runs": str(args.runs_dir), "parser": args.parser or "spacy"}
-    paths = result.save(args.out)
-    print(result.markdown())
-    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
-    return 0

@@ -26,7 +26,6 @@ CLIP's ``can``) is skipped, as are arcs whose ends are skipped or share a word.
 
 from __future__ import annotations
 
-import argparse
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from daamkit.errors import DaamkitError
 from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, WordHeatMap, mask_ioa, mask_iou
 from daamkit.tokens import Word
 
@@ -45,12 +45,10 @@ __all__ = [
     "ParsedToken",
     "ParserNotFoundError",
     "SyntaxResult",
-    "add_arguments",
     "analyze_syntax",
     "dependency_pairs",
     "group_map",
     "load_parser",
-    "main",
     "match_tokens",
     "parse",
     "world_parser",
@@ -80,7 +78,7 @@ INSTALL_HINT = (
 )
 
 
-class ParserNotFoundError(ImportError):
+class ParserNotFoundError(DaamkitError, ImportError):
     """spaCy or an English spaCy pipeline is not installed (nothing is ever downloaded at run time)."""
 
 
@@ -510,7 +508,7 @@ class SyntaxResult:
         return fig
 
     def save(self, out_dir: str | Path) -> dict[str, str]:
-        from . import save_report
+        from daamkit.analysis import save_report
 
         return save_report(self, out_dir, "syntax")
 
@@ -547,33 +545,3 @@ def analyze_syntax(
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run records (daamkit batch/generate/demo output)")
-    p.add_argument("--parser", default=None,
-                   help="spaCy package name, or 'world' for the shapes-world grammar (default: the first "
-                        "installed English spaCy pipeline)")
-    p.add_argument("--relations", nargs="+", default=None,
-                   help=f"relations to tabulate (default: {' '.join(PAPER_RELATIONS)}; 'all' = every one found)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="tau (default 0.4)")
-    p.add_argument("--out", default="daamkit-syntax", help="output folder (default: daamkit-syntax)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from daamkit.analysis import open_runs
-
-    relations: Sequence[str] | None = PAPER_RELATIONS
-    if args.relations:
-        relations = None if args.relations == ["all"] else tuple(args.relations)
-    parser: Any = args.parser
-    try:
-        result = analyze_syntax(open_runs(args.runs_dir), parser=parser, relations=relations,
-                                threshold=args.threshold)
-    except ParserNotFoundError as e:
-        raise SystemExit(f"daamkit syntax: error: {e}") from None
-    result.settings = {"runs": str(args.runs_dir), "parser": args.parser or "spacy"}
-    if result.n_runs == 0:
-        raise SystemExit(f"daamkit syntax: error: no run records found in {args.runs_dir}")
-    paths = result.save(args.out)
-    print(result.markdown())
-    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
-    return 0

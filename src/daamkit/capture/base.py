@@ -1,4 +1,5 @@
-"""What every family's capture reports to the trace."""
+"""The capture protocol shared by every model family: which layer runs (``LayerInfo``), the denoiser
+pre-hook that marks each step, what a capture reports to its sink, and the hook bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..aggregate import LayerInfo
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One traced text-image attention module."""
+
+    name: str  # module path in the denoiser, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    block: str  # "down" / "mid" / "up" for UNets; "joint" / "double" / "single" for transformers
+    index: int  # position among the traced layers, in forward order
+    heads: int
 
 
 @dataclass(frozen=True)
@@ -104,3 +113,29 @@ class ProjectionTap:
         hooks.add(self.attn.to_q.register_forward_hook(self.save_q))
         hooks.add(key_proj.register_forward_hook(self.save_k))
         hooks.add(self.attn.register_forward_hook(self.after, with_kwargs=True))
+
+
+class DenoiserPreHook:
+    """Forward pre-hook on the denoiser: tells the sink that a new step starts.
+
+    Its class doubles as the marker that a trace is attached (see ``is_traced``).
+    """
+
+    def __init__(self, sink: CaptureSink, patch_size: int = 1):
+        self.sink = sink
+        self.patch_size = patch_size
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor):
+            timestep = float(timestep.flatten()[0].item()) if timestep.numel() else 0.0
+        h, w = sample.shape[-2:]
+        p = self.patch_size
+        self.sink.on_denoiser_call(
+            DenoiserCall(batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0))
+        )
+
+
+def is_traced(module: nn.Module) -> bool:
+    return any(isinstance(h, DenoiserPreHook) for h in module._forward_pre_hooks.values())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .joint import JointCapture
+from daamkit.capture.joint import JointCapture
 
 
 class FluxCapture(JointCapture):

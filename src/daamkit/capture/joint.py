@@ -14,9 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..aggregate import LayerInfo
-from .base import CaptureSink, DenoiserCall, HookSet, ProjectionTap, attention_probs
-from .unet import DenoiserPreHook
+from daamkit.capture.base import (
+    CaptureSink,
+    DenoiserCall,
+    DenoiserPreHook,
+    HookSet,
+    LayerInfo,
+    ProjectionTap,
+    attention_probs,
+)
 
 
 def _rope(x: torch.Tensor, freqs: Any) -> torch.Tensor:

@@ -14,34 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..aggregate import LayerInfo
-from .base import CaptureSink, DenoiserCall, HookSet, ProjectionTap, attention_probs
-
-
-class DenoiserPreHook:
-    """Forward pre-hook on the denoiser: tells the sink that a new step starts.
-
-    Its class doubles as the marker that a trace is attached (see ``is_traced``).
-    """
-
-    def __init__(self, sink: CaptureSink, patch_size: int = 1):
-        self.sink = sink
-        self.patch_size = patch_size
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if isinstance(timestep, torch.Tensor):
-            timestep = float(timestep.flatten()[0].item()) if timestep.numel() else 0.0
-        h, w = sample.shape[-2:]
-        p = self.patch_size
-        self.sink.on_denoiser_call(
-            DenoiserCall(batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0))
-        )
-
-
-def is_traced(module: nn.Module) -> bool:
-    return any(isinstance(h, DenoiserPreHook) for h in module._forward_pre_hooks.values())
+from daamkit.capture.base import (
+    CaptureSink,
+    DenoiserPreHook,
+    HookSet,
+    LayerInfo,
+    ProjectionTap,
+    attention_probs,
+)
 
 
 def _block_of(name: str) -> str:

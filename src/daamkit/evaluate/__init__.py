@@ -1,9 +1,9 @@
 """Evaluation: the DAAM paper's COCO-Gen protocol (mIoU of thresholded word maps against the drawn
 objects), its trivial baselines, and interval estimates."""
 
-from .baselines import BASELINES, centre_gaussian, random_map, whole_image
-from .metrics import iou, mean_ci
-from .protocol import EvalResult, evaluate_world, score_run
+from daamkit.evaluate.baselines import BASELINES, centre_gaussian, random_map, whole_image
+from daamkit.evaluate.metrics import iou, mean_ci
+from daamkit.evaluate.protocol import EvalResult, evaluate_world, score_run
 
 __all__ = [
     "BASELINES",

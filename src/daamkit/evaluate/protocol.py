@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..heatmap import GlobalHeatMap
-from .baselines import BASELINES
-from .metrics import iou, mean_ci
+from daamkit.evaluate.baselines import BASELINES
+from daamkit.evaluate.metrics import iou, mean_ci
+from daamkit.heatmap import GlobalHeatMap
 
 DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -163,7 +163,7 @@ def score_run(
     rng: np.random.Generator | None = None,
 ) -> tuple[list[WordScore], dict]:
     """Score every noun and colour adjective of one generated shapes-world image."""
-    from ..world import COLORS, PLURALS, SHAPES, drawn_masks, generation_accuracy
+    from daamkit.world import COLORS, PLURALS, SHAPES, drawn_masks, generation_accuracy
 
     rng = rng or np.random.default_rng(image_index)
     check = generation_accuracy(image, caption)
@@ -235,8 +235,8 @@ def evaluate_world(
     import torch
     from tqdm.auto import tqdm
 
-    from ..trace import trace
-    from ..world import make_heldout_scene
+    from daamkit.trace import trace
+    from daamkit.world import make_heldout_scene
 
     captions = [make_heldout_scene(seed + i).caption for i in range(n)]
     result = EvalResult(

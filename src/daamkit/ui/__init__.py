@@ -1,81 +1,21 @@
 """``daamkit ui``: a local web app (Gradio, optional extra ``[ui]``) to look at each word's heat map.
 
-``add_arguments(parser)`` and ``main(args)`` plug into the ``daamkit`` command line; ``build_app`` (in
-:mod:`daamkit.ui.app`) gives the ``gr.Blocks`` for embedding. Importing this package does not import
-gradio, so the CLI works (and says what to install) without it.
+``build_app`` (in :mod:`daamkit.ui.app`) gives the ``gr.Blocks`` for embedding; ``daamkit ui``
+(:mod:`daamkit.cli.ui`) serves it. Importing this package does not import gradio, so the CLI works (and
+says what to install) without it.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["add_arguments", "build_app", "main"]
+__all__ = ["INSTALL_HINT", "build_app"]
 
 INSTALL_HINT = "the web app needs gradio: pip install 'daamkit[ui]'"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="local diffusers pipeline folder (default: the embedded shapes-world model)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to "
-                             "the network)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
-    parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
-    parser.add_argument("--steps", type=int, default=20, help="initial value of the steps control (default 20)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="initial guidance scale (default 5.0)")
-    parser.add_argument("--open", action="store_true", help="open the page in the default browser")
-
-
 def build_app(*args: Any, **kwargs: Any) -> Any:
     """See :func:`daamkit.ui.app.build_app` (imports gradio)."""
-    from .app import build_app as _build
+    from daamkit.ui.app import build_app as _build
 
     return _build(*args, **kwargs)
-
-
-def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Run the server until interrupted. ``args``: parsed arguments of :func:`add_arguments`, or argv."""
-    if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(prog="daamkit ui", description=__doc__.splitlines()[0])
-        add_arguments(parser)
-        args = parser.parse_args(args)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from .app import build_app as _build
-        from .app import launch
-    except ImportError as e:
-        print(f"daamkit: error: {INSTALL_HINT} ({e})", file=sys.stderr)
-        return 2
-    if args.port is not None and not 0 < args.port < 65536:
-        print(f"daamkit: error: --port must lie in 1..65535, got {args.port}", file=sys.stderr)
-        return 2
-    app = _build(args.model, device=args.device, dtype=args.dtype, steps=args.steps, guidance=args.guidance)
-    ses = app.daamkit_session
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl+C: scratch files removed
-        try:
-            launch(app, host=args.host, port=args.port, open_browser=args.open, block=False, quiet=True)
-        except OSError as e:  # port taken, address not available
-            print(f"daamkit: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
-            return 2
-        print(f"daamkit ui: serving {ses.model.label} at {app.local_url} (Ctrl+C to stop)", flush=True)
-        app.block_thread()  # returns on Ctrl+C / SIGTERM, after closing the server
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        app.close()
-        ses.close()
-    return 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from daamkit.errors import DaamkitError, user_message
 from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, WordHeatMap
-from daamkit.record import RecordError, RunRecord, record_paths
+from daamkit.io.record import RunRecord, record_paths
 
 log = logging.getLogger("daamkit.ui")
 
@@ -43,21 +44,17 @@ MAX_RECORD_BYTES = 512 * 1024 * 1024  # refuse to unpack more than this from an 
 Progress = Callable[[float, str], None]
 
 
-class UIError(Exception):
+class UIError(DaamkitError):
     """A problem the user can act on; ``str(e)`` is shown on the page as it is."""
 
 
 def readable_error(exc: BaseException) -> str:
     """One readable line for the page. Expected errors give their own message; unexpected ones their
     type and message, and the full traceback is logged on the server."""
-    from daamkit.models import ModelLoadError
-    from daamkit.tokens import WordNotFoundError
-    from daamkit.trace import TraceError, UnsupportedPipelineError
-
-    if isinstance(exc, KeyError) and exc.args:  # WordNotFoundError: KeyError would repr() its message
-        return str(exc.args[0])
-    if isinstance(exc, (UIError, ModelLoadError, UnsupportedPipelineError, TraceError, RecordError,
-                        WordNotFoundError, FileNotFoundError)):
+    message = user_message(exc)
+    if message is not None:
+        return message
+    if isinstance(exc, FileNotFoundError):
         return str(exc)
     if isinstance(exc, ValueError):  # diffusers' own input checks (sizes, steps, ...)
         return f"the pipeline refused these settings: {exc}"
@@ -124,7 +121,7 @@ class ModelHolder:
                 path = resolve_model_path(self.model_path)
                 loader = self._loader
                 if loader is None:
-                    from daamkit.models import load_pipeline as loader
+                    from daamkit.jobs.pipeline import load_pipeline as loader
                 t0 = time.perf_counter()
                 self._pipe = loader(path, device=self.device, dtype=self.dtype)
                 self.load_seconds = time.perf_counter() - t0
@@ -235,8 +232,8 @@ class UISession:
         if seed_i >= 2**63:
             raise UIError(f"seed must be below 2**63, got {seed_i}")
 
-        from daamkit.generate import GenerateOptions
-        from daamkit.generate import generate as run_generate
+        from daamkit.jobs.generate import GenerateOptions
+        from daamkit.jobs.generate import generate as run_generate
 
         opts = GenerateOptions(steps=steps_i, seed=seed_i, height=h, width=w, guidance_scale=guidance_f,
                                negative_prompt=(negative_prompt or "").strip() or None, progress=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from daamkit.errors import DaamkitError
 from daamkit.world.scenes import (
     BACKGROUNDS,
     COLORS,
@@ -47,7 +48,7 @@ from daamkit.world.segment import (
 )
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(DaamkitError, FileNotFoundError):
     """The shipped shapes-world model folder is missing or incomplete."""
 
 
@@ -67,19 +68,6 @@ def default_model_path() -> Path:
             "or reinstall daamkit with its package data."
         )
     return path
-
-
-def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=None):
-    """``StableDiffusionPipeline`` of the shipped model (offline), float32 on CPU by default."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    folder = Path(path) if path is not None else default_model_path()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), local_files_only=True, torch_dtype=dtype or torch.float32
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 __all__ = [
@@ -106,7 +94,6 @@ __all__ = [
     "drawn_masks",
     "generation_accuracy",
     "is_heldout",
-    "load_pipeline",
     "make_heldout_scene",
     "make_scene",
     "parse_caption",

@@ -141,7 +141,7 @@ def _mark(out: Path, phase: str, info: dict | None = None):
 def _tokenizer(out: Path):
     from transformers import CLIPTokenizer
 
-    from daamkit.vocab import clip_tokenizer
+    from daamkit.testing.tokenizers import clip_tokenizer
 
     tdir = out / "tokenizer"
     if not (tdir / "vocab.json").exists():

@@ -1,0 +1,641 @@
+"""``daamkit batch``: trace every prompt of a prompt file, on one process or many (Hugging Face accelerate).
+
+Layout of an output folder::
+
+    OUT/records/<id>.safetensors + <id>.json   one RunRecord per prompt (daamkit.io.record, atomic writes)
+    OUT/index.jsonl                            one line per prompt, in prompt-file order: id, prompt, seed,
+                                               negative_prompt, words, meta, settings, image_size, paths
+    OUT/index.parts/process-<r>.jsonl          per-process entries of the run in progress (merged, then removed)
+
+How it runs (the same code on 1 CPU, N GPUs or several machines; ``accelerate launch`` starts the processes):
+
+1. Every process parses the prompt file (deterministic: same items, ids and seeds everywhere).
+2. Check: process ``r`` of ``k`` looks at items ``r, r+k, r+2k, ...`` and keeps the ones whose record exists,
+   loads (JSON + safetensors present, checksum correct) and was made from the same prompt, seed, size and
+   run settings. The lists are gathered on every process (``accelerate.utils.gather_object``).
+3. Work: the items still to do are dealt out again by the same index-mod rule (so a resumed run is balanced),
+   grouped by image size, and run ``--batch-size`` prompts per pipeline call with one ``torch.Generator`` per
+   prompt, which makes each image and its maps independent of the batching.
+4. Each record is written with ``RunRecord.save`` (temporary names, then ``os.replace``; JSON last) and its
+   index line is appended to the process's part file.
+5. Barrier; the main process merges the entries found in step 2 and the part files into ``index.jsonl``
+   (written atomically) and removes the part files.
+
+Ctrl-C (or a crash) loses at most the batch in flight: rerun the same command and it continues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from daamkit.errors import InputError
+from daamkit.jobs.generate import parse_size
+
+__all__ = [
+    "BatchConfig",
+    "BatchError",
+    "PromptFileError",
+    "PromptItem",
+    "batches",
+    "parse_prompts",
+    "read_prompts",
+    "record_status",
+    "run_batch",
+    "shard",
+]
+
+INDEX_NAME = "index.jsonl"
+RECORDS_DIR = "records"
+PARTS_DIR = "index.parts"
+FORMATS = ("text", "jsonl", "csv")
+JSONL_KEYS = ("id", "prompt", "seed", "size", "width", "height", "words", "negative_prompt", "meta")
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_SEED = 2**63 - 1
+# Keys of a record's settings that belong to the item, not to the run (compared separately).
+ITEM_SETTINGS = ("seed", "height", "width", "negative_prompt")
+
+
+class BatchError(InputError):
+    """The batch cannot run as asked (out folder made with other settings, incomplete merge, ...)."""
+
+
+class PromptFileError(BatchError):
+    """The prompt file is empty, malformed or inconsistent; the message names the file and line."""
+
+
+# -- prompt files ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a prompt file, with everything that decides its image."""
+
+    index: int  # position among the items (0-based), the order of index.jsonl
+    id: str  # record stem: OUT/records/<id>.*
+    prompt: str
+    seed: int
+    height: int | None = None  # None: the model's default size
+    width: int | None = None
+    negative_prompt: str | None = None
+    words: tuple[str, ...] | None = None  # words the user cares about (checked, stored in the index)
+    meta: dict[str, Any] = field(default_factory=dict)  # extra per-item data (JSONL "meta", other CSV columns)
+    line: int = 0  # 1-based line of the prompt file, for messages
+
+
+def _fail(source: str, line: int, msg: str) -> PromptFileError:
+    return PromptFileError(f"{source}:{line}: {msg}" if line else f"{source}: {msg}")
+
+
+def _as_words(value: Any, source: str, line: int) -> tuple[str, ...] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):  # a JSON list in a CSV cell: allows multi-word queries like "red circle"
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise _fail(source, line, f"'words' looks like a JSON list but is not valid JSON ({e})") from None
+        else:
+            return tuple(text.split()) or None
+    if isinstance(value, list) and all(isinstance(w, str) and w.strip() for w in value):
+        return tuple(w.strip() for w in value) or None
+    raise _fail(source, line, f"'words' must be a list of non-empty strings or a space-separated string, got {value!r}")
+
+
+def _as_int(value: Any, what: str, source: str, line: int) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise _fail(source, line, f"{what!r} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, line, f"{what!r} must be an integer, got {value!r}")
+    return value
+
+
+def _as_size(fields: dict[str, Any], source: str, line: int) -> tuple[int | None, int | None]:
+    size = fields.get("size")
+    height = _as_int(fields.get("height"), "height", source, line)
+    width = _as_int(fields.get("width"), "width", source, line)
+    if size not in (None, ""):
+        if height is not None or width is not None:
+            raise _fail(source, line, "give either 'size' or 'width'/'height', not both")
+        try:
+            return parse_size(str(size))
+        except InputError as e:
+            raise _fail(source, line, str(e).replace("--size", "'size'")) from None
+    if (height is None) != (width is None):
+        raise _fail(source, line, "give both 'width' and 'height' (or 'size': WIDTHxHEIGHT)")
+    if height is not None and width is not None and (height <= 0 or width <= 0 or height % 8 or width % 8):
+        raise _fail(source, line, f"width and height must be positive multiples of 8, got {width}x{height}")
+    return height, width
+
+
+def _item(fields: dict[str, Any], index: int, line: int, base_seed: int, source: str) -> PromptItem:
+    prompt = fields.get("prompt")
+    if not isinstance(prompt, str):
+        raise _fail(source, line, "missing 'prompt'" if prompt is None else f"'prompt' must be a string, got {prompt!r}")
+    if not prompt.strip():
+        raise _fail(source, line, "empty prompt")
+    raw_id = fields.get("id")
+    if raw_id is None or raw_id == "":
+        item_id = f"{index:06d}"
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise _fail(source, line, f"'id' must be a string or an integer, got {raw_id!r}")
+    else:
+        item_id = str(raw_id).strip()
+        if not ID_RE.fullmatch(item_id):
+            raise _fail(source, line, f"id {item_id!r} is not a safe file name: use letters, digits, '.', '_' and '-' "
+                        "(not first), at most 128 characters")
+    seed = _as_int(fields.get("seed"), "seed", source, line)
+    if seed is None:
+        seed = base_seed + index
+    if not 0 <= seed <= MAX_SEED:
+        raise _fail(source, line, f"seed must be between 0 and 2**63-1, got {seed}")
+    height, width = _as_size(fields, source, line)
+    negative = fields.get("negative_prompt")
+    if negative == "":
+        negative = None
+    if negative is not None and not isinstance(negative, str):
+        raise _fail(source, line, f"'negative_prompt' must be a string, got {negative!r}")
+    meta = fields.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise _fail(source, line, f"'meta' must be a JSON object, got {meta!r}")
+    return PromptItem(index=index, id=item_id, prompt=prompt.strip(), seed=seed, height=height, width=width,
+                      negative_prompt=negative, words=_as_words(fields.get("words"), source, line), meta=meta, line=line)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    return "text"
+
+
+def parse_prompts(text: str, fmt: str = "text", base_seed: int = 0, source: str = "<prompts>") -> list[PromptItem]:
+    """Parse a prompt file's content.
+
+    text:  one prompt per line; blank lines and lines starting with ``#`` are skipped.
+    jsonl: one JSON object per line with ``prompt`` and optionally ``id``, ``seed``, ``size`` ("512" or
+           "WIDTHxHEIGHT") or ``width``+``height``, ``words`` (list or space-separated), ``negative_prompt``,
+           ``meta`` (object); other keys are errors (a typo must not be ignored). Blank lines are skipped.
+    csv:   a header row with a ``prompt`` column; optional columns as for JSONL (``words``: space-separated or
+           a JSON list); other columns are kept as strings in the item's ``meta`` (e.g. COCO ``image_id``).
+
+    Items without a seed get ``base_seed + index``; items without an id get ``f"{index:06d}"``.
+    Raises :class:`PromptFileError` naming the line.
+    """
+    if fmt not in FORMATS:
+        raise PromptFileError(f"{source}: unknown prompt file format {fmt!r}; use one of {', '.join(FORMATS)}")
+    text = text.removeprefix("\ufeff")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if fmt == "text":
+        for n, line in enumerate(text.splitlines(), 1):
+            s = line.strip()
+            if s and not s.startswith("#"):
+                rows.append((n, {"prompt": s}))
+    elif fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _fail(source, n, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise _fail(source, n, f"each line must be a JSON object with a 'prompt', got {type(obj).__name__}")
+            unknown = sorted(set(obj) - set(JSONL_KEYS))
+            if unknown:
+                raise _fail(source, n, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(JSONL_KEYS)}")
+            rows.append((n, obj))
+    else:
+        dialect = "excel-tab" if source.lower().endswith(".tsv") else "excel"
+        reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if "prompt" not in header:
+            raise _fail(source, 1, f"a CSV prompt file needs a 'prompt' column; the header has: {', '.join(header) or '(nothing)'}")
+        reader.fieldnames = header
+        for row in reader:
+            n = reader.line_num
+            if None in row:
+                raise _fail(source, n, f"more cells than the header has columns ({len(header)})")
+            if all((v or "").strip() == "" for v in row.values()):
+                continue
+            known = {k: v for k, v in row.items() if k in JSONL_KEYS and k != "meta"}
+            extra = {k: v for k, v in row.items() if k not in JSONL_KEYS and k}
+            rows.append((n, {**known, "meta": extra}))
+    if not rows:
+        raise PromptFileError(f"{source}: no prompts found (format {fmt})")
+    items = [_item(fields, i, n, base_seed, source) for i, (n, fields) in enumerate(rows)]
+    seen: dict[str, int] = {}
+    for it in items:
+        if it.id in seen:
+            raise _fail(source, it.line, f"duplicate id {it.id!r} (first on line {seen[it.id]})")
+        seen[it.id] = it.line
+    return items
+
+
+def read_prompts(path: str | os.PathLike[str], base_seed: int = 0, fmt: str | None = None) -> list[PromptItem]:
+    """Read a prompt file (format from ``fmt`` or the suffix: .jsonl, .csv/.tsv, anything else is text)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {str(p)!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{p}: not UTF-8 text ({e})") from None
+    return parse_prompts(text, fmt or detect_format(p), base_seed=base_seed, source=str(p))
+
+
+# -- sharding and batching ---------------------------------------------------------------------------------
+def shard(items: Sequence[Any], process_index: int, num_processes: int) -> list[Any]:
+    """Items ``process_index, process_index + num_processes, ...``: the shards of all processes partition
+    ``items`` (no overlap, no loss) and their sizes differ by at most one, whatever ``len(items)`` is."""
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"process {process_index} of {num_processes} does not exist")
+    return list(items[process_index::num_processes])
+
+
+def batches(items: Sequence[PromptItem], batch_size: int) -> list[list[PromptItem]]:
+    """Group items that can share one pipeline call (same size, negative prompt or not), ``batch_size`` each.
+
+    Deterministic; items keep their file order inside each group.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    groups: dict[tuple[Any, ...], list[PromptItem]] = {}
+    for it in sorted(items, key=lambda it: it.index):
+        # SDXL zeroes the negative embedding for negative_prompt=None but not for "": never mix the two.
+        groups.setdefault((it.height, it.width, it.negative_prompt is not None), []).append(it)
+    out = []
+    for group in groups.values():
+        out.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return out
+
+
+# -- settings, records and index entries -------------------------------------------------------------------
+@dataclass
+class BatchConfig:
+    """Run-level settings of a batch (per-item ones live in :class:`PromptItem`)."""
+
+    model: str | None = None  # stored in every record's settings; loaded if no pipeline is passed
+    steps: int = 30
+    guidance_scale: float = 7.5
+    height: int | None = None  # default size for items without one (None: the model's)
+    width: int | None = None
+    trace: dict[str, Any] = field(default_factory=dict)  # options of daamkit.trace()
+    dtype: str | None = None
+    device: str | None = None  # None: the process's accelerate device (cuda:<local rank>, or cpu)
+    batch_size: int = 1
+    save_image: bool = True
+    progress: bool = True
+    config: str | None = None  # --config for single-file checkpoints
+
+    def settings(self, item: PromptItem, height: int, width: int, pipeline: str | None) -> dict[str, Any]:
+        """The settings stored in the item's record: the same keys ``daamkit generate`` writes, plus dtype."""
+        from daamkit.jobs.generate import GenerateOptions
+
+        opts = GenerateOptions(steps=self.steps, seed=item.seed, height=height, width=width,
+                               guidance_scale=self.guidance_scale, negative_prompt=item.negative_prompt,
+                               num_images_per_prompt=1, trace=self.trace_options(), progress=False)
+        return opts.settings() | {"model": self.model, "pipeline": pipeline, "dtype": self.dtype}
+
+    def trace_options(self) -> dict[str, Any]:
+        """Options for :func:`daamkit.trace`, with the mode always spelled out (as the CLI does)."""
+        return {"mode": "daam", **self.trace}
+
+    def run_settings(self) -> dict[str, Any]:
+        """What must be equal for a finished record to be reused (the pipeline class is not known yet)."""
+        s = self.settings(PromptItem(0, "x", "x", 0), 0, 0, None)
+        for k in (*ITEM_SETTINGS, "pipeline"):
+            s.pop(k)
+        return s
+
+    def with_defaults(self, item: PromptItem) -> PromptItem:
+        if item.height is None and self.height is not None:
+            return replace(item, height=self.height, width=self.width)
+        return item
+
+
+def record_stem(out: Path, item_id: str) -> Path:
+    return out / RECORDS_DIR / item_id
+
+
+def _entry(item: PromptItem, settings: dict[str, Any], image_size: Sequence[int]) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "index": item.index,
+        "prompt": item.prompt,
+        "seed": item.seed,
+        "negative_prompt": item.negative_prompt,
+        "words": list(item.words) if item.words else None,
+        "meta": item.meta,
+        "settings": settings,
+        "image_size": list(image_size),
+        "paths": {"safetensors": f"{RECORDS_DIR}/{item.id}.safetensors", "json": f"{RECORDS_DIR}/{item.id}.json"},
+    }
+
+
+def _record_meta(item: PromptItem) -> dict[str, Any]:
+    return {"batch_id": item.id, "batch_index": item.index, "words": list(item.words) if item.words else None,
+            "item": item.meta}
+
+
+def record_status(out: Path, item: PromptItem, config: BatchConfig) -> tuple[str, Any]:
+    """Is ``item`` finished in ``out``?
+
+    Returns ``("done", entry)``; ``("todo", reason)`` if the record is missing, half-written, damaged or made
+    from another prompt/seed/size; ``("conflict", message)`` if it was made with other run settings (steps,
+    guidance, model, trace options): a resumed run must not mix those silently.
+    """
+    from daamkit.io.record import RecordError, RunRecord
+
+    stem = record_stem(out, item.id)
+    try:
+        rec = RunRecord.load(stem)  # checks JSON + safetensors present and the checksum
+    except FileNotFoundError:
+        return "todo", "missing"
+    except RecordError as e:
+        return "todo", f"unreadable ({e})"
+    run = config.run_settings()
+    have = {k: rec.settings.get(k) for k in run}
+    if have != run:
+        diff = ", ".join(f"{k}: {have[k]!r} in the record, {run[k]!r} now" for k in run if have[k] != run[k])
+        return "conflict", f"{stem}.json was made with other settings ({diff})"
+    h, w = rec.heat_maps.image_size
+    if (rec.prompt != item.prompt or rec.seed != item.seed or rec.negative_prompt != item.negative_prompt
+            or (item.height is not None and (item.height, item.width) != (h, w))):
+        return "todo", "made from another prompt, seed or size"
+    if rec.meta != _record_meta(item):  # only the words/meta of the prompt file changed: no need to regenerate
+        rec.meta = _record_meta(item)
+        rec.save(stem)
+    return "done", _entry(item, rec.settings, (h, w))
+
+
+def _generate_batch(pipe: Any, items: Sequence[PromptItem], config: BatchConfig) -> list[Any]:
+    """One traced pipeline call for ``items`` (same size); one RunRecord per item."""
+    import torch
+
+    from daamkit.io.record import RunRecord
+    from daamkit.trace import trace
+
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen_device = "cpu" if device.type == "mps" else device
+    # One generator per item: diffusers draws each image's noise from its own generator, so an item's
+    # latents (and ancestral-sampler noise) do not depend on which batch it is in.
+    generators = [torch.Generator(device=gen_device).manual_seed(it.seed) for it in items]
+    kwargs: dict[str, Any] = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                                  num_images_per_prompt=1, generator=generators)
+    if items[0].height is not None:
+        kwargs["height"], kwargs["width"] = items[0].height, items[0].width
+    if items[0].negative_prompt is not None:
+        kwargs["negative_prompt"] = [it.negative_prompt for it in items]
+    with trace(pipe, **config.trace_options()) as tc:
+        images = pipe([it.prompt for it in items], **kwargs).images
+        if tc.num_images != len(items):
+            raise BatchError(f"the pipeline made {tc.num_images} images for {len(items)} prompts")
+        maps = [tc.heat_maps(i) for i in range(len(items))]
+    records = []
+    for it, image, hm in zip(items, images, maps, strict=True):
+        h, w = hm.image_size
+        records.append(RunRecord(prompt=it.prompt, image=image if config.save_image else None, heat_maps=hm,
+                                 seed=it.seed, settings=config.settings(it, h, w, type(pipe).__name__),
+                                 negative_prompt=it.negative_prompt, meta=_record_meta(it)))
+    return records
+
+
+def _unknown_words(record: Any, words: Sequence[str] | None) -> list[str]:
+    from daamkit.tokens import WordNotFoundError
+
+    bad = []
+    for w in words or ():
+        try:
+            record.heat_maps.word(w)
+        except WordNotFoundError:
+            bad.append(w)
+    return bad
+
+
+# -- the runner --------------------------------------------------------------------------------------------
+def _state(device: str | None) -> Any:
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def _process_device(device: str | None, state: Any) -> str:
+    if device is None:
+        return "cpu" if state.device.type == "cpu" else str(state.device)
+    if device == "cuda" and state.num_processes > 1:
+        return f"cuda:{state.local_process_index}"
+    return device
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_entries(path: Path) -> list[dict[str, Any]]:
+    """Entries of a part file; a last line cut short by a crash is ignored (its record is checked again)."""
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                entries.append(json.loads(line))
+    return entries
+
+
+class _Progress:
+    """tqdm on the main process, counting the lines every process has appended to its part file."""
+
+    def __init__(self, parts: Path, total: int, enabled: bool, desc: str):
+        self.parts, self.offsets, self.count = parts, {}, 0
+        self.bar = None
+        if enabled and total:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+
+    def poll(self) -> None:
+        if self.bar is None:
+            return
+        new = 0
+        for p in sorted(self.parts.glob("process-*.jsonl")):
+            with contextlib.suppress(OSError), open(p, "rb") as f:
+                f.seek(self.offsets.get(p, 0))
+                data = f.read()
+                self.offsets[p] = self.offsets.get(p, 0) + len(data)
+                new += data.count(b"\n")
+        if new:
+            self.bar.update(min(new, self.bar.total - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: BatchConfig,
+              pipe: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Generate and trace every item not finished in ``out``; returns a summary (on every process).
+
+    Runs as one process of ``accelerate launch`` (or alone). ``pipe``: an already loaded pipeline; if None,
+    each process that has work loads ``config.model`` on its device.
+    Summary: total, skipped (already done), generated (by all processes), this_process, processes,
+    seconds (from the barrier after every process has loaded its pipeline to the merged index), index (path).
+    """
+    from accelerate.utils import gather_object
+
+    state = _state(config.device)
+    rank, nproc, main = state.process_index, state.num_processes, state.is_main_process
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out)
+    records, parts = out / RECORDS_DIR, out / PARTS_DIR
+    items = [config.with_defaults(it) for it in items]
+    if len({it.id for it in items}) != len(items):
+        raise BatchError("item ids are not unique")
+
+    # 1. fresh part files; temporary files left by a killed run are removed before anyone writes again
+    if main:
+        records.mkdir(parents=True, exist_ok=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        for stale in [*records.glob(".*.tmp"), *parts.glob("*"), *out.glob(f".{INDEX_NAME}.*.tmp")]:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    state.wait_for_everyone()
+
+    # 2. which records are finished? (each process checks its share, everyone gets the answer)
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    conflicts: list[str] = []
+    to_check = shard(items, rank, nproc)
+    if main and config.progress and len(items) >= 1000:
+        from tqdm.auto import tqdm
+
+        to_check = tqdm(to_check, desc="checking records", unit="record", file=sys.stderr, leave=False)
+    for it in to_check:
+        status, info = record_status(out, it, config)
+        if status == "done":
+            done[it.index] = info
+        elif status == "todo":
+            todo.append(it.index)
+        else:
+            conflicts.append(info)
+    gathered = gather_object([{"done": done, "todo": todo, "conflicts": conflicts[:5]}])
+    all_done: dict[int, dict[str, Any]] = {}
+    pending: list[int] = []
+    conflicts = []
+    for g in gathered:
+        all_done.update(g["done"])
+        pending += g["todo"]
+        conflicts += g["conflicts"]
+    if conflicts:
+        raise BatchError(
+            f"{out} holds records made with other run settings; resume with the same settings or use a new --out. "
+            + "; ".join(conflicts[:3])
+        )
+    pending.sort()
+    if main:
+        say(f"daamkit batch: {len(items)} prompts, {len(all_done)} already done, {len(pending)} to generate "
+            f"on {nproc} process{'es' if nproc > 1 else ''} (batch size {config.batch_size}) -> {out}")
+
+    # 3. generate this process's share of what is left
+    by_index = {it.index: it for it in items}
+    mine = [by_index[i] for i in shard(pending, rank, nproc)]
+    if mine and pipe is None:
+        if config.model is None:
+            raise BatchError("no model: pass --model PATH")
+        from daamkit.jobs.pipeline import load_pipeline
+
+        if not (config.progress and main):  # one set of loading bars at most
+            import diffusers
+            import transformers
+
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
+        pipe = load_pipeline(config.model, device=_process_device(config.device, state), dtype=config.dtype,
+                             config=config.config)
+    state.wait_for_everyone()  # the timing starts when every process has its pipeline
+    progress = _Progress(parts, len(pending), config.progress and main, "daamkit batch")
+    t0 = time.perf_counter()
+    made = 0
+    try:
+        if mine:
+            pipe.set_progress_bar_config(disable=True)
+            with open(parts / f"process-{rank}.jsonl", "a", encoding="utf-8") as part:
+                for group in batches(mine, config.batch_size):
+                    for it, rec in zip(group, _generate_batch(pipe, group, config), strict=True):
+                        rec.save(record_stem(out, it.id))
+                        if bad := _unknown_words(rec, it.words):
+                            say(f"daamkit batch: warning: {it.id}: word(s) {', '.join(map(repr, bad))} not in the "
+                                f"prompt's words {rec.heat_maps.words}")
+                        part.write(json.dumps(_entry(it, rec.settings, rec.heat_maps.image_size),
+                                              ensure_ascii=False) + "\n")
+                        part.flush()
+                        made += 1
+                    progress.poll()
+    except KeyboardInterrupt:
+        progress.close()
+        say(f"daamkit batch: interrupted on process {rank} after {made} new record(s); "
+            "finished records are kept: rerun the same command to continue")
+        raise
+    state.wait_for_everyone()
+    progress.poll()
+    progress.close()
+
+    # 4. merge (main process), then let everyone return with the index in place (or with the same error)
+    index = out / INDEX_NAME
+    generated, problem = 0, None
+    if main:
+        try:
+            entries = dict(all_done)
+            for p in sorted(parts.glob("process-*.jsonl")):
+                for e in _read_entries(p):
+                    entries[e["index"]] = e
+                    generated += 1
+            missing = [it.id for it in items if it.index not in entries]
+            if missing:
+                problem = f"{len(missing)} prompt(s) have no record after the run: {', '.join(missing[:10])}"
+            else:
+                _write_text_atomic(index, "".join(json.dumps(entries[it.index], ensure_ascii=False) + "\n"
+                                                  for it in items))
+                for p in parts.glob("*"):
+                    p.unlink()
+                with contextlib.suppress(OSError):
+                    parts.rmdir()
+        except (OSError, ValueError) as e:
+            problem = f"could not merge the index: {e}"
+    seconds = time.perf_counter() - t0
+    result = gather_object([(generated, problem)])
+    state.wait_for_everyone()
+    problems = [p for _, p in result if p]
+    if problems:
+        raise BatchError(problems[0])
+    generated = sum(g for g, _ in result)
+    summary = {"total": len(items), "skipped": len(all_done), "generated": generated, "this_process": made,
+               "processes": nproc, "process_index": rank, "seconds": seconds, "index": str(index)}
+    if main:
+        rate = summary["generated"] / seconds if seconds > 0 and summary["generated"] else 0.0
+        say(f"daamkit batch: wrote {summary['generated']} record(s) in {seconds:.1f} s ({rate:.2f} prompts/s), "
+            f"index {index}")
+    return summary
