@@ -5,7 +5,7 @@ know the generated image's size in pixels. Everything that turns them into pictu
 :mod:`daamkit.plot`; the methods here only delegate, so that importing this module never pulls in
 matplotlib.
 
-Conventions (the DAAM definition, see DESIGN.md):
+Conventions (the DAAM definition, see "How the maps are computed" in the README):
 
 * Sizes are always ``(height, width)``, like tensors; PIL's ``Image.size`` is ``(width, height)`` and is
   converted where an image is accepted.
@@ -160,7 +160,7 @@ class WordHeatMap:
     def normalized(self, size: Sequence[int] | None = None, method: NormMethod = "max") -> torch.Tensor:
         """The expanded map scaled to [0, 1].
 
-        ``method="max"`` (default, DESIGN.md) divides by the maximum; ``"minmax"`` maps [min, max] to
+        ``method="max"`` (default, as in the README) divides by the maximum; ``"minmax"`` maps [min, max] to
         [0, 1] as the reference implementation's ``expand_as`` does. A constant map (e.g. all zero) gives
         all zeros instead of NaN. A map holding NaN or inf raises ``ValueError``.
         """

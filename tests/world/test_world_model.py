@@ -87,7 +87,8 @@ def test_swap_word_replaces_only_the_word_of_its_role():
 def test_word_sensitivity_sees_that_the_model_relies_on_colour_and_shape_words():
     """The swap test must register a word the model uses: the shipped model draws the requested colour
     in ~98% of images, so denoising with the wrong colour word has to cost clearly more. It also reads
-    the shape word (run 2, with a 1-layer text encoder, did not: +0% at every t, see the model card)."""
+    the shape word (run 2, with a 1-layer text encoder, did not: +0% at every t, see
+    docs/world/experiments.md)."""
     _model_or_skip()
     from daamkit.jobs.pipeline import load_pipeline
     from daamkit.world.quality import word_sensitivity
