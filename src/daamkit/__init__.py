@@ -8,12 +8,11 @@ with trace(pipe) as tc:
 ```
 """
 
+from daamkit._version import __version__ as __version__
 from daamkit.aggregate import AggregationConfig, LayerInfo
 from daamkit.capture import SUPPORTED_FAMILIES, UnsupportedPipelineError
 from daamkit.io.runs import Runs, load_runs
 from daamkit.trace import Trace, TraceError, trace
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AggregationConfig",

@@ -201,7 +201,7 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
         image_info = {"tensor": IMAGE_TENSOR, "mode": mode, "source_mode": record.image.mode}
     data = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
 
-    from daamkit import __version__
+    from daamkit._version import __version__
 
     doc = {
         "format": FORMAT_NAME,
