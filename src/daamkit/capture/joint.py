@@ -1,4 +1,4 @@
-"""Joint-attention capture shared by the diffusion transformers: SD3 / SD3.5 (``mmdit.py``) and Flux (``flux.py``).
+"""Joint-attention capture shared by the diffusion transformers: SD3 / SD3.5 (``sd3.py``) and Flux (``flux.py``).
 
 Text and image share one attention: the sequence is [image, text] in SD3's processor and [text, image]
 in Flux's. Like the UNet capture we only read the projections the model's own processor computes
