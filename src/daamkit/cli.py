@@ -242,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         a.set_defaults(func=mod.main)
 
     try:
-        from .world import train as world_train
+        from .world.train import cli_args as world_train
     except ImportError:  # the world package is optional at import time of the CLI
         world_train = None
-    if world_train is not None and hasattr(world_train, "add_arguments"):
+    if world_train is not None:
         w = sub.add_parser("world", help="the shapes world: train the embedded model")
         wsub = w.add_subparsers(dest="world_command", required=True)
         t = wsub.add_parser("train", help="train the shapes-world model from scratch")
