@@ -27,8 +27,8 @@ Everything goes under ``out`` (checkpoints, ``log.jsonl``, samples); the pipelin
     >>> from daamkit.world.train import Recipe, train
     >>> train(Recipe(out="runs/world_train"))  # the shipped model's recipe  # doctest: +SKIP
 
-``daamkit world train`` is the command line of :func:`train`. Importing this package does not import
-torch or diffusers.
+``daamkit world train`` is the command line of :func:`train`. The modules import diffusers and
+transformers only inside the functions that need them.
 """
 
 from .autoencoder import load_vae, vae_source

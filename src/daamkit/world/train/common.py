@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -83,7 +82,3 @@ def exit_with_parent(every: float = 2.0) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="daamkit-parent-watch").start()
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr)
