@@ -246,6 +246,7 @@ def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path, workers):
     assert card["config"] == recorded
 
 
+@pytest.mark.slow
 def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):
     """An exception in the UNet phase must not leave the decoder process running."""
     from daamkit.world.train import driver
@@ -267,16 +268,16 @@ def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):
 def test_decoder_alongside_default():
     """On by default with a spare core (or a UNet on another device), off with one thread, never when
     the decoder phase is skipped or already done."""
-    from daamkit.world.train import Recipe, decoder_alongside
+    from daamkit.world.train import Recipe, decoder_runs_alongside
 
     nowhere = Path("/nonexistent")
     assert Recipe().decoder_alongside is None
-    assert decoder_alongside(Recipe(threads=2), nowhere)
-    assert not decoder_alongside(Recipe(threads=1), nowhere)
-    assert decoder_alongside(Recipe(threads=1, device="cuda"), nowhere)
-    assert decoder_alongside(Recipe(threads=1, decoder_alongside=True), nowhere)
-    assert not decoder_alongside(Recipe(decoder_alongside=False), nowhere)
-    assert not decoder_alongside(Recipe(threads=2, decoder_minutes=0), nowhere)
+    assert decoder_runs_alongside(Recipe(threads=2), nowhere)
+    assert not decoder_runs_alongside(Recipe(threads=1), nowhere)
+    assert decoder_runs_alongside(Recipe(threads=1, device="cuda"), nowhere)
+    assert decoder_runs_alongside(Recipe(threads=1, decoder_alongside=True), nowhere)
+    assert not decoder_runs_alongside(Recipe(decoder_alongside=False), nowhere)
+    assert not decoder_runs_alongside(Recipe(threads=2, decoder_minutes=0), nowhere)
 
 
 def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path):
@@ -406,6 +407,7 @@ def test_unet_workers_default_and_divide_the_batch():
 
 
 
+@pytest.mark.slow
 def test_data_workers_render_the_same_training_set(tmp_path):
     """Scenes rendered by two spawned processes are the ones one process renders, in seed order,
     for the data phase and for the grounding targets it writes with them; and the targets are those
@@ -452,7 +454,7 @@ def test_vae_from_takes_a_trained_autoencoder_whole(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from daamkit.world import default_model_path
-    from daamkit.world.train import Recipe, decoder_alongside
+    from daamkit.world.train import Recipe, decoder_runs_alongside
 
     shipped = default_model_path() / "vae"
     out = tmp_path / "run"
@@ -475,7 +477,7 @@ def test_vae_from_takes_a_trained_autoencoder_whole(tmp_path, capsys):
         mean = vae.encode(torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
     cached = torch.from_numpy(np.load(out / "latents.npz")["mean"][:2]).float()
     assert torch.allclose(cached, mean, atol=2e-3)
-    assert decoder_alongside(Recipe(threads=2, vae_from="shipped"), tmp_path / "elsewhere") is False
+    assert decoder_runs_alongside(Recipe(threads=2, vae_from="shipped"), tmp_path / "elsewhere") is False
 
     # an autoencoder of another shape is refused before anything is written, naming the matching flags
     capsys.readouterr()

@@ -33,7 +33,7 @@ transformers only inside the functions that need them.
 
 from .autoencoder import load_vae, vae_source
 from .data import GROUNDED_ROLES, MAX_OBJECTS, data_workers
-from .driver import adopt_record, decoder_alongside, train
+from .driver import adopt_record, decoder_runs_alongside, train
 from .export import SAMPLE_PROMPTS, export, sample_grid
 from .grounding import grounded_tokens, grounding_loss
 from .recipe import (
@@ -66,7 +66,7 @@ __all__ = [
     "bf16_native",
     "build_unet_and_text",
     "data_workers",
-    "decoder_alongside",
+    "decoder_runs_alongside",
     "export",
     "flag",
     "grounded_tokens",

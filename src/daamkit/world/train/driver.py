@@ -61,7 +61,7 @@ def _write_record(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def decoder_alongside(r: Recipe, out: Path) -> bool:
+def decoder_runs_alongside(r: Recipe, out: Path) -> bool:
     """Whether the decoder phase should run in a second process beside the UNet phase."""
     if r.decoder_alongside is not None:
         want = r.decoder_alongside
@@ -156,7 +156,7 @@ def _run_phases(r: Recipe, out: Path) -> int:
                 continue
             print(f"== phase {ph}", file=sys.stderr)
             t1 = time.time()
-            if ph == "unet" and not r.only and decoder_alongside(r, out):
+            if ph == "unet" and not r.only and decoder_runs_alongside(r, out):
                 print(f"== phase decoder runs alongside (log: {out / 'decoder.log'})", file=sys.stderr)
                 alongside = DecoderAlongside(r, out)
                 phase_unet(r, out, log, alongside)
