@@ -203,5 +203,5 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="daamkit world train", description="Train the shapes-world model from scratch.")
+    p = argparse.ArgumentParser(prog="daamkit world train", description="Train the shapes-world latent diffusion model from scratch on CPU.")
     return main_from_args(add_arguments(p).parse_args(argv))
