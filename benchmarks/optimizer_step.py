@@ -43,14 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from daamkit.world.train import _build_unet_and_text, _default_args, unet_optimizer
+    from daamkit.world.train import Recipe, build_unet_and_text, unet_optimizer
 
     torch.set_num_threads(a.threads)
-    args = argparse.Namespace(**_default_args())
-    args.unet_channels = a.unet_channels or args.unet_channels
-    args.unet_groups = a.unet_groups or args.unet_groups
+    args = Recipe()
+    args = args.replace(unet_channels=a.unet_channels or args.unet_channels, unet_groups=a.unet_groups or args.unet_groups)
     torch.manual_seed(0)
-    unet, te = _build_unet_and_text(args)
+    unet, te = build_unet_and_text(args)
     params = [list(unet.parameters()), list(te.parameters())]
     n = sum(p.numel() for group in params for p in group)
     opts = {fused: unet_optimizer(unet, te, args, fused=fused) for fused in (False, True)}

@@ -1,6 +1,6 @@
 """Steps per second of the shapes-world UNet phase: one process against data-parallel workers.
 
-Runs the real training code (`daamkit.world.train`) on a throw-away run folder: the data, VAE and
+Runs the real training code (`daamkit.world.train.train`) on a throw-away run folder: the data, VAE and
 latents phases on a small training set (only their shapes matter here), then the UNet phase with the
 default architecture and batch, once in one process with all ``--threads`` and once with
 ``--unet-workers`` single-threaded processes (`torch.distributed`, gloo), from the same starting point.
@@ -11,8 +11,8 @@ in the same run. Each configuration is measured ``--repeats`` times in ABAB orde
     OMP_WAIT_POLICY=PASSIVE python benchmarks/train_step.py                 # 2 threads, 60 steps
     OMP_WAIT_POLICY=PASSIVE python benchmarks/train_step.py --threads 4 --workers 4 --bf16
 
-Target (issue 3, item 2: a complete run in about 2 hours on 2 cores, where the UNet's step count is
-what limits the model): the workers must beat one process; on 2 cores they give about 1.4x.
+Target (a complete run in about 2 hours on 2 cores, where the UNet's step count is what limits the
+model): the workers must beat one process; on 2 cores they give about 1.4x.
 """
 
 from __future__ import annotations
@@ -45,24 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     workers = a.workers or a.threads
 
-    from daamkit.world.train import main as train
+    from daamkit.world.train import Recipe, train
 
     root = Path(tempfile.mkdtemp(prefix="daamkit_train_step_"))
     try:
         base = root / "base"
-        common = ["--threads", str(a.threads), "--batch", str(a.batch), "--sample-steps", "0"]
-        common += ["--bf16" if a.bf16 else "--no-bf16"]
+        common = dict(threads=a.threads, batch=a.batch, sample_steps=0, bf16=a.bf16)
         # the first phases only provide inputs of the right shapes: two VAE steps, no decoder
-        setup = ["--out", str(base), "--dataset-size", str(a.dataset_size), "--vae-steps", "2", "--decoder-minutes", "0"]
-        if train([*setup, *common, "--unet-steps", "0"]) != 0:
+        setup = Recipe(out=str(base), dataset_size=a.dataset_size, vae_steps=2, decoder_minutes=0, unet_steps=0, **common)
+        if train(setup) != 0:
             return 1
         rates: dict[int, list[float]] = {1: [], workers: []}
         for rep in range(a.repeats):
             for w in (1, workers) if rep % 2 == 0 else (workers, 1):
                 run = root / f"w{w}_{rep}"
                 shutil.copytree(base, run, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl"))
-                argv_w = ["--out", str(run), "--resume", "--only", "unet", "--unet-steps", str(a.steps)]
-                if train([*argv_w, *common, "--unet-workers", str(w)]) != 0:
+                r = Recipe(out=str(run), resume=True, only="unet", unet_steps=a.steps, unet_workers=w, **common)
+                if train(r, given=[*common, "unet_steps"]) != 0:
                     return 1
                 rates[w].append(_rate(run))
                 print(f"workers {w}, repeat {rep}: {rates[w][-1]:.3f} steps/s", file=sys.stderr)

@@ -26,11 +26,10 @@ def _step_seconds(arch: str, batch: int, steps: int, bf16: bool) -> tuple[float,
     import torch
     from diffusers import UNet2DConditionModel
 
-    from daamkit.world.train import _default_args, unet_config
+    from daamkit.world.train import Recipe, unet_config
 
     channels, _, layers = arch.partition(":")
-    args = argparse.Namespace(**_default_args())
-    args.unet_channels, args.unet_layers = channels, int(layers or 1)
+    args = Recipe(unet_channels=channels, unet_layers=int(layers or 1))
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_config(args)).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)

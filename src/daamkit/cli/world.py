@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+from daamkit.cli.world_train import add_arguments as add_train_arguments
+from daamkit.cli.world_train import main_from_args as train_main
 from daamkit.world.quality import (
     autoencoder_ceiling,
     evaluate_generation,
@@ -21,13 +23,11 @@ from daamkit.world.scenes import make_scene
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from daamkit.world import train as world_train
-
     w = sub.add_parser("world", help="the shapes world: train the embedded model, measure how well it draws")
     wsub = w.add_subparsers(dest="world_command", required=True)
     t = wsub.add_parser("train", help="train the shapes-world model from scratch")
-    world_train.add_arguments(t)
-    t.set_defaults(func=world_train.main_from_args)
+    add_train_arguments(t)
+    t.set_defaults(func=train_main)
     q = wsub.add_parser("quality", help="generation accuracy of a shapes-world model, judged by the world's segmentation")
     add_quality_arguments(q)
     q.set_defaults(func=quality_main)

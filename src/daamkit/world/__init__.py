@@ -4,7 +4,7 @@
 >>> scene = make_scene(0, "test")            # image, caption, per-object and per-word masks
 >>> folder = default_model_path()            # the shipped diffusers pipeline folder
 
-Training lives in :mod:`daamkit.world.train` (``main(argv)``/``add_arguments(parser)``, wired as
+Training lives in :mod:`daamkit.world.train` (``train(Recipe(...))``, whose command line is
 ``daamkit world train``); it imports torch/diffusers lazily, so importing this package is cheap.
 """
 

@@ -4,30 +4,26 @@ folder that StableDiffusionPipeline loads offline and that generates an image.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 
+def world_train(argv: list[str]) -> int:
+    """``daamkit world train ARGV``, through the CLI."""
+    from daamkit.cli import main
+
+    return main(["world", "train", *argv])
+
+
 @pytest.mark.slow
-def test_train_tiny_end_to_end(tmp_path, monkeypatch):
+def test_train_tiny_end_to_end(tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    from daamkit.world.train import main
-
-    # the text encoder's position ids as training hands them over (--position-shift 2 below)
-    seen_positions = []
-    plain_forward = CLIPTextModel.forward
-
-    def spy(self, *a, position_ids=None, **kw):
-        if position_ids is not None:
-            seen_positions.append(position_ids.clone())
-        return plain_forward(self, *a, position_ids=position_ids, **kw)
-
-    monkeypatch.setattr(CLIPTextModel, "forward", spy)
-
+    main = world_train
     out = tmp_path / "run"
     argv = [
         "--out",
@@ -58,28 +54,13 @@ def test_train_tiny_end_to_end(tmp_path, monkeypatch):
         "2",
         "--sample-steps",
         "0",
-        "--position-shift",
-        "2",
-        "--position-shift-from",
-        "0.5",  # of 3 steps: the first two (fractions 0 and 1/3) plain, the last (2/3) shifted
-        # the layered encoder's recipe (identity start, grounding kept off the text states) end to end;
-        # the other tests train the default 0-layer one
+        # a layered text encoder end to end; the other tests train the default 0-layer one
         "--text-layers",
         "1",
-        "--text-identity-init",
-        "--ground-detach-text",
     ]
     assert main(argv) == 0
     recorded = json.loads((out / "args.json").read_text())
-    assert recorded["text_identity_init"] is True and recorded["ground_detach_text"] is True
-    # one row per caption of the last step only (before --position-shift-from the encoder gets no
-    # position ids, i.e. the plain 0..76): moved along by 0, 1 or 2 places, clamped at 76
-    rows = torch.cat(seen_positions)
-    assert len(rows) == 4
-    shift = rows[:, 0]
-    assert set(shift.tolist()) <= {0, 1, 2} and len(set(shift.tolist())) > 1
-    expected = (torch.arange(77)[None] + shift[:, None]).clamp(max=76)
-    assert torch.equal(rows, expected)
+    assert recorded["text_layers"] == 1 and recorded["latent_channels"] == 6
     model = out / "model"
     for sub in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (model / sub).exists()
@@ -144,14 +125,14 @@ def test_token_object_bits_follow_the_caption_words():
 
     from daamkit.world import default_model_path
     from daamkit.world.scenes import make_scene
-    from daamkit.world.train import GROUNDED_ROLES, _token_object_bits
+    from daamkit.world.train.data import GROUNDED_ROLES, token_object_bits
 
     tok = CLIPTokenizer.from_pretrained(str(default_model_path() / "tokenizer"))
     multi = 0
     for seed in range(60):
         s = make_scene(seed, "train")
         ids = np.array(tok(s.caption, padding="max_length", max_length=77).input_ids)
-        bits = _token_object_bits(s, tok, ids)
+        bits = token_object_bits(s, tok, ids)
         assert bits is not None, s.caption
         n = len(tok(s.caption).input_ids)
         assert bits[0] == 0 and not bits[n - 1 :].any()
@@ -204,18 +185,21 @@ def test_grounding_loss_is_low_on_the_mask_and_high_off_it():
 def test_bf16_default_follows_native_support():
     """The default (--bf16 unset) autocasts only where bfloat16 is native: emulated bf16 on an older CPU
     is slower than float32, and the UNet phase is budgeted in minutes."""
-    from daamkit.world.train import add_arguments, bf16_native
+    from daamkit.cli import build_parser
+    from daamkit.world.train import Recipe, bf16_native
 
     assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni") is True
     assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 amx_tile amx_bf16") is True
     assert bf16_native(cpu_flags="flags\t: fpu sse2 avx2 avx512f avx512_vnni") is False
     assert bf16_native(cpu_flags="flags\t: fpu avx512_bf16x") is False  # whole flags only
     assert bf16_native("meta", cpu_flags="flags\t: avx512_bf16") is False  # CPU flags say nothing of it
-    import argparse
+    assert Recipe().bf16 is None
 
-    p = add_arguments(argparse.ArgumentParser())
-    assert p.parse_args([]).bf16 is None
-    assert p.parse_args(["--bf16"]).bf16 is True and p.parse_args(["--no-bf16"]).bf16 is False
+    def parse(*argv):
+        return build_parser().parse_args(["world", "train", *argv])
+
+    assert parse().bf16 is None
+    assert parse("--bf16").bf16 is True and parse("--no-bf16").bf16 is False
 
 
 _TINY = (
@@ -262,9 +246,10 @@ def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path, workers):
     assert card["config"] == recorded
 
 
+@pytest.mark.slow
 def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):
     """An exception in the UNet phase must not leave the decoder process running."""
-    from daamkit.world import train
+    from daamkit.world.train import driver
 
     seen = {}
 
@@ -273,9 +258,9 @@ def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):
         assert alongside is not None and alongside.running()
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(train, "phase_unet", failing_unet)
+    monkeypatch.setattr(driver, "phase_unet", failing_unet)
     with pytest.raises(RuntimeError, match="boom"):
-        train.main(["--out", str(tmp_path / "run"), "--threads", "2", "--unet-steps", "3", *_TINY])
+        world_train(["--out", str(tmp_path / "run"), "--threads", "2", "--unet-steps", "3", *_TINY])
     assert not seen["alongside"].running()
     assert not (tmp_path / "run" / "decoder.done").exists()
 
@@ -283,18 +268,16 @@ def test_a_failed_unet_phase_stops_the_decoder_process(tmp_path, monkeypatch):
 def test_decoder_alongside_default():
     """On by default with a spare core (or a UNet on another device), off with one thread, never when
     the decoder phase is skipped or already done."""
-    import argparse
+    from daamkit.world.train import Recipe, decoder_runs_alongside
 
-    from daamkit.world.train import _decoder_alongside, add_arguments
-
-    p = add_arguments(argparse.ArgumentParser())
-    assert p.parse_args([]).decoder_alongside is None
-    assert _decoder_alongside(p.parse_args(["--threads", "2"]), Path("/nonexistent"))
-    assert not _decoder_alongside(p.parse_args(["--threads", "1"]), Path("/nonexistent"))
-    assert _decoder_alongside(p.parse_args(["--threads", "1", "--device", "cuda"]), Path("/nonexistent"))
-    assert _decoder_alongside(p.parse_args(["--threads", "1", "--decoder-alongside"]), Path("/nonexistent"))
-    assert not _decoder_alongside(p.parse_args(["--no-decoder-alongside"]), Path("/nonexistent"))
-    assert not _decoder_alongside(p.parse_args(["--threads", "2", "--decoder-minutes", "0"]), Path("/nonexistent"))
+    nowhere = Path("/nonexistent")
+    assert Recipe().decoder_alongside is None
+    assert decoder_runs_alongside(Recipe(threads=2), nowhere)
+    assert not decoder_runs_alongside(Recipe(threads=1), nowhere)
+    assert decoder_runs_alongside(Recipe(threads=1, device="cuda"), nowhere)
+    assert decoder_runs_alongside(Recipe(threads=1, decoder_alongside=True), nowhere)
+    assert not decoder_runs_alongside(Recipe(decoder_alongside=False), nowhere)
+    assert not decoder_runs_alongside(Recipe(threads=2, decoder_minutes=0), nowhere)
 
 
 def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path):
@@ -302,11 +285,10 @@ def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path)
     (object counts are read from the grounding targets' per-object masks); the default is 1,2,3;
     1,1,1 draws uniformly from the same random stream as before the option existed; bad weights are
     refused up front."""
-    import argparse
-
     import numpy as np
 
-    from daamkit.world.train import _scene_sampler, add_arguments, main
+    from daamkit.world.train import Recipe
+    from daamkit.world.train.data import scene_sampler
 
     n = 300
     masks = np.zeros((n, 3, 16, 16), np.uint8)
@@ -314,219 +296,71 @@ def test_object_count_weights_sample_scenes_by_their_number_of_objects(tmp_path)
     for i, c in enumerate(count):
         masks[i, :c, 4:8, 4:8] = 255
     np.savez(tmp_path / "ground.npz", masks=masks, bits=np.zeros((n, 77), np.uint8))
-    p = add_arguments(argparse.ArgumentParser())
 
-    pick = _scene_sampler(p.parse_args(["--object-count-weights", "1,2,3"]), tmp_path, n)
+    pick = scene_sampler(Recipe(object_count_weights="1,2,3"), tmp_path, n)
     share = np.bincount(count[pick(np.random.default_rng(0), 60_000)], minlength=4)[1:] / 60_000
     assert np.allclose(share, [1 / 6, 2 / 6, 3 / 6], atol=0.01), share
-    only_three = _scene_sampler(p.parse_args(["--object-count-weights", "0,0,1"]), tmp_path, n)
+    only_three = scene_sampler(Recipe(object_count_weights="0,0,1"), tmp_path, n)
     assert set(count[only_three(np.random.default_rng(1), 500)]) == {3}
 
-    default = _scene_sampler(p.parse_args([]), tmp_path, n)
+    default = scene_sampler(Recipe(), tmp_path, n)
     assert (default(np.random.default_rng(3), 64) == pick(np.random.default_rng(3), 64)).all()
 
-    uniform = _scene_sampler(p.parse_args(["--object-count-weights", "1,1,1"]), tmp_path / "missing", n)
+    uniform = scene_sampler(Recipe(object_count_weights="1,1,1"), tmp_path / "missing", n)
     assert (uniform(np.random.default_rng(7), 32) == np.random.default_rng(7).integers(0, n, 32)).all()
 
     out = tmp_path / "run"
     for bad in ("1,2", "1,-1,1", "0,0,0", "a,b,c"):
-        assert main(["--out", str(out), "--object-count-weights", bad]) == 2
+        assert world_train(["--out", str(out), "--object-count-weights", bad]) == 2
     assert not out.exists()
 
 
 def test_ground_targets_are_needed_by_each_option_that_reads_them(tmp_path):
-    """The grounding loss, the small-object weights and the object-count sampler each read
-    ``ground.npz``; the data-parallel launcher builds it before spawning its workers exactly when one
+    """The grounding loss and the object-count sampler each read ``ground.npz``; the data-parallel launcher builds it before spawning its workers exactly when one
     of them is on, and a run with none of them trains without the file."""
-    import argparse
-
     import numpy as np
 
-    from daamkit.world.train import _needs_ground_targets, _scene_sampler, add_arguments
+    from daamkit.world.train import Recipe
+    from daamkit.world.train.data import needs_ground_targets, scene_sampler
 
-    p = add_arguments(argparse.ArgumentParser())
-    none = ["--ground-weight", "0", "--object-count-weights", "1,1,1"]
-    assert not _needs_ground_targets(p.parse_args(none))
-    assert _needs_ground_targets(p.parse_args([]))  # the default recipe: grounding and 1,2,3 weights
-    assert _needs_ground_targets(p.parse_args(["--ground-weight", "0.2", "--object-count-weights", "1,1,1"]))
-    assert _needs_ground_targets(p.parse_args(["--ground-weight", "0", "--object-count-weights", "1,2,3"]))
-    assert _needs_ground_targets(p.parse_args([*none, "--small-object-power", "1"]))
+    none = Recipe(ground_weight=0, object_count_weights="1,1,1")
+    assert not needs_ground_targets(none)
+    assert needs_ground_targets(Recipe())  # the default recipe: grounding and 1,2,3 weights
+    assert needs_ground_targets(Recipe(ground_weight=0.2, object_count_weights="1,1,1"))
+    assert needs_ground_targets(Recipe(ground_weight=0, object_count_weights="1,2,3"))
     # without the file, the sampler of a run that does not need it still draws
-    assert len(_scene_sampler(p.parse_args(none), tmp_path / "missing", 10)(np.random.default_rng(0), 4)) == 4
+    assert len(scene_sampler(none, tmp_path / "missing", 10)(np.random.default_rng(0), 4)) == 4
 
 
 def test_timestep_focus_draws_its_share_from_its_range(tmp_path):
     """``--timestep-focus LO,HI,SHARE`` draws about SHARE of the timesteps from [LO, HI) on top of the
     uniform draw over [0, 1000); given empty, the draw is the plain uniform one, from the same random
     stream as before the option existed; bad specs are refused before anything is written."""
-    import argparse
-
     import torch
 
-    from daamkit.world.train import _timestep_sampler, add_arguments, main
+    from daamkit.world.train import Recipe
+    from daamkit.world.train.unet import timestep_sampler
 
-    p = add_arguments(argparse.ArgumentParser())
-    t = _timestep_sampler(p.parse_args(["--timestep-focus", "100,450,0.5"]))(100_000)
+    t = timestep_sampler("100,450,0.5")(100_000)
     assert t.min() >= 0 and t.max() < 1000
     inside = ((t >= 100) & (t < 450)).float().mean().item()
     assert abs(inside - (0.5 + 0.5 * 0.35)) < 0.01, inside
     assert ((t >= 450) & (t < 1000)).float().mean().item() == pytest.approx(0.5 * 0.55, abs=0.01)
 
-    assert p.parse_args([]).timestep_focus == "100,450,0.5"  # the shipped model's recipe
+    assert Recipe().timestep_focus == "100,450,0.5"  # the shipped model's recipe
     torch.manual_seed(5)
-    plain = _timestep_sampler(p.parse_args(["--timestep-focus", ""]))(64)
+    plain = timestep_sampler("")(64)
     torch.manual_seed(5)
     assert torch.equal(plain, torch.randint(0, 1000, (64,)))
 
     out = tmp_path / "run"
     for bad in ("100,450", "450,100,0.5", "0,1001,0.5", "100,450,1.5", "a,b,c"):
-        assert main(["--out", str(out), "--timestep-focus", bad]) == 2
+        assert world_train(["--out", str(out), "--timestep-focus", bad]) == 2
     assert not out.exists()
 
 
-def test_position_shift_moves_each_caption_and_leaves_the_plain_stream_alone(tmp_path):
-    """``--position-shift N`` gives each caption of a batch its own shift in 0..N (clamped at the last
-    position); 0 returns None (plain positions) without drawing, so the random stream of runs without
-    the option is unchanged; out-of-range values are refused before anything is written."""
-    import numpy as np
-    import torch
-
-    from daamkit.world.train import _shifted_positions, main
-
-    gen = np.random.default_rng(0)
-    assert _shifted_positions(gen, 8, 77, 0) is None
-    assert gen.integers(0, 1000, 4).tolist() == np.random.default_rng(0).integers(0, 1000, 4).tolist()
-
-    pos = _shifted_positions(np.random.default_rng(1), 4000, 77, 3)
-    assert pos.shape == (4000, 77) and pos.dtype == torch.int64
-    shift = pos[:, 0]
-    counts = torch.bincount(shift, minlength=4)
-    assert len(counts) == 4 and (counts > 900).all(), counts  # about uniform over 0..3
-    assert torch.equal(pos, (torch.arange(77)[None] + shift[:, None]).clamp(max=76))
-    assert pos.max() == 76
-
-    out = tmp_path / "run"
-    for bad in ("-1", "17"):
-        assert main(["--out", str(out), "--position-shift", bad]) == 2
-    for bad in ("-0.1", "1", "1.5"):
-        assert main(["--out", str(out), "--position-shift", "3", "--position-shift-from", bad]) == 2
-    assert not out.exists()
 
 
-def test_object_loss_weights_can_favour_small_objects():
-    """``--small-object-power`` 0 weighs every object cell alike (the shipped recipe: 1 + w on the
-    objects' union); power 1 gives a small object the total extra weight of a medium one (16 cells),
-    capped at 4x for specks, and leaves large objects as they were; overlapping objects take the
-    larger weight, empty slots add nothing."""
-    import torch
-
-    from daamkit.world.train import object_loss_weights
-
-    masks = torch.zeros(2, 3, 16, 16)
-    masks[0, 0, 0:2, 0:2] = 1  # small: 4 cells
-    masks[0, 1, 8:16, 8:16] = 1  # large: 64 cells
-    masks[1, 0, 5, 5] = 0.25  # a speck: 0.25 cells
-
-    flat = object_loss_weights(masks, 2.0, 0.0)
-    assert flat.shape == (2, 1, 16, 16)
-    assert flat[0, 0, 0, 0] == flat[0, 0, 10, 10] == 3.0 and flat[0, 0, 4, 4] == 1.0
-    assert torch.isclose(flat[1, 0, 5, 5], torch.tensor(1.5))
-
-    even = object_loss_weights(masks, 2.0, 1.0)
-    extra = even - 1
-    assert torch.isclose(extra[0, 0, 0:2, 0:2].sum(), torch.tensor(2.0 * 16))  # as much as a medium one
-    assert torch.equal(even[0, 0, 8:16, 8:16], flat[0, 0, 8:16, 8:16])  # large: unchanged
-    assert extra[0, 0, 4, 4] == 0
-    assert torch.isclose(extra[1, 0, 5, 5], torch.tensor(2.0 * 0.25 * 4.0))  # capped at 4x
-
-    masks[0, 1, 0:2, 0:2] = 1  # the large object now also covers the small one's cells
-    assert torch.isclose(object_loss_weights(masks, 2.0, 1.0)[0, 0, 0, 0], torch.tensor(1 + 2.0 * 4.0))
-
-
-def test_resume_keeps_the_recorded_options_unless_given_again():
-    import argparse
-
-    from daamkit.cli import build_parser
-    from daamkit.world.train import _adopt_record, _own_args, add_arguments
-
-    def parse(*argv):
-        return add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
-
-    recorded = _own_args(parse("--lr", "5e-4", "--unet-minutes", "200", "--threads", "1"))
-    del recorded["object_count_weights"], recorded["timestep_focus"]  # runs started before the options existed
-    args = parse("--resume", "--threads", "2")
-    assert _adopt_record(args, recorded) == {}
-    assert args.lr == 5e-4 and args.unet_minutes == 200  # the record's, not today's defaults
-    assert args.object_count_weights == "1,1,1"  # what such runs did, not today's default (1,2,3)
-    assert args.timestep_focus == ""  # uniform timesteps, as they were drawn then
-    assert args.threads == 2  # this call's own
-
-    # given again, the command line wins, also where it spells out today's default
-    args = parse("--resume", "--object-count-weights", "1,2,3", "--lr", "5e-4", "--text-lr-mult", "3")
-    assert _adopt_record(args, recorded) == {"object_count_weights": ["1,1,1", "1,2,3"], "text_lr_mult": [1.0, 3.0]}
-    assert (args.object_count_weights, args.lr, args.text_lr_mult) == ("1,2,3", 5e-4, 3.0)
-    assert args.unet_minutes == 200
-
-    # the architecture cannot change, and nothing is adopted when it is asked to
-    args = parse("--resume", "--heads", "2")
-    with pytest.raises(ValueError, match="--heads 2 contradicts this run's args.json"):
-        _adopt_record(args, recorded)
-    assert args.lr == 1e-3
-
-    # `daamkit world train` notes the options given the same way
-    cli = build_parser().parse_args(["world", "train", "--lr", "3e-4", "--no-bf16", "--resume"])
-    assert cli.given_options == ["bf16", "lr"]
-
-
-@pytest.mark.slow
-def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch, capfd):
-    """Data-parallel workers each compute their part of the batch one process would draw, and average
-    the gradients: after a few steps the weights match those of one process, up to float rounding.
-    Workers that start without grounding targets get them built once, before they are spawned (each
-    building its own raced on one file: a worker read it half-written)."""
-    import argparse
-    import shutil
-
-    import numpy as np
-    import torch
-
-    from daamkit.world.train import _build_unet_and_text, main
-
-    one = tmp_path / "one"
-    # float32 on every CPU: with bf16 autocast (the default where the CPU has it natively) the rounding
-    # depends on how the batch is split, so even one process on 1 vs 2 threads ends about 9% of the
-    # movement apart after 4 steps (2 workers: 13%), against 0.07% in float32 (measured 2026-11-29)
-    common = ["--unet-steps", "4", "--no-decoder-alongside", "--no-bf16", *_TINY]
-    assert main(["--out", str(one), "--threads", "1", *common]) == 0
-    two = tmp_path / "two"
-    shutil.copytree(
-        one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model", "ground.npz")
-    )
-    monkeypatch.chdir(tmp_path)  # a relative --out, as on the command line, must reach the workers
-    capfd.readouterr()
-    assert main(["--out", "two", "--resume", "--only", "unet", "--threads", "2", "--unet-workers", "2"]) == 0
-    assert capfd.readouterr().err.count("captions aligned") == 1  # built once, not by each worker
-    for key in ("masks", "bits"):
-        assert np.array_equal(np.load(one / "ground.npz")[key], np.load(two / "ground.npz")[key])
-    done = json.loads((two / "unet.done").read_text())
-    assert done["workers"] == 2
-    assert not done["bf16"]  # the recorded --no-bf16 was kept
-    assert json.loads((one / "unet.done").read_text())["workers"] == 1
-    a, b = (torch.load(d / "ckpt_unet.pt", weights_only=False) for d in (one, two))
-    assert a["step"] == b["step"] == 4
-    # Adam turns float rounding in near-zero gradients into steps of the learning rate's size, so the
-    # weights are compared by how far they moved: a worker with a wrong part of the batch (or the whole
-    # batch of another worker) moves them about as far as training itself does
-    args = argparse.Namespace(**json.loads((one / "args.json").read_text()))
-    torch.manual_seed(args.seed)
-    unet, te = _build_unet_and_text(args)
-    for part, init in (("unet", unet.state_dict()), ("text", te.state_dict())):
-        moved = torch.cat([(a[part][k] - init[k]).abs().flatten() for k in init])
-        apart = torch.cat([(b[part][k] - a[part][k]).abs().flatten() for k in init])
-        assert moved.mean() > 1e-6
-        assert apart.mean() < 0.05 * moved.mean(), (part, apart.mean(), moved.mean())
-    log = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
-    assert [r["workers"] for r in log if r["phase"] == "unet_done"] == [2]
 
 
 def test_grounding_loss_of_batch_parts_averages_to_the_whole_batch():
@@ -560,124 +394,44 @@ def test_grounding_loss_of_batch_parts_averages_to_the_whole_batch():
 
 
 def test_unet_workers_default_and_divide_the_batch():
-    import argparse
+    from daamkit.world.train import Recipe, unet_workers
 
-    from daamkit.world.train import add_arguments, unet_workers
-
-    p = add_arguments(argparse.ArgumentParser())
-    assert unet_workers(p.parse_args(["--threads", "2"])) == 2
-    assert unet_workers(p.parse_args(["--threads", "1"])) == 1
-    assert unet_workers(p.parse_args(["--threads", "2", "--unet-workers", "1"])) == 1
-    assert unet_workers(p.parse_args(["--threads", "3"])) == 2  # 3 does not divide the batch of 32
-    assert unet_workers(p.parse_args(["--threads", "4", "--unet-workers", "8"])) == 4  # not above --threads
-    assert unet_workers(p.parse_args(["--threads", "4", "--device", "cuda"])) == 1
+    assert unet_workers(Recipe(threads=2)) == 2
+    assert unet_workers(Recipe(threads=1)) == 1
+    assert unet_workers(Recipe(threads=2, unet_workers=1)) == 1
+    assert unet_workers(Recipe(threads=3)) == 2  # 3 does not divide the batch of 32
+    assert unet_workers(Recipe(threads=4, unet_workers=8)) == 4  # not above --threads
+    assert unet_workers(Recipe(threads=4, device="cuda")) == 1
 
 
-def test_text_identity_init_starts_as_the_zero_layer_encoder():
-    """``--text-identity-init``: a fresh encoder with a layer gives exactly the 0-layer encoder's output
-    for the same embeddings, and still learns (its zeroed projections get a gradient)."""
-    import argparse
-
-    import torch
-
-    from daamkit.world.train import _build_unet_and_text, add_arguments
-
-    p = add_arguments(argparse.ArgumentParser())
-    tiny = ["--unet-channels", "16,16,16", "--heads", "2", "--text-width", "16"]
-    torch.manual_seed(0)
-    _, layered = _build_unet_and_text(p.parse_args(["--text-layers", "1", "--text-identity-init", *tiny]))
-    _, plain = _build_unet_and_text(p.parse_args(["--text-layers", "0", *tiny]))
-    plain.load_state_dict({k: v for k, v in layered.state_dict().items() if "encoder.layers" not in k})
-    ids = torch.randint(0, 49406, (3, 77), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(layered(ids)[0], plain(ids)[0], rtol=0, atol=0)
-    layered(ids)[0].pow(2).sum().backward()
-    assert all(p.grad.abs().sum() > 0 for n, p in layered.named_parameters() if "out_proj" in n or "fc2" in n)
-    torch.manual_seed(0)
-    _, random_start = _build_unet_and_text(p.parse_args(["--text-layers", "1", *tiny]))
-    assert (random_start(ids)[0] - plain(ids)[0]).abs().max() > 1e-3  # without the option: not the identity
 
 
-def test_ground_detach_text_keeps_the_grounding_maps_off_the_text_states():
-    """``--ground-detach-text``: the attention maps kept for the grounding loss have the same values,
-    the layer's output is unchanged, the UNet's key projection still learns from them, but no gradient
-    reaches the text states through them."""
-    import torch
-    from diffusers.models.attention_processor import Attention
 
-    from daamkit.world.train import _CaptureCrossAttention
-
-    torch.manual_seed(0)
-    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
-    x = torch.randn(2, 64, 16)
-    grads, outs, maps = {}, {}, {}
-    for detach in (False, True):
-        text = torch.randn(2, 77, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        store: list = []
-        attn.zero_grad()
-        outs[detach] = _CaptureCrossAttention(store, detach_text=detach)(attn, x, encoder_hidden_states=text)
-        (heads, probs), = store
-        maps[detach] = probs.detach()
-        probs[..., 3].sum().backward()  # a grounding-like loss on one token's map
-        grads[detach] = (text.grad, attn.to_k.weight.grad.clone())
-    torch.testing.assert_close(outs[True], outs[False])
-    torch.testing.assert_close(maps[True], maps[False])
-    assert grads[False][0].abs().sum() > 0
-    assert grads[True][0] is None or grads[True][0].abs().sum() == 0
-    torch.testing.assert_close(grads[True][1], grads[False][1])
-    assert grads[True][1].abs().sum() > 0
-
-
-def test_unet_time_norm_scale_shift_makes_the_timestep_scale_and_shift_the_features():
-    """``--unet-time-norm scale_shift``: each ResNet's timestep projection gives a scale and a shift
-    (twice its channels), and the model still runs and depends on the timestep."""
-    import argparse
-
-    import torch
-
-    from daamkit.world.train import _build_unet_and_text, add_arguments
-
-    p = add_arguments(argparse.ArgumentParser())
-    tiny = ["--unet-channels", "16,16,16", "--heads", "2", "--text-width", "16"]
-    torch.manual_seed(0)
-    unet, text = _build_unet_and_text(p.parse_args(["--unet-time-norm", "scale_shift", *tiny]))
-    plain, _ = _build_unet_and_text(p.parse_args(tiny))
-    assert unet.config.resnet_time_scale_shift == "scale_shift"
-    assert plain.config.resnet_time_scale_shift == "default"
-    proj = unet.down_blocks[0].resnets[0].time_emb_proj
-    assert proj.out_features == 2 * plain.down_blocks[0].resnets[0].time_emb_proj.out_features
-    ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(1))
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    states = text(ids)[0]
-    a = unet(x, torch.tensor([10, 10]), states).sample
-    b = unet(x, torch.tensor([900, 900]), states).sample
-    assert a.shape == x.shape and (a - b).abs().max() > 1e-3
-    with pytest.raises(SystemExit):
-        p.parse_args(["--unet-time-norm", "adagn"])
-
-
+@pytest.mark.slow
 def test_data_workers_render_the_same_training_set(tmp_path):
     """Scenes rendered by two spawned processes are the ones one process renders, in seed order,
     for the data phase and for the grounding targets it writes with them; and the targets are those
     rendered again for a data folder that lacks them."""
-    import argparse
     import shutil
 
     import numpy as np
 
-    from daamkit.world import train as T
     from daamkit.world.scenes import make_scene
+    from daamkit.world.train import Recipe
+    from daamkit.world.train.common import tokenizer
+    from daamkit.world.train.data import chunks, ground_targets
 
     outs = {}
     for workers in (1, 2):
         out = tmp_path / f"workers{workers}"
         argv = ["--out", str(out), "--only", "data", "--threads", "1", "--dataset-size", "10"]
-        assert T.main([*argv, "--data-workers", str(workers)]) == 0
+        assert world_train([*argv, "--data-workers", str(workers)]) == 0
         assert (out / "ground.npz").exists()  # written by the data phase itself
         outs[workers] = out
     again = tmp_path / "again"
     shutil.copytree(outs[1], again, ignore=shutil.ignore_patterns("ground.npz"))
-    T._ground_targets(argparse.Namespace(**{**T._default_args(), "data_workers": 2}), again)
-    assert len(T._chunks(10, 2)) == 2  # so the second run really went through two processes
+    ground_targets(Recipe(data_workers=2), again)
+    assert len(chunks(10, 2)) == 2  # so the second run really went through two processes
     for name, other in (("data.npz", outs[2]), ("ground.npz", outs[2]), ("ground.npz", again)):
         one, two = np.load(outs[1] / name), np.load(other / name)
         assert one.files == two.files
@@ -686,7 +440,7 @@ def test_data_workers_render_the_same_training_set(tmp_path):
     captions = (outs[2] / "captions.txt").read_text().splitlines()
     assert captions == [make_scene(i, "train").caption for i in range(10)]
     ids = np.load(outs[2] / "data.npz")["input_ids"]
-    tok = T._tokenizer(outs[2])
+    tok = tokenizer(outs[2])
     assert np.array_equal(ids, tok(captions, padding="max_length", max_length=77, return_tensors="np").input_ids)
     assert np.load(outs[2] / "ground.npz")["bits"].any(axis=1).all()  # every caption's words grounded
 
@@ -694,21 +448,19 @@ def test_data_workers_render_the_same_training_set(tmp_path):
 def test_vae_from_takes_a_trained_autoencoder_whole(tmp_path, capsys):
     """`--vae-from shipped`: no VAE or decoder training; the latents are the shipped encoder's, at its
     scaling factor, and the exported pipeline carries the shipped autoencoder unchanged."""
-    import argparse
-
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     from daamkit.world import default_model_path
-    from daamkit.world import train as T
+    from daamkit.world.train import Recipe, decoder_runs_alongside
 
     shipped = default_model_path() / "vae"
     out = tmp_path / "run"
     small_unet = ["--unet-channels", "16,16,16", "--heads", "2", "--text-width", "16", "--batch", "4"]
     argv = ["--out", str(out), "--threads", "1", "--dataset-size", "12", "--unet-steps", "1", *small_unet]
-    assert T.main([*argv, "--sample-steps", "0", "--vae-from", "shipped"]) == 0
+    assert world_train([*argv, "--sample-steps", "0", "--vae-from", "shipped"]) == 0
 
     ref = load_file(str(shipped / "diffusion_pytorch_model.safetensors"))
     got = load_file(str(out / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
@@ -725,15 +477,230 @@ def test_vae_from_takes_a_trained_autoencoder_whole(tmp_path, capsys):
         mean = vae.encode(torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
     cached = torch.from_numpy(np.load(out / "latents.npz")["mean"][:2]).float()
     assert torch.allclose(cached, mean, atol=2e-3)
-    two_threads = argparse.Namespace(**{**T._default_args(), "threads": 2, "vae_from": "shipped"})
-    assert T._decoder_alongside(two_threads, tmp_path / "elsewhere") is False
+    assert decoder_runs_alongside(Recipe(threads=2, vae_from="shipped"), tmp_path / "elsewhere") is False
 
     # an autoencoder of another shape is refused before anything is written, naming the matching flags
     capsys.readouterr()
     bad = tmp_path / "bad"
-    assert T.main(["--out", str(bad), "--vae-from", "shipped", "--latent-channels", "6", "--vae-groups", "8"]) == 2
+    assert world_train(["--out", str(bad), "--vae-from", "shipped", "--latent-channels", "6", "--vae-groups", "8"]) == 2
     err = capsys.readouterr().err
     assert "--latent-channels 4" in err and "--vae-groups 4" in err and "--vae-channels" not in err
     assert not bad.exists()
-    assert T.main(["--out", str(tmp_path / "none"), "--vae-from", str(tmp_path)]) == 2
+    assert world_train(["--out", str(tmp_path / "none"), "--vae-from", str(tmp_path)]) == 2
     assert "no AutoencoderKL there" in capsys.readouterr().err
+
+
+# The options of `daamkit world train` and their defaults as the single-file train.py had them before
+# it became a package (less the options removed then, below): the shipped model's recipe.
+HEAD_DEFAULTS = {
+    "out": "runs/world_train",
+    "export_to": None,
+    "resume": False,
+    "only": None,
+    "threads": max(1, (os.cpu_count() or 2)),
+    "unet_workers": None,
+    "data_workers": None,
+    "seed": 0,
+    "device": "cpu",
+    "data_seed": 0,
+    "dataset_size": 40000,
+    "ckpt_minutes": 4.0,
+    "sample_steps": 20,
+    "latent_channels": 4,
+    "vae_from": None,
+    "vae_channels": "16,32,64",
+    "vae_layers": 1,
+    "vae_groups": 4,
+    "vae_steps": 100000,
+    "vae_minutes": 12.0,
+    "vae_batch": 8,
+    "vae_lr": 1e-3,
+    "vae_kl": 3e-5,
+    "vae_edge": 1.0,
+    "decoder_minutes": 30.0,
+    "decoder_alongside": None,
+    "decoder_lr": 5e-4,
+    "decoder_steps": 1000000,
+    "unet_channels": "64,128,128",
+    "unet_layers": 1,
+    "unet_groups": 16,
+    "heads": 4,
+    "text_width": 64,
+    "text_layers": 0,
+    "unet_steps": 1000000,
+    "unet_minutes": 95.0,
+    "batch": 32,
+    "lr": 1e-3,
+    "final_lr_ratio": 0.05,
+    "text_lr_mult": 1.0,
+    "uncond_prob": 0.1,
+    "min_snr": 5.0,
+    "object_weight": 2.0,
+    "ema": 0.998,
+    "bf16": None,
+    "ground_weight": 0.2,
+    "object_count_weights": "1,2,3",
+    "timestep_focus": "100,450,0.5",
+}
+# The removed options, at the default that left them out of training.
+REMOVED_DEFAULTS = {
+    "unet_time_norm": "default",
+    "text_identity_init": False,
+    "small_object_power": 0.0,
+    "ground_detach_text": False,
+    "position_shift": 0,
+    "position_shift_from": 0.0,
+}
+
+
+def test_default_recipe_is_the_shipped_recipe():
+    """``Recipe()`` holds every option with its earlier default (and type: ``args.json`` records them),
+    the command line parses to it, the removed options are gone from it, and the options the shipped
+    model recorded in its ``daamkit_world.json`` are the defaults, but for the session's own."""
+    from daamkit.cli import build_parser
+    from daamkit.world import default_model_path
+    from daamkit.world.train import RETIRED_OPTIONS, SESSION_OPTIONS, Recipe, bf16_native, option_names
+
+    default = Recipe().as_dict()
+    assert default == HEAD_DEFAULTS
+    assert {k: type(v) for k, v in default.items()} == {k: type(v) for k, v in HEAD_DEFAULTS.items()}
+    assert list(default) == list(option_names())
+
+    parsed = vars(build_parser().parse_args(["world", "train"]))
+    assert {k: parsed[k] for k in option_names()} == default
+    assert RETIRED_OPTIONS == REMOVED_DEFAULTS
+    for key in REMOVED_DEFAULTS:
+        assert key not in parsed
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["world", "train", "--" + key.replace("_", "-"), "1"])
+
+    shipped = json.loads((default_model_path() / "daamkit_world.json").read_text())["config"]
+    compared = 0
+    for key, value in shipped.items():
+        if key in RETIRED_OPTIONS:
+            assert value == RETIRED_OPTIONS[key], key
+        elif key == "bf16":  # recorded as resolved: the default where bf16 is native, as it was there
+            assert value is True and default[key] is None and bf16_native(cpu_flags="flags\t: avx512_bf16")
+        elif key not in SESSION_OPTIONS:
+            assert default[key] == value, key
+            compared += 1
+    assert compared >= 35
+
+
+def test_resume_keeps_the_recorded_options_unless_given_again(tmp_path, capsys):
+    from daamkit.cli import build_parser
+    from daamkit.world.train import RETIRED_OPTIONS, Recipe, adopt_record
+
+    recorded = Recipe(lr=5e-4, unet_minutes=200, threads=1, object_count_weights="1,1,1").as_dict()
+    del recorded["timestep_focus"]  # a run started before the option existed
+    recorded.update(RETIRED_OPTIONS)  # and recorded options since removed, at the value they now always have
+    r, changes = adopt_record(Recipe(resume=True, threads=2), recorded, given={"threads"})
+    assert changes == {}
+    assert (r.lr, r.unet_minutes, r.object_count_weights) == (5e-4, 200, "1,1,1")  # the record's, not the defaults
+    assert r.timestep_focus == "100,450,0.5"  # not recorded: today's default
+    assert r.threads == 2  # this call's own
+
+    # given again, the command line wins, also where it spells out today's default
+    again = Recipe(resume=True, object_count_weights="1,2,3", lr=5e-4, text_lr_mult=3)
+    r, changes = adopt_record(again, recorded, {"object_count_weights", "lr", "text_lr_mult"})
+    assert changes == {"object_count_weights": ["1,1,1", "1,2,3"], "text_lr_mult": [1.0, 3.0]}
+    assert (r.object_count_weights, r.lr, r.text_lr_mult, r.unet_minutes) == ("1,2,3", 5e-4, 3.0, 200)
+
+    # the architecture cannot change
+    with pytest.raises(ValueError, match="--heads 2 contradicts this run's args.json"):
+        adopt_record(Recipe(resume=True, heads=2), recorded, {"heads"})
+    # and a run that used a removed option cannot go on as it was
+    for key, value in (("position_shift", 3), ("text_identity_init", True), ("unet_time_norm", "scale_shift")):
+        with pytest.raises(ValueError, match=f"--{key.replace('_', '-')} {value}: that option is gone"):
+            adopt_record(Recipe(resume=True), {**recorded, key: value}, set())
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "args.json").write_text(json.dumps({**recorded, "position_shift": 3}))
+    capsys.readouterr()
+    assert world_train(["--out", str(out), "--resume", "--threads", "1"]) == 2
+    assert "--position-shift 3" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["args.json"]
+
+    # `daamkit world train` notes the options given on its command line
+    cli = build_parser().parse_args(["world", "train", "--lr", "3e-4", "--no-bf16", "--resume"])
+    assert cli.given_options == ["bf16", "lr"]
+
+
+@pytest.mark.slow
+def test_unet_workers_train_the_same_model_as_one_process(tmp_path, monkeypatch, capfd):
+    """Data-parallel workers each compute their part of the batch one process would draw, and average
+    the gradients: after a few steps the weights match those of one process, up to float32 rounding.
+    Workers that start without grounding targets get them built once, before they are spawned (each
+    building its own raced on one file: a worker read it half-written)."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from daamkit.world.train import Recipe, build_unet_and_text, option_names
+
+    one = tmp_path / "one"
+    # The two runs may differ only in the order of float32 sums, on any CPU:
+    # - float32 (--no-bf16): bf16 autocast rounds each part of a split batch on its own;
+    # - a time budget too large to matter: the learning rate follows the larger of the step and the
+    #   time fractions of the phase, and the workers' start-up counts against the time budget, so on a
+    #   slow machine their first steps ran at a larger rate than the one process's did;
+    # - 4 channels per GroupNorm group (as in the default UNet), not 1: a norm of single channels
+    #   cancels every per-channel constant before it (conv biases, the timestep projections), whose
+    #   true gradient is then 0, and Adam turns the rounding noise of a zero gradient into steps of the
+    #   learning rate's size with a random sign.
+    steps = ["--unet-steps", "4", "--unet-minutes", "1e9", "--no-decoder-alongside", "--no-bf16"]
+    common = [*steps, *_TINY, "--unet-groups", "4"]
+    assert world_train(["--out", str(one), "--threads", "1", *common]) == 0
+    two = tmp_path / "two"
+    shutil.copytree(
+        one, two, ignore=shutil.ignore_patterns("ckpt_unet.pt", "unet.done", "log.jsonl", "model", "ground.npz")
+    )
+    monkeypatch.chdir(tmp_path)  # a relative --out, as on the command line, must reach the workers
+    capfd.readouterr()
+    assert world_train(["--out", "two", "--resume", "--only", "unet", "--threads", "2", "--unet-workers", "2"]) == 0
+    assert capfd.readouterr().err.count("captions aligned") == 1  # built once, not by each worker
+    for key in ("masks", "bits"):
+        assert np.array_equal(np.load(one / "ground.npz")[key], np.load(two / "ground.npz")[key])
+    done = json.loads((two / "unet.done").read_text())
+    assert done["workers"] == 2
+    assert not done["bf16"]  # the recorded --no-bf16 was kept
+    assert json.loads((one / "unet.done").read_text())["workers"] == 1
+    a, b = (torch.load(d / "ckpt_unet.pt", weights_only=False) for d in (one, two))
+    assert a["step"] == b["step"] == 4
+    # Weights are compared by how far they moved. float32 summation order leaves the two runs about 1e-6
+    # of that apart; a worker with a wrong part of the batch (or the whole batch of another worker), or
+    # gradients not averaged, leaves them about as far apart as training moves them
+    recorded = json.loads((one / "args.json").read_text())
+    r = Recipe(**{k: v for k, v in recorded.items() if k in option_names()})
+    torch.manual_seed(r.seed)
+    unet, te = build_unet_and_text(r)
+    for part, init in (("unet", unet.state_dict()), ("text", te.state_dict())):
+        moved = torch.cat([(a[part][k] - init[k]).abs().flatten() for k in init])
+        apart = torch.cat([(b[part][k] - a[part][k]).abs().flatten() for k in init])
+        assert moved.mean() > 1e-6
+        assert apart.mean() < 1e-3 * moved.mean(), (part, apart.mean(), moved.mean())
+    log = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    assert [r["workers"] for r in log if r["phase"] == "unet_done"] == [2]
+
+
+def test_capture_cross_attention_keeps_the_maps_and_the_output():
+    """The training processor of the cross-attention layers gives the output of diffusers' own and
+    keeps each call's attention probabilities, with their gradient, for the grounding loss."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    from daamkit.world.train.grounding import CaptureCrossAttention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    x = torch.randn(2, 64, 16)
+    text = torch.randn(2, 77, 8, requires_grad=True)
+    store: list = []
+    out = CaptureCrossAttention(store)(attn, x, encoder_hidden_states=text)
+    torch.testing.assert_close(out, attn.processor(attn, x, encoder_hidden_states=text))
+    ((heads, probs),) = store
+    assert heads == 2 and probs.shape == (2 * 2, 64, 77)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, 64))
+    probs[..., 3].sum().backward()
+    assert text.grad.abs().sum() > 0
