@@ -307,9 +307,10 @@ class Trace:
 
     def method(self, name: str) -> AttributionMethod:
         """The method object recording ``name`` (or one of its aliases) on this trace."""
+        for m in self._methods.values():  # this trace's own methods first: they need not be in METHODS
+            if name == m.name or name in m.aliases:
+                return m
         canonical = canonical_name(name)
-        if canonical is not None and canonical in self._methods:
-            return self._methods[canonical]
         if canonical is not None:  # a known method this trace was not given
             self._require_gen()
             raise TraceError(METHODS[canonical].not_enabled or f"method {name!r} was not enabled on this trace")
