@@ -123,9 +123,12 @@ class Trace:
             chosen.append(concept)
         chosen.extend(methods)
         self._methods: dict[str, AttributionMethod] = {}
+        taken: set[str] = set()  # names and aliases: heat_maps(method=...) must name one method
         for m in chosen:
-            if m.name in self._methods:
-                raise InputError(f"method {m.name!r} was given twice")
+            clash = taken & {m.name, *m.aliases}
+            if clash:
+                raise InputError(f"method {m.name!r}: the name(s) {sorted(clash)} already belong to another method")
+            taken |= {m.name, *m.aliases}
             unknown = m.captures - CAPTURE_STREAMS
             if unknown:
                 raise InputError(f"method {m.name!r} needs {sorted(unknown)}; the trace captures {sorted(CAPTURE_STREAMS)}")

@@ -156,5 +156,12 @@ def test_methods_declare_what_they_need(sd3, clip_tokenizer_dir):
         Trace(sd3, AggregationConfig(), methods=[Unknown()])
     with pytest.raises(UnsupportedPipelineError, match="joint-only maps need"):
         Trace(tiny_sd(clip_tokenizer_dir), AggregationConfig(), methods=[JointOnly()])
-    with pytest.raises(InputError, match="twice"):
+    with pytest.raises(InputError, match="already belong"):
         Trace(sd3, AggregationConfig(), methods=[DaamMethod()])
+
+    class Shadowing(_Counting):
+        name = "shadowing"
+        aliases = ("cross",)
+
+    with pytest.raises(InputError, match=r"\['cross'\] already belong"):
+        Trace(sd3, AggregationConfig(), methods=[Shadowing()])

@@ -32,9 +32,7 @@ need, it belongs in the family capture as a further stream name with its own cal
 
 Adding a method in one file, ``methods/mine.py``::
 
-    class MyMethod(AttributionMethod):
-        \"\"\"What the maps mean and where they come from.\"\"\"
-
+    class MyMethod(AttributionMethod):  # docstring: what the maps mean, where they come from
         name = "mine"
         captures = frozenset({"cross_attention"})
 

@@ -226,6 +226,8 @@ class ConceptMethod(AttributionMethod):
         embeds = self.embeds
         if embeds is None:  # the trace attaches methods before its text-encoder hooks: its prompt capture stays clean
             embeds = encode_concepts(trace.pipe, trace.capture.family, self.concepts)
+        # the side stream's handles go into this method's HookSet, which the trace empties on exit
+        # whatever detach() does
         self.capture = ConceptCapture(trace.capture.denoiser, trace.capture.family, embeds, self, self.hooks)
         self.capture.attach()
 
