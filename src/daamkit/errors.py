@@ -16,6 +16,10 @@ class InputError(DaamkitError, ValueError):
     """A value given by the user is not allowed (the message names it and what is allowed)."""
 
 
+class TraceError(DaamkitError, RuntimeError):
+    """A trace was used in a way it cannot serve (not entered, nothing traced, a method not enabled)."""
+
+
 def user_message(exc: BaseException) -> str | None:
     """The one line to show for an error the user can act on, or None for an internal error."""
     if not isinstance(exc, DaamkitError):

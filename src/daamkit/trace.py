@@ -9,15 +9,20 @@ with trace(pipe) as tc:
 The trace only adds PyTorch hooks (denoiser pre-hook, projection hooks on the text-image attention,
 text-encoder pre-hooks that read the token ids the model saw) and a logging handler that reads
 diffusers' own truncation warning; all of them are removed on exit, also after an exception.
+
+The trace keeps the pipeline-level bookkeeping (steps, CFG rows, token ids) shared by every
+attribution method; the maps themselves come from the method objects of :mod:`daamkit.methods`
+(DAAM always, ConceptAttention when ``concepts`` are given), picked by ``heat_maps(method=...)``.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,15 +30,26 @@ from torch import nn
 from daamkit.aggregate import Accumulator, AggregationConfig
 from daamkit.capture import UnsupportedPipelineError, detect_capture
 from daamkit.capture.base import DenoiserCall, HookSet, LayerInfo, is_traced
-from daamkit.errors import DaamkitError
+from daamkit.errors import InputError, TraceError
+from daamkit.methods import (
+    CAPTURE_STREAMS,
+    METHODS,
+    AttributionMethod,
+    ConceptMethod,
+    DaamMethod,
+    canonical_name,
+)
+
+if TYPE_CHECKING:
+    from daamkit.heatmap import GlobalHeatMap
+    from daamkit.tokens import TokenAlignment
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 _TRUNCATION_MARK = "was truncated because"
 
 
-class TraceError(DaamkitError, RuntimeError):
-    pass
+__all__ = ["Trace", "TraceError", "trace"]
 
 
 @dataclass
@@ -45,17 +61,24 @@ class _TextCall:
 
 @dataclass
 class _Generation:
+    """One pipeline call as the trace saw it; methods read it as ``trace.generation``."""
+
     call: DenoiserCall
     cfg: bool
     num_images: int
-    accumulator: Accumulator
     text_calls: list[_TextCall]
+    methods: Mapping[str, AttributionMethod]
     step: int = 0
     last_timestep: float = 0.0
     negative_call: bool = False  # the current denoiser call runs the negative prompt alone (Flux true CFG)
-    concept_sum: torch.Tensor | None = None  # (B, K, h, w) sum over blocks and steps of concept maps
-    concept_calls: int = 0
     timesteps: list[float] = field(default_factory=list)
+
+    @property
+    def accumulator(self) -> Accumulator:
+        """The DAAM method's running sums (for inspecting memory and recorded layers)."""
+        acc = self.methods["daam"].accumulator  # type: ignore[attr-defined]
+        assert acc is not None
+        return acc
 
 
 class _TruncationLog(logging.Handler):
@@ -87,26 +110,35 @@ class Trace:
         concepts: Sequence[str] | None = None,
         concept_embeds: torch.Tensor | None = None,
         concept_softmax: bool = True,
+        methods: Sequence[AttributionMethod] = (),
     ):
+        """methods: attribution methods besides DAAM (always on) and the concept method that
+        ``concepts`` builds; each name may occur once."""
         self.pipe = pipe
         self.config = config
         self.capture = detect_capture(pipe)
-        self.concepts = [str(c).strip() for c in concepts] if concepts else []
-        if concept_embeds is not None and len(self.concepts) != concept_embeds.shape[0]:
-            raise ValueError(
-                f"concept_embeds has {concept_embeds.shape[0]} rows but {len(self.concepts)} concepts were named"
-            )
-        if self.concepts:
-            if self.capture.family not in ("sd3", "flux"):
+        chosen: list[AttributionMethod] = [DaamMethod()]
+        concept = ConceptMethod.from_options(concepts, concept_embeds, concept_softmax)
+        if concept is not None:
+            chosen.append(concept)
+        chosen.extend(methods)
+        self._methods: dict[str, AttributionMethod] = {}
+        taken: set[str] = set()  # names and aliases: heat_maps(method=...) must name one method
+        for m in chosen:
+            clash = taken & {m.name, *m.aliases}
+            if clash:
+                raise InputError(f"method {m.name!r}: the name(s) {sorted(clash)} already belong to another method")
+            taken |= {m.name, *m.aliases}
+            unknown = m.captures - CAPTURE_STREAMS
+            if unknown:
+                raise InputError(f"method {m.name!r} needs {sorted(unknown)}; the trace captures {sorted(CAPTURE_STREAMS)}")
+            if m.families is not None and self.capture.family not in m.families:
                 raise UnsupportedPipelineError(
-                    "concept maps need a joint-attention transformer (SD3/SD3.5 or Flux); "
-                    f"this pipeline is a {self.capture.family} model: use the cross-attention maps (heat_maps)"
+                    f"{m.requirement}; this pipeline is a {self.capture.family} model: "
+                    "use the cross-attention maps (heat_maps)"
                 )
-            if any(not c for c in self.concepts) or len(set(self.concepts)) != len(self.concepts):
-                raise ValueError(f"concepts must be distinct, non-empty words, got {list(concepts or [])}")
-        self._concept_embeds = concept_embeds
-        self.concept_softmax = concept_softmax
-        self._concept_capture = None
+            self._methods[m.name] = m
+        self._attention_methods = [m for m in self._methods.values() if "cross_attention" in m.captures]
         self._hooks = HookSet()
         self._log = _TruncationLog()
         self._gen: _Generation | None = None
@@ -124,14 +156,10 @@ class Trace:
                 "of one pipeline are not supported — exit the other `with trace(pipe)` block first"
             )
         try:
-            if self.concepts:
-                from daamkit.methods.concept import ConceptCapture, encode_concepts
-
-                embeds = self._concept_embeds
-                if embeds is None:  # before our text-encoder hooks exist, so the prompt capture is clean
-                    embeds = encode_concepts(self.pipe, self.capture.family, self.concepts)
-                self._concept_capture = ConceptCapture(self.capture.denoiser, self.capture.family, embeds, self)
-                self._concept_capture.attach()
+            # methods first: one may run the text encoders (concept embeddings), which our token-id
+            # hooks must not take for the prompt
+            for m in self._methods.values():
+                m.attach(self)
             self.capture.attach(self)
             for attr in TEXT_ENCODERS:
                 enc = getattr(self.pipe, attr, None)
@@ -139,7 +167,8 @@ class Trace:
                     self._hooks.add(enc.register_forward_pre_hook(self._text_hook(attr), with_kwargs=True))
             logging.getLogger("diffusers").addHandler(self._log)
         except BaseException:
-            self._detach()
+            with contextlib.suppress(Exception):  # the error that stopped the attach is the one to report
+                self._detach()
             raise
         self._active = True
         return self
@@ -149,14 +178,25 @@ class Trace:
         return False
 
     def _detach(self) -> None:
+        # every step runs even if an earlier one raised; the first error is raised at the end
+        errors: list[BaseException] = []
+        for m in reversed(list(self._methods.values())):
+            try:
+                m.detach()
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                m.hooks.remove()
         try:
             self.capture.detach()
-            if self._concept_capture is not None:
-                self._concept_capture.detach()
+        except BaseException as e:
+            errors.append(e)
         finally:
             self._hooks.remove()
             logging.getLogger("diffusers").removeHandler(self._log)
             self._active = False
+        if errors:
+            raise errors[0]
 
     # ---- sink for the capture ----------------------------------------------------------------
     def _text_hook(self, attr: str):
@@ -198,9 +238,11 @@ class Trace:
                 call=call,
                 cfg=cfg,
                 num_images=n,
-                accumulator=Accumulator(self.config, call.latent_hw, n),
                 text_calls=list(self._pending_text),
+                methods=self._methods,
             )
+            for m in self._methods.values():
+                m.start_generation(self)
         else:
             gen.step += 1
         gen.negative_call = False
@@ -234,20 +276,8 @@ class Trace:
 
     def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:
         assert self._gen is not None
-        self._gen.accumulator.add(layer, self._gen.step, probs, branch)
-
-    def on_concepts(self, block: str, sim: torch.Tensor) -> None:
-        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs."""
-        gen = self._gen
-        assert gen is not None
-        layer = LayerInfo(name=f"{block}.attn", block="joint" if self.capture.family == "sd3" else "double",
-                          index=-1, heads=0)
-        if not self.config.selects_layer(layer, 1):
-            return
-        h, w = gen.call.latent_hw
-        maps = sim.reshape(sim.shape[0], sim.shape[1], h, w)
-        gen.concept_sum = maps.clone() if gen.concept_sum is None else gen.concept_sum.add_(maps)
-        gen.concept_calls += 1
+        for m in self._attention_methods:
+            m.on_attention(self, layer, probs, branch)
 
     # ---- results -----------------------------------------------------------------------------
     @property
@@ -263,10 +293,40 @@ class Trace:
     def layers(self) -> list[LayerInfo]:
         return list(self.capture.layers)
 
+    @property
+    def generation(self) -> _Generation:
+        """The latest pipeline call (steps, CFG, images, token ids); raises if nothing was traced yet."""
+        return self._require_gen()
+
     def _require_gen(self) -> _Generation:
         if self._gen is None:
             raise TraceError("nothing was traced yet: call the pipeline inside the `with trace(pipe) as tc:` block")
         return self._gen
+
+    @property
+    def method_names(self) -> list[str]:
+        """The attribution methods this trace records, by the names ``heat_maps(method=...)`` takes."""
+        return list(self._methods)
+
+    def method(self, name: str) -> AttributionMethod:
+        """The method object recording ``name`` (or one of its aliases) on this trace."""
+        for m in self._methods.values():  # this trace's own methods first: they need not be in METHODS
+            if name == m.name or name in m.aliases:
+                return m
+        canonical = canonical_name(name)
+        if canonical is not None:  # a known method this trace was not given
+            self._require_gen()
+            raise TraceError(METHODS[canonical].not_enabled or f"method {name!r} was not enabled on this trace")
+        available = ", ".join(
+            repr(n) + (f" (alias {', '.join(map(repr, m.aliases))})" if m.aliases else "") for n, m in self._methods.items()
+        )
+        raise InputError(f"unknown attribution method {name!r}; this trace has: {available}")
+
+    @property
+    def _concept_capture(self) -> Any:
+        """The concept side stream, if concepts were traced (kept for inspection in tests)."""
+        concept = self._methods.get("concept")
+        return getattr(concept, "capture", None)
 
     def heat_maps(
         self,
@@ -277,82 +337,30 @@ class Trace:
         steps: Sequence[int] | range | None = None,
         layers: Sequence[str] | None = None,
         heads: Sequence[int] | None = None,
-        method: str = "cross",
-    ):
+        method: str = "daam",
+    ) -> GlobalHeatMap:
         """The :class:`~daamkit.heatmap.GlobalHeatMap` of image ``i`` of the latest pipeline call.
 
         prompt: the prompt of that image, if the pipeline was given ``prompt_embeds`` (daamkit then did
             not see the token ids) or to name words past the tokenizer's limit exactly.
         branch: ``"cond"`` (default) or ``"negative"`` (needs ``negative=True`` in :func:`trace`).
         steps / layers / heads: select among what was kept (``keep_steps`` etc. in :func:`trace`).
-        method: ``"cross"`` (DAAM maps of the prompt's words, default) or ``"concept"`` (ConceptAttention
-            maps of the ``concepts`` given to :func:`trace`, which need not be in the prompt).
+        method: ``"daam"`` (DAAM maps of the prompt's words, default; ``"cross"`` is the same) or
+            ``"concept"`` (ConceptAttention maps of the ``concepts`` given to :func:`trace`, which need
+            not be in the prompt; the selection options do not apply to them).
         """
-        from daamkit.heatmap import GlobalHeatMap
-
-        if method == "concept":
-            return self._concept_maps(i)
-        if method != "cross":
-            raise ValueError(f"method must be 'cross' or 'concept', got {method!r}")
-        gen = self._require_gen()
-        if branch not in ("cond", "negative"):
-            raise ValueError(f"branch must be 'cond' or 'negative', got {branch!r}")
-        if branch == "negative" and not gen.cfg:
-            raise ValueError("this call ran without classifier-free guidance: there is no negative branch")
-        if not 0 <= i < gen.num_images:
-            raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
-        maps = gen.accumulator.result(branch, steps=steps, layers=layers, heads=heads)[i]
-        alignment = self._alignment(gen, i, prompt, branch, total=int(maps.shape[0]))
-        scale = self.capture.cell_pixels(self.pipe)
-        h, w = gen.call.latent_hw
-        meta = {
-            "family": self.capture.family,
-            "pipeline": type(self.pipe).__name__,
-            "branch": branch,
-            "image_index": i,
-            "num_steps": gen.step + 1,
-            "cfg": gen.cfg,
-            "latent_hw": [h, w],
-            "layers": sorted(gen.accumulator.layers),
-            "config": _jsonable(asdict(self.config)),
-            "selection": _jsonable({"steps": steps, "layers": layers, "heads": heads}),
-        }
-        return GlobalHeatMap(maps.cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
-
-    def _concept_maps(self, i: int):
-        from daamkit.heatmap import GlobalHeatMap
-        from daamkit.tokens import TokenAlignment, Word, split_words
-
-        gen = self._require_gen()
-        if not self.concepts:
-            raise TraceError("no concepts were traced: pass concepts=[...] to trace() for method='concept'")
-        if gen.concept_sum is None:
-            raise TraceError("no concept maps were recorded (no selected joint block ran inside the trace)")
-        if not 0 <= i < gen.num_images:
-            raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
-        maps = gen.concept_sum[i] / gen.concept_calls
-        if self.concept_softmax:
-            maps = maps.softmax(dim=0)
-        words: list[Word] = []
-        seen: dict[str, int] = {}
-        for k, concept in enumerate(self.concepts):
-            for part in split_words(concept):
-                words.append(Word(part, len(words), seen.get(part, 0), (k,), False, False))
-                seen[part] = seen.get(part, 0) + 1
-        alignment = TokenAlignment(tuple(self.concepts), tuple(words), len(self.concepts), " ".join(self.concepts))
-        h, w = gen.call.latent_hw
-        scale = self.capture.cell_pixels(self.pipe)
-        meta = {"family": self.capture.family, "method": "concept", "concepts": list(self.concepts),
-                "softmax": self.concept_softmax, "image_index": i, "num_steps": gen.step + 1,
-                "config": _jsonable(asdict(self.config))}
-        return GlobalHeatMap(maps.float().cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
+        return self.method(method).heat_maps(
+            self, i, prompt=prompt, branch=branch, steps=steps, layers=layers, heads=heads
+        )
 
     def all_heat_maps(self, **kwargs: Any) -> list:
         return [self.heat_maps(i, **kwargs) for i in range(self.num_images)]
 
-    def _alignment(self, gen: _Generation, i: int, prompt: str | None, branch: str, total: int):
+    def alignment(self, i: int, *, prompt: str | None, branch: str, total: int) -> TokenAlignment:
+        """The words of image ``i``'s prompt on the ``total`` text keys of the ``branch`` attention."""
         from daamkit.tokens import concat_alignments
 
+        gen = self._require_gen()
         called = list(dict.fromkeys(c.encoder for c in gen.text_calls))
         encoders = self.capture.context_encoders(called)
         if not encoders:
@@ -446,11 +454,3 @@ def trace(
                 grid=grid,
             )
     return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, range, set)):
-        return [_jsonable(v) for v in obj]
-    return obj

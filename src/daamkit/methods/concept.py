@@ -9,17 +9,26 @@ never attends to the concepts (we compute the concept stream on the side, after 
 so the generation is untouched. Each block's map is the dot product of the image tokens' attention
 outputs (read off the input of ``attn.to_out[0]``) with the concepts' attention outputs; maps are
 averaged over blocks and steps and, by default, softmax-normalised over the concepts.
+:class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daamkit.capture.base import HookSet
+from daamkit.capture.base import HookSet, LayerInfo
+from daamkit.errors import TraceError
+from daamkit.methods.base import AttributionMethod, jsonable
+
+if TYPE_CHECKING:
+    from daamkit.heatmap import GlobalHeatMap
+    from daamkit.trace import Trace
 
 
 class _BlockTap:
@@ -59,7 +68,9 @@ class _BlockTap:
 class ConceptCapture:
     """Runs the concept stream beside the joint-attention blocks of one transformer."""
 
-    def __init__(self, transformer: nn.Module, family: str, embeds: torch.Tensor, sink: Any):
+    def __init__(
+        self, transformer: nn.Module, family: str, embeds: torch.Tensor, sink: Any, hooks: HookSet | None = None
+    ):
         if embeds.ndim != 2:
             raise ValueError(f"concept embeddings must be (concepts, dim), got {tuple(embeds.shape)}")
         self.transformer, self.family, self.embeds, self.sink = transformer, family, embeds, sink
@@ -67,7 +78,7 @@ class ConceptCapture:
             (f"transformer_blocks.{i}", b, "joint" if family == "sd3" else "double")
             for i, b in enumerate(transformer.transformer_blocks)
         ]
-        self.hooks = HookSet()
+        self.hooks = hooks if hooks is not None else HookSet()
         self.state: torch.Tensor | None = None  # the concept residual stream of the current call
         self.states: dict[str, torch.Tensor] = {}  # last output per block (for inspection and tests)
         self.text_len = 0
@@ -174,3 +185,99 @@ def encode_concepts(pipe: Any, family: str, concepts: list[str]) -> torch.Tensor
         n = max(1, min(len(ids), embeds.shape[1] - offset))
         rows.append(embeds[k, offset : offset + n].float().mean(0))
     return torch.stack(rows)
+
+
+class ConceptMethod(AttributionMethod):
+    """ConceptAttention maps of words given to ``trace(concepts=[...])``, which need not be in the
+    prompt. Captures its own side stream (:class:`ConceptCapture`) beside the joint blocks."""
+
+    name = "concept"
+    families = ("sd3", "flux")
+    requirement = "concept maps need a joint-attention transformer (SD3/SD3.5 or Flux)"
+    not_enabled = "no concepts were traced: pass concepts=[...] to trace() for method='concept'"
+
+    def __init__(self, concepts: Sequence[str], embeds: torch.Tensor | None = None, softmax: bool = True):
+        super().__init__()
+        self.concepts = [str(c).strip() for c in concepts]
+        if embeds is not None and len(self.concepts) != embeds.shape[0]:
+            raise ValueError(f"concept_embeds has {embeds.shape[0]} rows but {len(self.concepts)} concepts were named")
+        if not self.concepts or any(not c for c in self.concepts) or len(set(self.concepts)) != len(self.concepts):
+            raise ValueError(f"concepts must be distinct, non-empty words, got {list(concepts)}")
+        self.embeds = embeds
+        self.softmax = softmax
+        self.capture: ConceptCapture | None = None
+        self._trace: Trace | None = None
+        self.sum: torch.Tensor | None = None  # (B, K, h, w) sum over blocks and steps of concept maps
+        self.calls = 0
+
+    @classmethod
+    def from_options(
+        cls, concepts: Sequence[str] | None, embeds: torch.Tensor | None, softmax: bool
+    ) -> ConceptMethod | None:
+        """The method for ``trace()``'s concept options, or None when no concepts were named."""
+        if not concepts:
+            if embeds is not None and embeds.shape[0] != 0:
+                raise ValueError(f"concept_embeds has {embeds.shape[0]} rows but 0 concepts were named")
+            return None
+        return cls(concepts, embeds, softmax)
+
+    def attach(self, trace: Trace) -> None:
+        self._trace = trace
+        embeds = self.embeds
+        if embeds is None:  # the trace attaches methods before its text-encoder hooks: its prompt capture stays clean
+            embeds = encode_concepts(trace.pipe, trace.capture.family, self.concepts)
+        # the side stream's handles go into this method's HookSet, which the trace empties on exit
+        # whatever detach() does
+        self.capture = ConceptCapture(trace.capture.denoiser, trace.capture.family, embeds, self, self.hooks)
+        self.capture.attach()
+
+    def start_generation(self, trace: Trace) -> None:
+        self.sum = None
+        self.calls = 0
+
+    # ---- sink of the side stream -------------------------------------------------------------
+    def branch_rows(self, batch: int) -> dict[str, slice]:
+        assert self._trace is not None
+        return self._trace.branch_rows(batch)
+
+    def on_concepts(self, block: str, sim: torch.Tensor) -> None:
+        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs."""
+        trace = self._trace
+        assert trace is not None
+        family = trace.capture.family
+        layer = LayerInfo(name=f"{block}.attn", block="joint" if family == "sd3" else "double", index=-1, heads=0)
+        if not trace.config.selects_layer(layer, 1):
+            return
+        h, w = trace.generation.call.latent_hw
+        maps = sim.reshape(sim.shape[0], sim.shape[1], h, w)
+        self.sum = maps.clone() if self.sum is None else self.sum.add_(maps)
+        self.calls += 1
+
+    # ---- results -----------------------------------------------------------------------------
+    def heat_maps(self, trace: Trace, i: int, **options: Any) -> GlobalHeatMap:
+        """``options`` (prompt, branch, steps, layers, heads) do not apply: the concept sums are taken
+        over every selected block and step of the conditional branch while the pipeline runs."""
+        from daamkit.heatmap import GlobalHeatMap
+        from daamkit.tokens import TokenAlignment, Word, split_words
+
+        gen = trace.generation
+        if self.sum is None:
+            raise TraceError("no concept maps were recorded (no selected joint block ran inside the trace)")
+        if not 0 <= i < gen.num_images:
+            raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
+        maps = self.sum[i] / self.calls
+        if self.softmax:
+            maps = maps.softmax(dim=0)
+        words: list[Word] = []
+        seen: dict[str, int] = {}
+        for k, concept in enumerate(self.concepts):
+            for part in split_words(concept):
+                words.append(Word(part, len(words), seen.get(part, 0), (k,), False, False))
+                seen[part] = seen.get(part, 0) + 1
+        alignment = TokenAlignment(tuple(self.concepts), tuple(words), len(self.concepts), " ".join(self.concepts))
+        h, w = gen.call.latent_hw
+        scale = trace.capture.cell_pixels(trace.pipe)
+        meta = {"family": trace.capture.family, "method": "concept", "concepts": list(self.concepts),
+                "softmax": self.softmax, "image_index": i, "num_steps": gen.step + 1,
+                "config": jsonable(asdict(trace.config))}
+        return GlobalHeatMap(maps.float().cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
