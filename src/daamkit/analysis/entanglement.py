@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, mask_ioa, mask_iou
+from daamkit.heatmap import GlobalHeatMap
+from daamkit.metrics import DEFAULT_THRESHOLD, mask_ioa, mask_iou
+from daamkit.stats import bootstrap_mean_ci
 
 __all__ = [
     "CO",
@@ -312,9 +314,8 @@ def score_pair(
 
 # ------------------------------------------------------------------------------------------ results
 def _ci(values: Iterable[float | None]) -> tuple[float, float, float]:
-    from daamkit.evaluate.metrics import mean_ci
-
-    return mean_ci([float(v) for v in values if v is not None])
+    """:func:`~daamkit.stats.bootstrap_mean_ci` of the values that are known (None: not measured)."""
+    return bootstrap_mean_ci([float(v) for v in values if v is not None])
 
 
 def _f(ci: tuple[float, float, float]) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from daamkit.errors import InputError
 from daamkit.io.record import RunRecord
+from daamkit.metrics import DEFAULT_THRESHOLD
 from daamkit.trace import trace
 
 
@@ -116,7 +117,7 @@ def slug(text: str) -> str:
 
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
-                  threshold: float = 0.4) -> dict[str, Any]:
+                  threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Write the image, each word's heat map and overlay, a grid PNG and the record into ``out_dir``."""
     from daamkit import plot
 
