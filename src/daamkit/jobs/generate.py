@@ -111,9 +111,11 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
     return records
 
 
-def slug(text: str) -> str:
+def slug(text: str, fallback: str = "word") -> str:
+    """A file-name part for ``text``: lower case, runs of anything but a-z and 0-9 as one ``_``, at most
+    40 characters; ``fallback`` when nothing is left (the caller names what the text labels)."""
     s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return s[:40] or "word"
+    return s[:40] or fallback
 
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
