@@ -231,7 +231,7 @@ def evaluate_world(
     import torch
     from tqdm.auto import tqdm
 
-    from daamkit.trace import trace
+    from daamkit.jobs.generate import traced_generation
     from daamkit.world import make_heldout_scene
 
     captions = [make_heldout_scene(seed + i).caption for i in range(n)]
@@ -244,11 +244,12 @@ def evaluate_world(
     bar = tqdm(total=n, desc="eval", disable=not progress)
     for start in range(0, n, batch_size):
         batch = captions[start : start + batch_size]
+        # CPU generators whatever the pipeline's device (not make_generators): the noise, and so the
+        # reported figures, must not depend on where the model runs.
         gens = [torch.Generator().manual_seed(seed + start + j) for j in range(len(batch))]
-        with trace(pipe, **(trace_options or {})) as tc:
-            images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens).images
-            maps = [tc.heat_maps(j) for j in range(len(batch))]
-        for j, (image, hm) in enumerate(zip(images, maps, strict=True)):
+        pairs = traced_generation(pipe, batch, generator=gens, steps=steps, guidance_scale=guidance_scale,
+                                  trace_options=trace_options)
+        for j, (image, hm) in enumerate(pairs):
             s, c = score_run(hm, image, batch[j], taus, image_index=start + j)
             result.scores += s
             result.checks.append(c)

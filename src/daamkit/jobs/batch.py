@@ -382,29 +382,23 @@ def record_status(out: Path, item: PromptItem, config: BatchConfig) -> tuple[str
 
 def _generate_batch(pipe: Any, items: Sequence[PromptItem], config: BatchConfig) -> list[Any]:
     """One traced pipeline call for ``items`` (same size); one RunRecord per item."""
-    import torch
-
     from daamkit.io.record import RunRecord
-    from daamkit.trace import trace
+    from daamkit.jobs.generate import make_generators, traced_generation
 
-    device = getattr(pipe, "device", torch.device("cpu"))
-    gen_device = "cpu" if device.type == "mps" else device
+    first = items[0]
     # One generator per item: diffusers draws each image's noise from its own generator, so an item's
     # latents (and ancestral-sampler noise) do not depend on which batch it is in.
-    generators = [torch.Generator(device=gen_device).manual_seed(it.seed) for it in items]
-    kwargs: dict[str, Any] = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                                  num_images_per_prompt=1, generator=generators)
-    if items[0].height is not None:
-        kwargs["height"], kwargs["width"] = items[0].height, items[0].width
-    if items[0].negative_prompt is not None:
-        kwargs["negative_prompt"] = [it.negative_prompt for it in items]
-    with trace(pipe, **config.trace_options()) as tc:
-        images = pipe([it.prompt for it in items], **kwargs).images
-        if tc.num_images != len(items):
-            raise BatchError(f"the pipeline made {tc.num_images} images for {len(items)} prompts")
-        maps = [tc.heat_maps(i) for i in range(len(items))]
+    pairs = traced_generation(
+        pipe, [it.prompt for it in items], generator=make_generators(pipe, [it.seed for it in items]),
+        steps=config.steps, guidance_scale=config.guidance_scale, num_images_per_prompt=1,
+        height=first.height, width=first.width if first.height is not None else None,
+        negative_prompt=[it.negative_prompt for it in items] if first.negative_prompt is not None else None,
+        trace_options=config.trace_options(),
+    )
+    if len(pairs) != len(items):
+        raise BatchError(f"the pipeline made {len(pairs)} images for {len(items)} prompts")
     records = []
-    for it, image, hm in zip(items, images, maps, strict=True):
+    for it, (image, hm) in zip(items, pairs, strict=True):
         h, w = hm.image_size
         records.append(RunRecord(prompt=it.prompt, image=image if config.save_image else None, heat_maps=hm,
                                  seed=it.seed, settings=config.settings(it, h, w, type(pipe).__name__),

@@ -1,7 +1,8 @@
 """One traced generation job: run the pipeline inside a trace, build records, write the outputs.
 
-Shared by ``daamkit generate``, ``daamkit demo``, the batch runner and the web app, so that every
-front end writes the same files.
+:func:`traced_generation` is the job itself (pipeline call inside a trace, heat maps per image), shared by
+``daamkit generate``/``demo``, the batch runner, the web app, ``daamkit eval`` and the entanglement
+analysis; :func:`generate` builds the records every front end writes.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 import torch
 
 from daamkit.errors import InputError
+from daamkit.heatmap import GlobalHeatMap
 from daamkit.io.record import RunRecord
 from daamkit.metrics import DEFAULT_THRESHOLD
 from daamkit.trace import trace
 
+from daamkit.metrics import DEFAULT_THRESHOLD
 
 def parse_size(text: str | None) -> tuple[int | None, int | None]:
     """'512' -> (512, 512); '768x512' -> width 768, height 512. Returns (height, width)."""
@@ -68,34 +71,71 @@ class GenerateOptions:
         return d
 
 
+def make_generators(pipe: Any, seeds: Sequence[int]) -> list[torch.Generator]:
+    """One seeded ``torch.Generator`` per seed on the pipeline's device (the CPU for MPS pipelines)."""
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen_device = "cpu" if device.type == "mps" else device
+    return [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
+
+
+def traced_generation(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    generator: torch.Generator | Sequence[torch.Generator],
+    steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    num_images_per_prompt: int | None = None,
+    trace_options: dict[str, Any] | None = None,
+) -> list[tuple[Any, GlobalHeatMap]]:
+    """The traced generation job: one pipeline call for ``prompts`` inside :func:`daamkit.trace`.
+
+    Returns ``(image, heat maps)`` per image, in the pipeline's order (prompt by prompt, then image by
+    image). ``generator`` is one generator for the call or one per prompt (diffusers then draws each
+    image's noise from its own generator, so an image does not depend on the batch it is in).
+    ``height``/``width``/``negative_prompt``/``num_images_per_prompt`` are passed on only when given
+    (None: the pipeline's default); a single negative prompt is repeated for every prompt.
+    """
+    prompts = list(prompts)
+    kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
+    if num_images_per_prompt is not None:
+        kwargs["num_images_per_prompt"] = num_images_per_prompt
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    if negative_prompt is not None:
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        kwargs["negative_prompt"] = negs
+    with trace(pipe, **(trace_options or {})) as tc:
+        images = pipe(prompts, **kwargs).images
+        maps = [tc.heat_maps(i) for i in range(tc.num_images)]
+    return list(zip(images, maps, strict=True))
+
+
 def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions | None = None,
              model: str | None = None) -> list[RunRecord]:
-    """Generate ``prompts`` with ``pipe`` inside a trace; one :class:`RunRecord` per image."""
+    """Generate ``prompts`` with ``pipe`` inside a trace; one :class:`RunRecord` per image.
+
+    One generator seeded with ``options.seed`` serves the whole call.
+    """
     opts = options or GenerateOptions()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list or any(not p.strip() for p in prompt_list):
         raise ValueError("the prompt is empty: give the text to generate from")
     pipe.set_progress_bar_config(disable=not opts.progress)
-    device = getattr(pipe, "device", torch.device("cpu"))
-    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(opts.seed)
-    kwargs: dict[str, Any] = dict(
-        num_inference_steps=opts.steps,
-        guidance_scale=opts.guidance_scale,
-        num_images_per_prompt=opts.num_images_per_prompt,
-        generator=generator,
+    pairs = traced_generation(
+        pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
+        guidance_scale=opts.guidance_scale, height=opts.height or None, width=opts.width or None,
+        negative_prompt=opts.negative_prompt or None, num_images_per_prompt=opts.num_images_per_prompt,
+        trace_options=opts.trace,
     )
-    if opts.height:
-        kwargs["height"] = opts.height
-    if opts.width:
-        kwargs["width"] = opts.width
-    if opts.negative_prompt:
-        kwargs["negative_prompt"] = [opts.negative_prompt] * len(prompt_list)
-    with trace(pipe, **opts.trace) as tc:
-        images = pipe(prompt_list, **kwargs).images
-        maps = [tc.heat_maps(i) for i in range(tc.num_images)]
     settings = opts.settings() | {"model": model, "pipeline": type(pipe).__name__}
     records = []
-    for i, (image, hm) in enumerate(zip(images, maps, strict=True)):
+    for i, (image, hm) in enumerate(pairs):
         prompt = prompt_list[i // opts.num_images_per_prompt]
         records.append(
             RunRecord(
