@@ -21,7 +21,6 @@ from daamkit.io.record import RunRecord
 from daamkit.metrics import DEFAULT_THRESHOLD
 from daamkit.trace import trace
 
-from daamkit.metrics import DEFAULT_THRESHOLD
 
 def parse_size(text: str | None) -> tuple[int | None, int | None]:
     """'512' -> (512, 512); '768x512' -> width 768, height 512. Returns (height, width)."""
