@@ -14,10 +14,8 @@ Conventions (the DAAM definition, see "How the maps are computed" in the README)
 * ``expand`` upsamples bicubically (``align_corners=False``) to the image size and clamps at 0, because
   bicubic interpolation overshoots below zero next to sharp peaks.
 * ``normalized`` divides by the maximum (an all-zero map stays all zero, never NaN).
-* ``mask(threshold)`` is ``normalized >= threshold``. ``>=`` rather than ``>`` so that ``threshold=1``
-  still selects the peak; for continuous maps the two differ only on exact ties. The paper's tau is 0.4.
-* IoU / IoA of two empty masks (empty union, or empty reference area for IoA) is defined as 0.0 rather
-  than NaN, so that means over a data set stay finite; a word map that selects nothing scores 0.
+* ``mask(threshold)`` is ``normalized >= threshold``; thresholding and IoU / IoA (with their ``>=`` and
+  empty-mask conventions) live in :mod:`daamkit.metrics`, re-exported here.
 """
 
 from __future__ import annotations
@@ -29,6 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from daamkit.metrics import (
+    DEFAULT_THRESHOLD,
+    as_bool_mask,
+    check_threshold,
+    mask_ioa,
+    mask_iou,
+    threshold_mask,
+)
 from daamkit.tokens import TokenAlignment, Word, WordNotFoundError
 
 if TYPE_CHECKING:  # plot types only for annotations: keep matplotlib/PIL out of the import path
@@ -45,9 +51,6 @@ __all__ = [
     "mask_iou",
 ]
 
-#: tau of the DAAM paper.
-DEFAULT_THRESHOLD = 0.4
-
 Size = tuple[int, int]
 NormMethod = Literal["max", "minmax"]
 
@@ -60,58 +63,6 @@ def _check_size(size: Sequence[int], what: str) -> Size:
     if h <= 0 or w <= 0:
         raise ValueError(f"{what} must be positive (height, width), got {size!r}")
     return h, w
-
-
-def _check_threshold(threshold: float) -> float:
-    threshold = float(threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1] (it applies to the normalised map), got {threshold}")
-    return threshold
-
-
-def as_bool_mask(mask: Any, shape: Size | None = None, what: str = "mask") -> np.ndarray:
-    """Return ``mask`` as a 2-D numpy bool array, checking its shape against ``shape`` = (H, W).
-
-    Accepts numpy arrays and torch tensors; non-bool arrays are accepted only if they hold 0/1 values,
-    because silently thresholding e.g. a 0..255 mask or a soft map at some guessed level hides mistakes.
-    """
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    arr = np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D (height, width) array, got shape {tuple(arr.shape)}")
-    if arr.dtype != np.bool_:
-        if arr.size and not np.isin(arr, (0, 1)).all():
-            raise ValueError(
-                f"{what} must be boolean or hold only 0/1 values (dtype {arr.dtype}); threshold it first"
-            )
-        arr = arr.astype(bool)
-    if shape is not None and tuple(arr.shape) != tuple(shape):
-        raise ValueError(
-            f"{what} has shape {tuple(arr.shape)} but the heat map's image size is (height, width) = "
-            f"{tuple(shape)}"
-        )
-    return arr
-
-
-def mask_iou(a: Any, b: Any) -> float:
-    """Intersection over union of two boolean masks of the same shape; 0.0 if both are empty."""
-    a = as_bool_mask(a, what="first mask")
-    b = as_bool_mask(b, tuple(a.shape), what="second mask")
-    union = int(np.logical_or(a, b).sum())
-    if union == 0:
-        return 0.0
-    return int(np.logical_and(a, b).sum()) / union
-
-
-def mask_ioa(a: Any, b: Any) -> float:
-    """Intersection over the area of ``b``: ``|a ∩ b| / |b|``; 0.0 if ``b`` is empty."""
-    a = as_bool_mask(a, what="first mask")
-    b = as_bool_mask(b, tuple(a.shape), what="second mask")
-    area = int(b.sum())
-    if area == 0:
-        return 0.0
-    return int(np.logical_and(a, b).sum()) / area
 
 
 class WordHeatMap:
@@ -181,8 +132,8 @@ class WordHeatMap:
 
     def mask(self, threshold: float = DEFAULT_THRESHOLD, size: Sequence[int] | None = None) -> np.ndarray:
         """Boolean (H, W) numpy mask ``normalized() >= threshold`` (see the module docstring on ``>=``)."""
-        threshold = _check_threshold(threshold)
-        return (self.normalized(size) >= threshold).cpu().numpy()
+        threshold = check_threshold(threshold)
+        return threshold_mask(self.normalized(size), threshold)
 
     def _other_mask(self, other: WordHeatMap | Any, threshold: float) -> np.ndarray:
         if isinstance(other, WordHeatMap):

@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, mask_ioa, mask_iou
+from daamkit.heatmap import GlobalHeatMap
+from daamkit.metrics import DEFAULT_THRESHOLD, mask_ioa, mask_iou
+from daamkit.stats import bootstrap_mean_ci
 
 __all__ = [
     "CO",
@@ -312,9 +314,8 @@ def score_pair(
 
 # ------------------------------------------------------------------------------------------ results
 def _ci(values: Iterable[float | None]) -> tuple[float, float, float]:
-    from daamkit.evaluate.metrics import mean_ci
-
-    return mean_ci([float(v) for v in values if v is not None])
+    """:func:`~daamkit.stats.bootstrap_mean_ci` of the values that are known (None: not measured)."""
+    return bootstrap_mean_ci([float(v) for v in values if v is not None])
 
 
 def _f(ci: tuple[float, float, float]) -> str:
@@ -509,10 +510,9 @@ def run_entanglement(
     :class:`~daamkit.io.record.RunRecord` per image (``meta["entangle"]`` holds the pair), which
     :func:`analyze_entanglement` can score again.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    from daamkit.trace import trace
+    from daamkit.jobs.generate import make_generators, traced_generation
 
     if prompts is None:
         prompts = world_pair_prompts(n, seed) if world else ontology_pair_prompts(n, seed, ontology)
@@ -522,17 +522,13 @@ def run_entanglement(
         "trace": {k: list(v) if isinstance(v, (tuple, range)) else v for k, v in (trace_options or {}).items()},
     })
     pipe.set_progress_bar_config(disable=True)
-    device = getattr(pipe, "device", torch.device("cpu"))
-    gen_device = "cpu" if device.type == "mps" else device
     bar = tqdm(total=len(prompts), desc="entangle", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        gens = [torch.Generator(device=gen_device).manual_seed(p.seed) for p in batch]
-        with trace(pipe, **(trace_options or {})) as tc:
-            images = pipe([p.prompt for p in batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=gens).images
-            maps = [tc.heat_maps(j) for j in range(len(batch))]
-        for j, (pp, image, hm) in enumerate(zip(batch, images, maps, strict=True)):
+        gens = make_generators(pipe, [p.seed for p in batch])
+        pairs = traced_generation(pipe, [p.prompt for p in batch], generator=gens,
+                                  steps=steps, guidance_scale=guidance_scale, trace_options=trace_options)
+        for j, (pp, (image, hm)) in enumerate(zip(batch, pairs, strict=True)):
             rid = f"{start + j:05d}"
             t, s = score_pair(hm, image, pp, world, judge, threshold, rid)
             res.trials.append(t)

@@ -34,7 +34,8 @@ from daamkit.analysis.syntax import (
     parse,
     world_parser,
 )
-from daamkit.heatmap import DEFAULT_THRESHOLD
+from daamkit.metrics import DEFAULT_THRESHOLD
+from daamkit.stats import bootstrap_mean_ci
 
 __all__ = ["PosResult", "WordMass", "analyze_pos", "pos_masses"]
 
@@ -86,8 +87,6 @@ class PosResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
-        from daamkit.evaluate.metrics import mean_ci
-
         tags = sorted({w.pos for w in self.words})
         rows = []
         for tag in tags:
@@ -95,9 +94,9 @@ class PosResult:
             rows.append({
                 "pos": tag,
                 "n": len(ws),
-                "share": mean_ci([w.share for w in ws]),
-                "relative": mean_ci([w.relative for w in ws]),
-                "area": mean_ci([w.area for w in ws]),
+                "share": bootstrap_mean_ci([w.share for w in ws]),
+                "relative": bootstrap_mean_ci([w.relative for w in ws]),
+                "area": bootstrap_mean_ci([w.area for w in ws]),
                 "examples": sorted({w.word.lower() for w in ws})[:6],
             })
         rows.sort(key=lambda r: -r["relative"][0])

@@ -10,7 +10,7 @@ tau (0.4) and compared:
 ``inter_over_dependent`` near 1 with a small ``inter_over_head`` means the head's map contains the
 dependent's (the paper's "head subsumes dependent"); the reverse means the dependent's map contains
 the head's. Per relation, over a set of runs, the means come with 95% bootstrap intervals
-(:func:`daamkit.evaluate.metrics.mean_ci`). Pairs of words of the same prompt that no arc links are
+(:func:`daamkit.stats.bootstrap_mean_ci`). Pairs of words of the same prompt that no arc links are
 scored the same way as a control row ("unrelated").
 
 The parser is injectable: any callable ``text -> tokens`` whose tokens have spaCy's API (``.text``,
@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from daamkit.errors import DaamkitError
-from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, WordHeatMap, mask_ioa, mask_iou
+from daamkit.heatmap import GlobalHeatMap, WordHeatMap
+from daamkit.metrics import DEFAULT_THRESHOLD, mask_ioa, mask_iou
+from daamkit.stats import bootstrap_mean_ci
 from daamkit.tokens import Word
 
 __all__ = [
@@ -413,17 +415,15 @@ class SyntaxResult:
         return [p for p in self.pairs if p.relation == relation]
 
     def row(self, relation: str) -> dict[str, Any]:
-        from daamkit.evaluate.metrics import mean_ci
-
         ps = self._of(relation)
         return {
             "relation": relation,
             "n": len(ps),
-            "miou": mean_ci([p.iou for p in ps]),
-            "inter_over_head": mean_ci([p.inter_over_head for p in ps]),
-            "inter_over_dependent": mean_ci([p.inter_over_dependent for p in ps]),
-            "head_area": mean_ci([p.head_area for p in ps]),
-            "dependent_area": mean_ci([p.dependent_area for p in ps]),
+            "miou": bootstrap_mean_ci([p.iou for p in ps]),
+            "inter_over_head": bootstrap_mean_ci([p.inter_over_head for p in ps]),
+            "inter_over_dependent": bootstrap_mean_ci([p.inter_over_dependent for p in ps]),
+            "head_area": bootstrap_mean_ci([p.head_area for p in ps]),
+            "dependent_area": bootstrap_mean_ci([p.dependent_area for p in ps]),
         }
 
     def rows(self) -> list[dict[str, Any]]:

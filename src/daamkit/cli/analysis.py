@@ -16,7 +16,7 @@ from daamkit.analysis.entanglement import (
 )
 from daamkit.analysis.pos import analyze_pos
 from daamkit.analysis.syntax import PAPER_RELATIONS, ParserNotFoundError, analyze_syntax
-from daamkit.heatmap import DEFAULT_THRESHOLD
+from daamkit.metrics import DEFAULT_THRESHOLD
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ import argparse
 
 from daamkit.errors import InputError
 from daamkit.jobs.generate import GenerateOptions, parse_size, parse_steps
+from daamkit.metrics import DEFAULT_THRESHOLD
 
 
 class CLIError(InputError):
@@ -20,7 +21,8 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", nargs="+", type=int, help="attention heads to aggregate")
     g.add_argument("--mode", choices=["daam", "reference"], default="daam",
                    help="'reference' reproduces PyPI daam 0.2.0's aggregation")
-    g.add_argument("--threshold", type=float, default=0.4, help="tau for the binarised masks (default 0.4)")
+    g.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"tau for the binarised masks (default {DEFAULT_THRESHOLD})")
 
 
 def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: float) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from daamkit.evaluate.baselines import BASELINES
-from daamkit.evaluate.metrics import iou, mean_ci
 from daamkit.heatmap import GlobalHeatMap
+from daamkit.metrics import mask_iou, scaled_threshold_mask
+from daamkit.stats import bootstrap_mean_ci
 
 DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -49,16 +50,16 @@ class EvalResult:
         vals = [
             (s.iou[key] if baseline is None else s.baselines[baseline][key]) for s in self.scores if s.kind == kind
         ]
-        return mean_ci(vals)
+        return bootstrap_mean_ci(vals)
 
     def generation(self) -> dict[str, tuple[float, float, float]]:
         """Per-image rates: every requested object drawn in its colour / also in its shape / exactly the
         scene asked for; and the per-image share of requested colours present."""
         return {
-            "all_objects_drawn": mean_ci([float(c["objects_present"] == 1.0) for c in self.checks]),
-            "all_objects_right_shape": mean_ci([float(c["shapes_correct"] == 1.0) for c in self.checks]),
-            "exact_scene": mean_ci([float(c["exact"]) for c in self.checks]),
-            "colours_present": mean_ci([float(c["colors_present"]) for c in self.checks]),
+            "all_objects_drawn": bootstrap_mean_ci([float(c["objects_present"] == 1.0) for c in self.checks]),
+            "all_objects_right_shape": bootstrap_mean_ci([float(c["shapes_correct"] == 1.0) for c in self.checks]),
+            "exact_scene": bootstrap_mean_ci([float(c["exact"]) for c in self.checks]),
+            "colours_present": bootstrap_mean_ci([float(c["colors_present"]) for c in self.checks]),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -70,7 +71,7 @@ class EvalResult:
             for b in baselines:
                 rows[b] = {_tau_key(t): self.miou(kind, t, b) for t in self.taus}
             n = sum(1 for s in self.scores if s.kind == kind)
-            peak = mean_ci([float(s.peak_inside) for s in self.scores if s.kind == kind])
+            peak = bootstrap_mean_ci([float(s.peak_inside) for s in self.scores if s.kind == kind])
             table[kind] = {"n": n, "miou": rows, "peak_inside": peak}
         return {
             "images": len(self.checks),
@@ -149,11 +150,6 @@ def _tau_key(tau: float) -> str:
     return f"{tau:g}"
 
 
-def _mask_at(heat: np.ndarray, tau: float) -> np.ndarray:
-    top = heat.max()
-    return heat / top >= tau if top > 0 else np.zeros_like(heat, bool)
-
-
 def score_run(
     heat_maps: GlobalHeatMap,
     image: Any,
@@ -198,9 +194,9 @@ def score_run(
                     word=word,
                     kind=kind,
                     occurrence=k,
-                    iou={_tau_key(t): iou(_mask_at(heat, t), truth) for t in taus},
+                    iou={_tau_key(t): mask_iou(scaled_threshold_mask(heat, t), truth) for t in taus},
                     baselines={
-                        name: {_tau_key(t): iou(_mask_at(b, t), truth) for t in taus} for name, b in base_maps.items()
+                        name: {_tau_key(t): mask_iou(scaled_threshold_mask(b, t), truth) for t in taus} for name, b in base_maps.items()
                     },
                     peak_inside=bool(truth.flat[int(np.argmax(heat))]),
                 )
@@ -235,7 +231,7 @@ def evaluate_world(
     import torch
     from tqdm.auto import tqdm
 
-    from daamkit.trace import trace
+    from daamkit.jobs.generate import traced_generation
     from daamkit.world import make_heldout_scene
 
     captions = [make_heldout_scene(seed + i).caption for i in range(n)]
@@ -248,11 +244,12 @@ def evaluate_world(
     bar = tqdm(total=n, desc="eval", disable=not progress)
     for start in range(0, n, batch_size):
         batch = captions[start : start + batch_size]
+        # CPU generators whatever the pipeline's device (not make_generators): the noise, and so the
+        # reported figures, must not depend on where the model runs.
         gens = [torch.Generator().manual_seed(seed + start + j) for j in range(len(batch))]
-        with trace(pipe, **(trace_options or {})) as tc:
-            images = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens).images
-            maps = [tc.heat_maps(j) for j in range(len(batch))]
-        for j, (image, hm) in enumerate(zip(images, maps, strict=True)):
+        pairs = traced_generation(pipe, batch, generator=gens, steps=steps, guidance_scale=guidance_scale,
+                                  trace_options=trace_options)
+        for j, (image, hm) in enumerate(pairs):
             s, c = score_run(hm, image, batch[j], taus, image_index=start + j)
             result.scores += s
             result.checks.append(c)

@@ -347,10 +347,7 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
     hm = _get(doc, "heat_maps", dict, json_path)
     declared = _get(doc, "tensors", dict, json_path)
     maps_name = _get(hm, "tensor", str, json_path)
-    if maps_name not in tensors:
-        raise _fail(st_path, f"missing tensor {maps_name!r} (the heat maps)")
-    maps = tensors[maps_name]
-    _check_tensor(maps, maps_name, declared, torch.float32, st_path)
+    maps = _tensor(tensors, maps_name, "the heat maps", declared, torch.float32, st_path)
     if maps.ndim != 3:
         raise _fail(
             st_path, f"shape mismatch: tensor {maps_name!r} has shape {list(maps.shape)}, not (T, h, w)"
@@ -376,10 +373,7 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
             raise _fail(json_path, "field 'image' has the wrong type")
         name = _get(image_info, "tensor", str, json_path)
         mode = _get(image_info, "mode", str, json_path)
-        if name not in tensors:
-            raise _fail(st_path, f"missing tensor {name!r} (the image)")
-        arr_t = tensors[name]
-        _check_tensor(arr_t, name, declared, torch.uint8, st_path)
+        arr_t = _tensor(tensors, name, "the image", declared, torch.uint8, st_path)
         if mode not in _MODES:
             raise _fail(json_path, f"unsupported image mode {mode!r}")
         if (
@@ -412,6 +406,18 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
         negative_prompt=negative,
         meta=_get(doc, "meta", dict, json_path),
     )
+
+
+def _tensor(
+    tensors: dict[str, torch.Tensor], name: str, what: str, declared: dict[str, Any], dtype: torch.dtype,
+    path: Path,
+) -> torch.Tensor:
+    """Tensor ``name`` of the file (``what`` it holds, for the message), checked by :func:`_check_tensor`."""
+    if name not in tensors:
+        raise _fail(path, f"missing tensor {name!r} ({what})")
+    t = tensors[name]
+    _check_tensor(t, name, declared, dtype, path)
+    return t
 
 
 def _check_tensor(

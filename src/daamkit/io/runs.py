@@ -19,9 +19,58 @@ from typing import Any
 
 from daamkit.io.record import FORMAT_NAME, RunRecord
 
-__all__ = ["Runs", "load_runs"]
+__all__ = ["INDEX_NAME", "Runs", "index_entry", "index_line", "load_runs", "read_index"]
 
 INDEX_NAME = "index.jsonl"
+
+
+# -- index entries: the one definition of an index.jsonl line -------------------------------------------------
+def index_entry(run_id: str, index: int, stem: str, *, prompt: str | None, seed: int | None,
+                negative_prompt: str | None, words: list[str] | None, meta: dict[str, Any] | None,
+                settings: dict[str, Any] | None, image_size: list[int] | None) -> dict[str, Any]:
+    """One index entry: the run's id and position, what made it, and its record files.
+
+    ``stem`` is the record's path without suffix, relative to the runs directory (``records/<id>`` for
+    a batch). Keys in this order, which is the order of the lines ``daamkit batch`` writes.
+    """
+    return {
+        "id": run_id,
+        "index": index,
+        "prompt": prompt,
+        "seed": seed,
+        "negative_prompt": negative_prompt,
+        "words": words,
+        "meta": meta,
+        "settings": settings,
+        "image_size": image_size,
+        "paths": {"safetensors": f"{stem}.safetensors", "json": f"{stem}.json"},
+    }
+
+
+def index_line(entry: dict[str, Any]) -> str:
+    """An entry as one line of ``index.jsonl`` (UTF-8 kept as is, newline-terminated)."""
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def read_index(path: str | os.PathLike[str], partial: bool = False) -> list[dict[str, Any]]:
+    """The entries of an index file; blank lines are skipped.
+
+    ``partial=True`` is for a file another process may have been killed while appending to (the batch
+    runner's part files): a last line without its newline is ignored rather than parsed. A line that is
+    not JSON raises ``ValueError`` naming the file and line.
+    """
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if partial and not line.endswith("\n"):
+                continue
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return entries
 
 
 def _scan(root: Path) -> list[dict[str, Any]]:
@@ -37,18 +86,12 @@ def _scan(root: Path) -> list[dict[str, Any]]:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             continue
         stem = js.with_suffix("").relative_to(root).as_posix()
-        entries.append({
-            "id": stem,
-            "index": len(entries),
-            "prompt": doc.get("prompt"),
-            "seed": doc.get("seed"),
-            "negative_prompt": doc.get("negative_prompt"),
-            "words": (doc.get("meta") or {}).get("words"),
-            "meta": (doc.get("meta") or {}).get("item", {}),
-            "settings": doc.get("settings"),
-            "image_size": (doc.get("heat_maps") or {}).get("image_size"),
-            "paths": {"safetensors": f"{stem}.safetensors", "json": f"{stem}.json"},
-        })
+        meta = doc.get("meta") or {}
+        entries.append(index_entry(
+            stem, len(entries), stem, prompt=doc.get("prompt"), seed=doc.get("seed"),
+            negative_prompt=doc.get("negative_prompt"), words=meta.get("words"), meta=meta.get("item", {}),
+            settings=doc.get("settings"), image_size=(doc.get("heat_maps") or {}).get("image_size"),
+        ))
     return entries
 
 
@@ -67,15 +110,7 @@ class Runs:
             raise FileNotFoundError(f"no runs directory at {str(self.root)!r}")
         index = self.root / INDEX_NAME
         if index.is_file():
-            entries = []
-            with open(index, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        entries.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{index}:{n}: not valid JSON ({e.msg})") from None
+            entries = read_index(index)
             self.indexed = True
         else:
             entries = _scan(self.root)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from daamkit.errors import InputError
+from daamkit.io.runs import INDEX_NAME, index_entry, index_line, read_index
 from daamkit.jobs.generate import parse_size
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "shard",
 ]
 
-INDEX_NAME = "index.jsonl"
 RECORDS_DIR = "records"
 PARTS_DIR = "index.parts"
 FORMATS = ("text", "jsonl", "csv")
@@ -335,24 +335,18 @@ def record_stem(out: Path, item_id: str) -> Path:
     return out / RECORDS_DIR / item_id
 
 
+def _words(item: PromptItem) -> list[str] | None:
+    return list(item.words) if item.words else None
+
+
 def _entry(item: PromptItem, settings: dict[str, Any], image_size: Sequence[int]) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "index": item.index,
-        "prompt": item.prompt,
-        "seed": item.seed,
-        "negative_prompt": item.negative_prompt,
-        "words": list(item.words) if item.words else None,
-        "meta": item.meta,
-        "settings": settings,
-        "image_size": list(image_size),
-        "paths": {"safetensors": f"{RECORDS_DIR}/{item.id}.safetensors", "json": f"{RECORDS_DIR}/{item.id}.json"},
-    }
+    return index_entry(item.id, item.index, f"{RECORDS_DIR}/{item.id}", prompt=item.prompt, seed=item.seed,
+                       negative_prompt=item.negative_prompt, words=_words(item), meta=item.meta,
+                       settings=settings, image_size=list(image_size))
 
 
 def _record_meta(item: PromptItem) -> dict[str, Any]:
-    return {"batch_id": item.id, "batch_index": item.index, "words": list(item.words) if item.words else None,
-            "item": item.meta}
+    return {"batch_id": item.id, "batch_index": item.index, "words": _words(item), "item": item.meta}
 
 
 def record_status(out: Path, item: PromptItem, config: BatchConfig) -> tuple[str, Any]:
@@ -388,29 +382,23 @@ def record_status(out: Path, item: PromptItem, config: BatchConfig) -> tuple[str
 
 def _generate_batch(pipe: Any, items: Sequence[PromptItem], config: BatchConfig) -> list[Any]:
     """One traced pipeline call for ``items`` (same size); one RunRecord per item."""
-    import torch
-
     from daamkit.io.record import RunRecord
-    from daamkit.trace import trace
+    from daamkit.jobs.generate import make_generators, traced_generation
 
-    device = getattr(pipe, "device", torch.device("cpu"))
-    gen_device = "cpu" if device.type == "mps" else device
+    first = items[0]
     # One generator per item: diffusers draws each image's noise from its own generator, so an item's
     # latents (and ancestral-sampler noise) do not depend on which batch it is in.
-    generators = [torch.Generator(device=gen_device).manual_seed(it.seed) for it in items]
-    kwargs: dict[str, Any] = dict(num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                                  num_images_per_prompt=1, generator=generators)
-    if items[0].height is not None:
-        kwargs["height"], kwargs["width"] = items[0].height, items[0].width
-    if items[0].negative_prompt is not None:
-        kwargs["negative_prompt"] = [it.negative_prompt for it in items]
-    with trace(pipe, **config.trace_options()) as tc:
-        images = pipe([it.prompt for it in items], **kwargs).images
-        if tc.num_images != len(items):
-            raise BatchError(f"the pipeline made {tc.num_images} images for {len(items)} prompts")
-        maps = [tc.heat_maps(i) for i in range(len(items))]
+    pairs = traced_generation(
+        pipe, [it.prompt for it in items], generator=make_generators(pipe, [it.seed for it in items]),
+        steps=config.steps, guidance_scale=config.guidance_scale, num_images_per_prompt=1,
+        height=first.height, width=first.width if first.height is not None else None,
+        negative_prompt=[it.negative_prompt for it in items] if first.negative_prompt is not None else None,
+        trace_options=config.trace_options(),
+    )
+    if len(pairs) != len(items):
+        raise BatchError(f"the pipeline made {len(pairs)} images for {len(items)} prompts")
     records = []
-    for it, image, hm in zip(items, images, maps, strict=True):
+    for it, (image, hm) in zip(items, pairs, strict=True):
         h, w = hm.image_size
         records.append(RunRecord(prompt=it.prompt, image=image if config.save_image else None, heat_maps=hm,
                                  seed=it.seed, settings=config.settings(it, h, w, type(pipe).__name__),
@@ -454,16 +442,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _read_entries(path: Path) -> list[dict[str, Any]]:
-    """Entries of a part file; a last line cut short by a crash is ignored (its record is checked again)."""
-    entries = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                entries.append(json.loads(line))
-    return entries
 
 
 class _Progress:
@@ -589,8 +567,7 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
                         if bad := _unknown_words(rec, it.words):
                             say(f"daamkit batch: warning: {it.id}: word(s) {', '.join(map(repr, bad))} not in the "
                                 f"prompt's words {rec.heat_maps.words}")
-                        part.write(json.dumps(_entry(it, rec.settings, rec.heat_maps.image_size),
-                                              ensure_ascii=False) + "\n")
+                        part.write(index_line(_entry(it, rec.settings, rec.heat_maps.image_size)))
                         part.flush()
                         made += 1
                     progress.poll()
@@ -610,15 +587,15 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
         try:
             entries = dict(all_done)
             for p in sorted(parts.glob("process-*.jsonl")):
-                for e in _read_entries(p):
+                # a last line cut short by a crash is ignored (its record is checked again next run)
+                for e in read_index(p, partial=True):
                     entries[e["index"]] = e
                     generated += 1
             missing = [it.id for it in items if it.index not in entries]
             if missing:
                 problem = f"{len(missing)} prompt(s) have no record after the run: {', '.join(missing[:10])}"
             else:
-                _write_text_atomic(index, "".join(json.dumps(entries[it.index], ensure_ascii=False) + "\n"
-                                                  for it in items))
+                _write_text_atomic(index, "".join(index_line(entries[it.index]) for it in items))
                 for p in parts.glob("*"):
                     p.unlink()
                 with contextlib.suppress(OSError):

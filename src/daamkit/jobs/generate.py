@@ -1,7 +1,8 @@
 """One traced generation job: run the pipeline inside a trace, build records, write the outputs.
 
-Shared by ``daamkit generate``, ``daamkit demo``, the batch runner and the web app, so that every
-front end writes the same files.
+:func:`traced_generation` is the job itself (pipeline call inside a trace, heat maps per image), shared by
+``daamkit generate``/``demo``, the batch runner, the web app, ``daamkit eval`` and the entanglement
+analysis; :func:`generate` builds the records every front end writes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 
 from daamkit.errors import InputError
+from daamkit.heatmap import GlobalHeatMap
 from daamkit.io.record import RunRecord
+from daamkit.metrics import DEFAULT_THRESHOLD
 from daamkit.trace import trace
 
 
@@ -67,34 +70,71 @@ class GenerateOptions:
         return d
 
 
+def make_generators(pipe: Any, seeds: Sequence[int]) -> list[torch.Generator]:
+    """One seeded ``torch.Generator`` per seed on the pipeline's device (the CPU for MPS pipelines)."""
+    device = getattr(pipe, "device", torch.device("cpu"))
+    gen_device = "cpu" if device.type == "mps" else device
+    return [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
+
+
+def traced_generation(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    generator: torch.Generator | Sequence[torch.Generator],
+    steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    num_images_per_prompt: int | None = None,
+    trace_options: dict[str, Any] | None = None,
+) -> list[tuple[Any, GlobalHeatMap]]:
+    """The traced generation job: one pipeline call for ``prompts`` inside :func:`daamkit.trace`.
+
+    Returns ``(image, heat maps)`` per image, in the pipeline's order (prompt by prompt, then image by
+    image). ``generator`` is one generator for the call or one per prompt (diffusers then draws each
+    image's noise from its own generator, so an image does not depend on the batch it is in).
+    ``height``/``width``/``negative_prompt``/``num_images_per_prompt`` are passed on only when given
+    (None: the pipeline's default); a single negative prompt is repeated for every prompt.
+    """
+    prompts = list(prompts)
+    kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
+    if num_images_per_prompt is not None:
+        kwargs["num_images_per_prompt"] = num_images_per_prompt
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    if negative_prompt is not None:
+        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        kwargs["negative_prompt"] = negs
+    with trace(pipe, **(trace_options or {})) as tc:
+        images = pipe(prompts, **kwargs).images
+        maps = [tc.heat_maps(i) for i in range(tc.num_images)]
+    return list(zip(images, maps, strict=True))
+
+
 def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions | None = None,
              model: str | None = None) -> list[RunRecord]:
-    """Generate ``prompts`` with ``pipe`` inside a trace; one :class:`RunRecord` per image."""
+    """Generate ``prompts`` with ``pipe`` inside a trace; one :class:`RunRecord` per image.
+
+    One generator seeded with ``options.seed`` serves the whole call.
+    """
     opts = options or GenerateOptions()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list or any(not p.strip() for p in prompt_list):
         raise ValueError("the prompt is empty: give the text to generate from")
     pipe.set_progress_bar_config(disable=not opts.progress)
-    device = getattr(pipe, "device", torch.device("cpu"))
-    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(opts.seed)
-    kwargs: dict[str, Any] = dict(
-        num_inference_steps=opts.steps,
-        guidance_scale=opts.guidance_scale,
-        num_images_per_prompt=opts.num_images_per_prompt,
-        generator=generator,
+    pairs = traced_generation(
+        pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
+        guidance_scale=opts.guidance_scale, height=opts.height or None, width=opts.width or None,
+        negative_prompt=opts.negative_prompt or None, num_images_per_prompt=opts.num_images_per_prompt,
+        trace_options=opts.trace,
     )
-    if opts.height:
-        kwargs["height"] = opts.height
-    if opts.width:
-        kwargs["width"] = opts.width
-    if opts.negative_prompt:
-        kwargs["negative_prompt"] = [opts.negative_prompt] * len(prompt_list)
-    with trace(pipe, **opts.trace) as tc:
-        images = pipe(prompt_list, **kwargs).images
-        maps = [tc.heat_maps(i) for i in range(tc.num_images)]
     settings = opts.settings() | {"model": model, "pipeline": type(pipe).__name__}
     records = []
-    for i, (image, hm) in enumerate(zip(images, maps, strict=True)):
+    for i, (image, hm) in enumerate(pairs):
         prompt = prompt_list[i // opts.num_images_per_prompt]
         records.append(
             RunRecord(
@@ -110,13 +150,15 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
     return records
 
 
-def slug(text: str) -> str:
+def slug(text: str, fallback: str = "word") -> str:
+    """A file-name part for ``text``: lower case, runs of anything but a-z and 0-9 as one ``_``, at most
+    40 characters; ``fallback`` when nothing is left (the caller names what the text labels)."""
     s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return s[:40] or "word"
+    return s[:40] or fallback
 
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
-                  threshold: float = 0.4) -> dict[str, Any]:
+                  threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Write the image, each word's heat map and overlay, a grid PNG and the record into ``out_dir``."""
     from daamkit import plot
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gradio as gr  # noqa: E402
 
-from daamkit.heatmap import DEFAULT_THRESHOLD  # noqa: E402
+from daamkit.metrics import DEFAULT_THRESHOLD  # noqa: E402
 from daamkit.ui.session import (  # noqa: E402
     MAX_SIDE,
     MAX_STEPS,

@@ -30,8 +30,10 @@ import numpy as np
 import PIL.Image
 
 from daamkit.errors import DaamkitError, user_message
-from daamkit.heatmap import DEFAULT_THRESHOLD, GlobalHeatMap, WordHeatMap
+from daamkit.heatmap import GlobalHeatMap, WordHeatMap
 from daamkit.io.record import RunRecord, record_paths
+from daamkit.jobs.generate import slug
+from daamkit.metrics import DEFAULT_THRESHOLD
 
 log = logging.getLogger("daamkit.ui")
 
@@ -154,11 +156,6 @@ class Run:
         return self._word_cache[word]
 
 
-def _slug(text: str) -> str:
-    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return s[:40] or "run"
-
-
 def md_escape(text: str) -> str:
     """Escape Markdown so that prompt words are shown as typed."""
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
@@ -200,7 +197,7 @@ class UISession:
         with self._counter_lock:
             self._counter += 1
             n = self._counter
-        d = self.work_dir / f"{n:04d}_{_slug(label)}"
+        d = self.work_dir / f"{n:04d}_{slug(label, fallback='run')}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -302,7 +299,7 @@ class UISession:
         fig = plot.plot_grid(hm, image=record.image, include_image=record.image is not None,
                              title=record.prompt if len(record.prompt) <= 80 else record.prompt[:77] + "...")
         grid = plot.save_figure(fig, folder / "grid.png", dpi=110)
-        zpath = folder / f"{_slug(record.prompt)}_record.zip"
+        zpath = folder / f"{slug(record.prompt, fallback='run')}_record.zip"
         with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.write(st, "record.safetensors")
             z.write(js, "record.json")

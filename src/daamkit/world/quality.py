@@ -16,11 +16,11 @@ ask at which of them the shapes are lost.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 
+from daamkit.stats import bootstrap_mean_ci
 from daamkit.world.scenes import COLORS, PLURALS, SHAPES, is_heldout, make_heldout_scene, make_scene
 from daamkit.world.segment import generation_accuracy
 
@@ -263,14 +263,6 @@ def word_similarity(pipe) -> dict[str, float]:
     }
 
 
-def _ci(xs) -> list[float]:
-    xs = np.asarray(xs, float)
-    if len(xs) < 2:
-        return [float("nan"), float("nan")]
-    h = 1.96 * xs.std(ddof=1) / math.sqrt(len(xs))
-    return [float(xs.mean() - h), float(xs.mean() + h)]
-
-
 def summarize(recs: list[dict]) -> dict:
     def agg(rs):
         if not rs:
@@ -279,7 +271,7 @@ def summarize(recs: list[dict]) -> dict:
         for key in ("colors_present", "objects_present", "shapes_correct", "exact"):
             v = [float(r[key]) for r in rs]
             out[key] = float(np.mean(v))
-            out[key + "_ci95"] = _ci(v)
+            out[key + "_ci95"] = list(bootstrap_mean_ci(v)[1:])  # [low, high], as every 95% interval
         out["all_objects_drawn"] = float(np.mean([r["objects_present"] == 1.0 for r in rs]))
         out["all_shapes_right"] = float(np.mean([r["shapes_correct"] == 1.0 for r in rs]))
         return out

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from daamkit.metrics import mask_iou
 from daamkit.world.scenes import COLORS, PLURALS, SHAPES, shape_polygon
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
@@ -141,11 +142,6 @@ def _unit_bbox(shape: str) -> tuple[float, float, float, float]:
 _UNIT_BBOX = {s: _unit_bbox(s) for s in SHAPES}
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    u = (a | b).sum()
-    return float((a & b).sum() / u) if u else 0.0
-
-
 def classify_shape(
     mask: np.ndarray,
     shapes: tuple[str, ...] = SHAPES,
@@ -188,7 +184,7 @@ def classify_shape(
             pose, pose_iou = ((0.0, 0.0, 0.0), -1.0)
             for ang in (-10.0, 0.0, 10.0) if s != "circle" else (0.0,):
                 for dx, dy in ((0, 0), (0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5)):
-                    iou = _iou(_template(s, cx + dx, cy + dy, r, ang, mask.shape, window=win) & k_win, m_win)
+                    iou = mask_iou(_template(s, cx + dx, cy + dy, r, ang, mask.shape, window=win) & k_win, m_win)
                     if iou > pose_iou:
                         pose, pose_iou = (ang, dx, dy), iou
             if sharp:
@@ -196,7 +192,7 @@ def classify_shape(
             ang, dx, dy = pose
             for blur in (b for b in blurs if b > 0):
                 t = _template(s, cx + dx, cy + dy, r, ang, mask.shape, blur=blur, window=win) & k_win
-                best = max(best, _iou(t, m_win))
+                best = max(best, mask_iou(t, m_win))
         scores[s] = best
     shape = max(scores, key=scores.get)
     return shape, scores[shape], scores
