@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import mark, tokenizer
-from .recipe import Recipe
+from .recipe import Recipe, object_count_weights
 
 GROUNDED_ROLES = ("noun", "color", "size")
 MAX_OBJECTS = 3
@@ -179,20 +179,6 @@ def ground_targets(r: Recipe, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ drawing the scenes
-
-
-def object_count_weights(spec: str) -> tuple[float, float, float] | None:
-    """The ``object_count_weights`` option as (w1, w2, w3), or None for uniform sampling of scenes."""
-    try:
-        w = tuple(float(x) for x in str(spec).split(","))
-    except ValueError:
-        w = ()
-    if len(w) != 3 or min(w) < 0 or max(w) <= 0:
-        raise ValueError(
-            f"--object-count-weights {spec!r}: give three non-negative weights for "
-            "scenes of 1, 2 and 3 objects, not all zero, e.g. 1,2,3"
-        )
-    return None if w[0] == w[1] == w[2] else w
 
 
 def needs_ground_targets(r: Recipe) -> bool:

@@ -83,11 +83,41 @@ class Recipe:
 
     def check(self) -> None:
         """Raise ValueError for an option value the run could not use, before anything is written."""
-        from .data import object_count_weights
-        from .unet import timestep_sampler
-
         object_count_weights(self.object_count_weights)
-        timestep_sampler(self.timestep_focus)
+        timestep_focus(self.timestep_focus)
+
+
+def object_count_weights(spec: str) -> tuple[float, float, float] | None:
+    """The ``object_count_weights`` option as (w1, w2, w3), or None for uniform sampling of scenes."""
+    try:
+        w = tuple(float(x) for x in str(spec).split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 3 or min(w) < 0 or max(w) <= 0:
+        raise ValueError(
+            f"--object-count-weights {spec!r}: give three non-negative weights for "
+            "scenes of 1, 2 and 3 objects, not all zero, e.g. 1,2,3"
+        )
+    return None if w[0] == w[1] == w[2] else w
+
+
+def timestep_focus(spec: str) -> tuple[int, int, float] | None:
+    """The ``timestep_focus`` option (``LO,HI,SHARE`` or empty) as (lo, hi, share), or None for the
+    plain uniform draw."""
+    spec = str(spec or "").strip()
+    if not spec:
+        return None
+    try:
+        lo_s, hi_s, share_s = spec.split(",")
+        lo, hi, share = int(lo_s), int(hi_s), float(share_s)
+    except ValueError:
+        lo, hi, share = 0, 0, -1.0
+    if not (0 <= lo < hi <= 1000 and 0 <= share <= 1):
+        raise ValueError(
+            f"--timestep-focus {spec!r}: give LO,HI,SHARE with 0 <= LO < HI <= 1000 and 0 <= SHARE <= 1, "
+            "e.g. 100,450,0.5"
+        )
+    return lo, hi, share
 
 
 def option_names() -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from .autoencoder import sample_latents
 from .common import lr_at, mark, save
 from .data import ground_targets, scene_sampler
 from .grounding import capture_cross_attention, grounded_tokens, grounding_loss
-from .recipe import SCHEDULER_KW, Recipe, text_config, unet_config
+from .recipe import SCHEDULER_KW, Recipe, text_config, timestep_focus, unet_config
 
 
 def bf16_native(device: str = "cpu", cpu_flags: str | None = None) -> bool:
@@ -66,19 +66,10 @@ def timestep_sampler(spec: str):
     timesteps. Empty is the plain uniform draw, from the same random stream as without the option."""
     import torch
 
-    spec = str(spec or "").strip()
-    if not spec:
+    focus = timestep_focus(spec)
+    if focus is None:
         return lambda b: torch.randint(0, 1000, (b,))
-    try:
-        lo_s, hi_s, share_s = spec.split(",")
-        lo, hi, share = int(lo_s), int(hi_s), float(share_s)
-    except ValueError:
-        lo, hi, share = 0, 0, -1.0
-    if not (0 <= lo < hi <= 1000 and 0 <= share <= 1):
-        raise ValueError(
-            f"--timestep-focus {spec!r}: give LO,HI,SHARE with 0 <= LO < HI <= 1000 and 0 <= SHARE <= 1, "
-            "e.g. 100,450,0.5"
-        )
+    lo, hi, share = focus
 
     def draw(b: int) -> torch.Tensor:
         t = torch.randint(0, 1000, (b,))
