@@ -178,23 +178,23 @@ class Trace:
         return False
 
     def _detach(self) -> None:
-        # every step runs even if an earlier one raised; the first error is raised at the end
+        # Every step runs even if an earlier one raised (an exception, or Ctrl-C while coming off):
+        # the first error is raised at the end, after everything is off.
         errors: list[BaseException] = []
-        for m in reversed(list(self._methods.values())):
+
+        def attempt(step) -> None:
             try:
-                m.detach()
+                step()
             except BaseException as e:
                 errors.append(e)
-            finally:
-                m.hooks.remove()
-        try:
-            self.capture.detach()
-        except BaseException as e:
-            errors.append(e)
-        finally:
-            self._hooks.remove()
-            logging.getLogger("diffusers").removeHandler(self._log)
-            self._active = False
+
+        for m in reversed(list(self._methods.values())):
+            attempt(m.detach)
+            attempt(m.hooks.remove)
+        attempt(self.capture.detach)
+        attempt(self._hooks.remove)
+        attempt(lambda: logging.getLogger("diffusers").removeHandler(self._log))
+        self._active = False
         if errors:
             raise errors[0]
 

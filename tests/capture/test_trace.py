@@ -323,6 +323,62 @@ def test_restored_after_an_exception_inside_the_block(sd, exc):
         assert tc.heat_maps(0).maps.shape[0] == 77
 
 
+def _removals(pipe) -> int:
+    """How many hook handles a trace of ``pipe`` removes on exit."""
+    from torch.utils.hooks import RemovableHandle
+
+    calls = 0
+    real = RemovableHandle.remove
+
+    def counting(self):
+        nonlocal calls
+        calls += 1
+        real(self)
+
+    RemovableHandle.remove = counting
+    try:
+        with trace(pipe):
+            pass
+    finally:
+        RemovableHandle.remove = real
+    return calls
+
+
+def test_hooks_come_off_when_interrupted_while_coming_off(sd, monkeypatch):
+    """Ctrl-C (or any exception) raised by any one hook removal on exit: every other hook still comes
+    off, the interrupt still reaches the caller, and the pipeline can be traced again."""
+    from torch.utils.hooks import RemovableHandle
+
+    before = hook_state(sd.unet)
+    enc_before = [_hook_count(e) for e in _encoders(sd)]
+    total = _removals(sd)
+    with trace(sd) as tc:
+        layers = len(tc.layers)
+    # the denoiser's pre-hook, four per traced attention module, one per text encoder
+    assert total == 1 + 4 * layers + len(_encoders(sd))
+    real = RemovableHandle.remove
+    for k in range(total):
+        calls = 0
+
+        def interrupting(self, k=k):
+            nonlocal calls
+            calls += 1
+            if calls == k + 1:
+                raise KeyboardInterrupt(f"removal {k}")
+            real(self)
+
+        monkeypatch.setattr(RemovableHandle, "remove", interrupting)
+        with pytest.raises(KeyboardInterrupt, match=f"removal {k}$"):
+            with trace(sd):
+                pass
+        monkeypatch.setattr(RemovableHandle, "remove", real)
+        assert_restored(sd, before, enc_before)
+    with trace(sd) as tc:  # not refused as "already being traced"
+        run(sd, steps=1)
+        assert tc.heat_maps(0).word("dog") is not None
+    assert_restored(sd, before, enc_before)
+
+
 def test_nested_traces_are_refused_and_leave_the_outer_one_working(sd):
     before = hook_state(sd.unet)
     with trace(sd) as tc:

@@ -72,8 +72,23 @@ class HookSet:
         self.handles.append(handle)
 
     def remove(self) -> None:
+        """Remove every handle, also when removing one raises (a Ctrl-C arriving just then, say): a
+        hook left behind would make the pipeline refuse every later trace. The first error is raised
+        once all are gone."""
+        first: BaseException | None = None
         while self.handles:
-            self.handles.pop().remove()
+            handle = self.handles[-1]
+            try:
+                handle.remove()
+            except BaseException as e:
+                first = first or e
+                try:  # a handle's remove() is idempotent, so a second try is safe
+                    handle.remove()
+                except BaseException as again:
+                    first = first or again
+            self.handles.pop()
+        if first is not None:
+            raise first
 
 
 class ProjectionTap:
