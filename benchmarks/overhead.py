@@ -19,7 +19,7 @@ downloaded), warms up, then alternates untraced and traced calls (ABBA order) an
     python benchmarks/overhead.py --model sd3 --size 256 --steps 1   # SD3-medium, T5-XXL left out
     python benchmarks/overhead.py --model flux --size 256 --steps 1  # Flux.1-dev width, 2+4 blocks
 
-Targets (issue 2): time ratio <= 1.03 (SD3/Flux, issue 4: <= 1.05), extra peak memory <= 2 % of the
+Targets: time ratio <= 1.03 (SD3/Flux: <= 1.05), extra peak memory <= 2 % of the
 untraced run, extra memory independent of the number of steps. A model is one builder function in
 ``MODELS``; what a model's build leaves out of the released architecture is printed and saved
 (``reduced``): SD3 runs without T5-XXL, Flux with 2 of 19 double / 4 of 38 single blocks at full width.
@@ -145,7 +145,7 @@ MODELS: dict[str, Model] = {
         time_target=1.05,
         reduced=_flux_reduced,
     ),
-    # issue 4: "sdxl" - one builder, configs under daamkit/configs/<name>/
+    # a new model: one builder here, its configs under daamkit/testing/configs/<name>/
 }
 
 

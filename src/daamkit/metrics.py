@@ -3,7 +3,7 @@
 Used by :mod:`daamkit.heatmap` (``WordHeatMap.mask/iou/ioa``), :mod:`daamkit.evaluate` (the COCO-Gen
 protocol), :mod:`daamkit.analysis` and the shapes world's segmenter.
 
-Conventions (the DAAM definition, see DESIGN.md):
+Conventions (the DAAM definition, see the README's "How the maps are computed"):
 
 * A map is thresholded on its normalised values (divided by the maximum): ``normalized >= threshold``.
   ``>=`` rather than ``>`` so that ``threshold=1`` still selects the peak; for continuous maps the two

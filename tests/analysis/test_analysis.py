@@ -251,7 +251,7 @@ def test_analyze_pos_aggregates_per_tag(tmp_path):
     hm2 = make_maps("a blue star", {"a": box(0, 1, 0, 3), "blue": box(0, 1, 0, 2), "star": box(0, 5, 0, 1)})
     res = pos_mod.analyze_pos([("a red circle", hm1), ("a blue star", hm2)], tagger="world")
     rows = {r["pos"]: r for r in res.rows()}
-    # run 2: a=3, blue=2, star=5 (total 10): shares .3 .2 .5
+    # second run: a=3, blue=2, star=5 (total 10): shares .3 .2 .5
     assert rows["DET"]["share"][0] == pytest.approx((0.1 + 0.3) / 2)
     assert rows["ADJ"]["relative"][0] == pytest.approx((1.2 + 0.6) / 2)
     assert rows["NOUN"]["area"][0] == pytest.approx(0.05)

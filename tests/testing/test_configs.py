@@ -81,7 +81,7 @@ def test_configs_are_plain_json():
             json.loads(path.read_text())
 
 
-# ---- SD3-medium and Flux.1-dev (issue 4): released architectures, counted on the meta device --------------
+# ---- SD3-medium and Flux.1-dev: released architectures, counted on the meta device --------------
 # Parameter counts of stabilityai/stable-diffusion-3-medium-diffusers and black-forest-labs/FLUX.1-dev.
 CLIP_L = 123_060_480  # CLIPTextModel (Flux); + 768 x 768 text projection in SD3
 CLIP_L_PROJ = 123_650_304

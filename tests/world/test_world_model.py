@@ -87,7 +87,7 @@ def test_swap_word_replaces_only_the_word_of_its_role():
 def test_word_sensitivity_sees_that_the_model_relies_on_colour_and_shape_words():
     """The swap test must register a word the model uses: the shipped model draws the requested colour
     in ~98% of images, so denoising with the wrong colour word has to cost clearly more. It also reads
-    the shape word (run 2, with a 1-layer text encoder, did not: +0% at every t, see
+    the shape word (an earlier model with a 1-layer text encoder did not: +0% at every t, see
     docs/world/experiments.md)."""
     _model_or_skip()
     from daamkit.jobs.pipeline import load_pipeline
@@ -104,8 +104,8 @@ def test_word_sensitivity_sees_that_the_model_relies_on_colour_and_shape_words()
 def test_shipped_model_draws_the_requested_shape_of_a_single_object():
     """Generation, not maps: for one-object held-out captions (held-out pairs and templates included)
     the segmenter must find the requested shape in most images. Chance is 1/6; the autoencoder's own
-    round trip keeps ~96% of shapes, and the shipped model (run 12) measured 24 of 27 on the eval's
-    one-object captions (run 10 and run 7: 25 of 27, run 6: 26 of 27, run 5: 27 of 27, run 3: 0.89)."""
+    round trip keeps ~96% of shapes, and the shipped model measured 24 of 27 on the eval's one-object
+    captions (docs/model_card.md)."""
     _model_or_skip()
     from daamkit.jobs.pipeline import load_pipeline
     from daamkit.world.quality import evaluate_generation
