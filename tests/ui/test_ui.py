@@ -1,6 +1,6 @@
 """The web app's logic (daamkit.ui.session) and wiring (daamkit.ui.app) without a browser.
 
-The browser test is tests/e2e/test_ui_browser.py.
+The browser test is tests/ui/test_ui_browser.py; what the app exposes is tests/ui/test_ui_exposure.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def session(pipe, tmp_path):
         calls.append(path)
         return pipe
 
-    s = UISession("unused-path", work_dir=tmp_path / "work", loader=loader)
+    s = UISession("unused-path", work_dir=tmp_path / "work", loader=loader, allowed_dir=tmp_path)
     s.loads = calls
     yield s
     s.close()
@@ -177,8 +177,9 @@ def test_build_app_and_launch_binds_loopback(model_dir, monkeypatch):
     for needed in ("daam-prompt", "daam-seed", "daam-steps", "daam-width", "daam-height", "daam-guidance",
                    "daam-generate", "daam-words", "daam-image", "daam-overlay", "daam-mask", "daam-alpha",
                    "daam-threshold", "daam-grid", "daam-download-record", "daam-download-grid",
-                   "daam-upload", "daam-open-path"):
+                   "daam-upload", "daam-open-path-off"):
         assert needed in ids, needed
+    assert "daam-open-path" not in ids  # opening server paths is off unless --allow-paths
     assert not app.daamkit_session.model.loaded  # building the page loads nothing
     width = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "daam-width")
     assert width.value == 64  # the model's own size, read from its config

@@ -75,13 +75,15 @@ def tiny_model_dir(tmp_path_factory, clip_tokenizer_dir) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    """``python -m daamkit ui`` on a free 127.0.0.1 port; yields its URL."""
+    """``python -m daamkit ui`` on a free 127.0.0.1 port, allowed to open records under ``records``."""
     port = _free_port()
     logdir = tmp_path_factory.mktemp("ui_server")
+    records = tmp_path_factory.mktemp("ui_records")
     log = logdir / "server.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE",
                GRADIO_TEMP_DIR=str(logdir / "gradio"), NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    cmd = [sys.executable, "-m", "daamkit", "ui", "--model", tiny_model_dir, "--port", str(port)]
+    cmd = [sys.executable, "-m", "daamkit", "ui", "--model", tiny_model_dir, "--port", str(port),
+           "--allow-paths", str(records)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -97,7 +99,7 @@ def server(tiny_model_dir, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"the UI server did not answer on {url} within 60 s:\n{log.read_text()}")
                 time.sleep(0.25)
-        yield {"url": url, "log": log, "proc": proc}
+        yield {"url": url, "log": log, "proc": proc, "records": records}
     finally:
         proc.terminate()
         try:
@@ -201,10 +203,14 @@ def test_generate_click_words_see_overlay_change(server, page, tmp_path):
     dl.value.save_as(grid_path)
     assert grid_path.read_bytes()[:4] == b"\x89PNG"
 
-    # open the downloaded record again from disk
+    # open the downloaded record again: uploaded, then by its path in the allowed folder
     page.get_by_text("Open a saved record").click()
     page.locator("#daam-upload input[type=file]").set_input_files(str(zip_path))
     expect(status).to_contain_text("Opened")
+    shutil.copyfile(zip_path, server["records"] / "circle.zip")
+    page.locator("#daam-open-path textarea, #daam-open-path input").first.fill("circle.zip")
+    page.locator("#daam-open").click()
+    expect(status).to_contain_text("Opened circle.zip")
     expect(page.locator("#daam-word-info")).to_contain_text("square")  # the chosen word stays chosen
     page.get_by_role("tab", name="Grid").click()
     expect(page.locator("#daam-grid img")).to_be_visible()
@@ -224,7 +230,11 @@ def test_errors_reach_the_page_and_the_server_keeps_serving(server, page, tmp_pa
     expect(status).to_contain_text("prompt is empty")
 
     page.get_by_text("Open a saved record").click()
-    page.locator("#daam-open-path textarea, #daam-open-path input").first.fill(str(tmp_path / "nope.json"))
+    path_box = page.locator("#daam-open-path textarea, #daam-open-path input").first
+    path_box.fill(str(tmp_path / "nope.json"))  # not in the --allow-paths folder
+    page.locator("#daam-open").click()
+    expect(status).to_contain_text("outside the folder this app may open records from")
+    path_box.fill("nope.json")
     page.locator("#daam-open").click()
     expect(status).to_contain_text("no daamkit record")
     assert "Traceback" not in page.content()
@@ -249,6 +259,10 @@ def test_missing_model_folder_is_a_message_on_the_page(page, tmp_path):
     launch(app, port=port, block=False, quiet=True)
     try:
         page.goto(f"http://127.0.0.1:{port}/")
+        # started without allow_paths: no path box, a line saying how to get one
+        page.get_by_text("Open a saved record").click()
+        expect(page.locator("#daam-open-path-off")).to_contain_text("--allow-paths DIR")
+        assert page.locator("#daam-open-path").count() == 0
         page.locator("#daam-prompt textarea").fill("a red circle")
         page.locator("#daam-generate").click()
         status = page.locator("#daam-status")

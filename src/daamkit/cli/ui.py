@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local diffusers pipeline folder (default: the embedded shapes-world model)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to "
-                             "the network)")
+                             "the network, with no login: a warning says so)")
+    parser.add_argument("--allow-paths", metavar="DIR", default=None,
+                        help="let the page open records by their path on the server, only inside DIR (default: "
+                             "off; records can always be uploaded)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
@@ -48,24 +51,31 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if args.port is not None and not 0 < args.port < 65536:
         print(f"daamkit: error: --port must lie in 1..65535, got {args.port}", file=sys.stderr)
         return 2
-    app = _build(args.model, device=args.device, dtype=args.dtype, steps=args.steps, guidance=args.guidance)
-    ses = app.daamkit_session
+    allow = getattr(args, "allow_paths", None)
+    if allow is not None and not os.path.isdir(os.path.expanduser(allow)):
+        print(f"daamkit: error: --allow-paths must name an existing folder, got {allow}", file=sys.stderr)
+        return 2
     previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl+C: scratch and cache removed
+    app = None
     try:
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it like Ctrl+C: scratch files removed
+        app = _build(args.model, device=args.device, dtype=args.dtype, steps=args.steps,
+                     guidance=args.guidance, allow_paths=allow)
         try:
             launch(app, host=args.host, port=args.port, open_browser=args.open, block=False, quiet=True)
         except OSError as e:  # port taken, address not available
             print(f"daamkit: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
             return 2
-        print(f"daamkit ui: serving {ses.model.label} at {app.local_url} (Ctrl+C to stop)", flush=True)
+        print(f"daamkit ui: serving {app.daamkit_session.model.label} at {app.local_url} (Ctrl+C to stop)",
+              flush=True)
         app.block_thread()  # returns on Ctrl+C / SIGTERM, after closing the server
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        app.close()
-        ses.close()
+        if app is not None:
+            app.close()
+            app.daamkit_session.close()
     return 0
 
 

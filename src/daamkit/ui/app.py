@@ -2,12 +2,18 @@
 
 ``build_app(model_path, device)`` returns the ``gr.Blocks``; :func:`launch` serves it (127.0.0.1 unless
 told otherwise). The pipeline is loaded on the first Generate and kept by the session object that this
-function's closures share; nothing is kept at module level.
+function's closures share. The only process-wide state is Gradio's own cache folder (see
+:class:`GradioCache`): the session's ``close()`` gives it back.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
+import weakref
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
@@ -25,6 +31,8 @@ from daamkit.ui.session import (  # noqa: E402
     md_escape,
     readable_error,
     resolve_model_path,
+    view_settings,
+    warn_if_exposed,
 )
 
 TITLE = "daamkit: which word shaped which pixels"
@@ -44,16 +52,76 @@ INTRO = (
 )
 
 
+class GradioCache:
+    """Gradio's cache folder (``GRADIO_TEMP_DIR``), pointed at a fresh folder while apps are open.
+
+    Gradio copies every image and download it serves, and every upload it receives, into that folder
+    and by default never removes them (``<tmp>/gradio``, shared by all Gradio apps of the user). Gradio
+    reads the variable both when a component is made and on each request, so it can only be set for the
+    whole process: apps built while one is open share the folder, and the last ``release()`` removes it
+    and restores the variable. A folder left at interpreter exit is removed then. When the user set
+    ``GRADIO_TEMP_DIR``, the folder is made inside it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._path: Path | None = None
+        self._previous: str | None = None
+        self._remove: weakref.finalize | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def acquire(self) -> Path:
+        with self._lock:
+            if self._path is None:
+                self._previous = os.environ.get("GRADIO_TEMP_DIR")
+                parent = self._previous or None
+                if parent:
+                    os.makedirs(parent, exist_ok=True)
+                self._path = Path(tempfile.mkdtemp(prefix="daamkit-ui-gradio-", dir=parent))
+                os.environ["GRADIO_TEMP_DIR"] = str(self._path)
+                self._remove = weakref.finalize(self, shutil.rmtree, str(self._path), True)
+            self._users += 1
+            return self._path
+
+    def release(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users or self._path is None:
+                return
+            if os.environ.get("GRADIO_TEMP_DIR") == str(self._path):  # unless someone has set it since
+                if self._previous is None:
+                    os.environ.pop("GRADIO_TEMP_DIR", None)
+                else:
+                    os.environ["GRADIO_TEMP_DIR"] = self._previous
+            if self._remove is not None:
+                self._remove()
+            self._path = self._remove = self._previous = None
+
+
+GRADIO_CACHE = GradioCache()
+
+
 def _error(message: str) -> str:
     return f"⚠️ **Error:** {md_escape(message)}"
 
 
 def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "cpu",
               dtype: str | None = None, session: UISession | None = None,
-              steps: int = 20, guidance: float = 5.0) -> gr.Blocks:
+              steps: int = 20, guidance: float = 5.0,
+              allow_paths: str | os.PathLike[str] | None = None) -> gr.Blocks:
     """The web app as a ``gr.Blocks`` (not launched). ``model_path=None`` uses the embedded shapes-world
-    model. The model is loaded on the first Generate, once, and kept."""
-    ses = session or UISession(model_path, device=device, dtype=dtype)
+    model. The model is loaded on the first Generate, once, and kept. ``allow_paths``: the one server
+    folder whose records may be opened by path (None: no path box, uploads only); a given ``session``
+    brings its own. ``app.daamkit_session.close()`` removes every file the app made or was sent."""
+    ses = session or UISession(model_path, device=device, dtype=dtype, allowed_dir=allow_paths)
+    cache_dir = GRADIO_CACHE.acquire()  # before any component exists: each one keeps the folder it saw
+    ses.add_cleanup(GRADIO_CACHE.release)
     h0, w0 = default_size(ses.model.model_path)
     side_max = min(MAX_SIDE, max(256, 4 * max(h0, w0)))
     warning = ""
@@ -101,6 +169,7 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
     def on_generate(prompt, negative, seed, steps_, width, height, guidance_, word, alpha, threshold,
                     progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio's documented pattern)
         try:
+            view_settings(alpha, threshold)  # a bad one is refused before the model runs
             run = ses.generate(prompt, seed=seed, steps=steps_, width=width, height=height,
                                guidance=guidance_, negative_prompt=negative,
                                progress=lambda f, d: progress(f, desc=d))
@@ -110,6 +179,7 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
 
     def on_open_path(path, word, alpha, threshold):
         try:
+            view_settings(alpha, threshold)
             return _outputs_for(ses.open_path(path), word, alpha, threshold)
         except Exception as e:
             return _failed(e)
@@ -118,6 +188,7 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
         if not files:
             return (gr.skip(),) * n_outputs
         try:
+            view_settings(alpha, threshold)
             paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
             return _outputs_for(ses.open_files(paths), word, alpha, threshold)
         except Exception as e:
@@ -134,11 +205,11 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
 
     def on_alpha(run, word, alpha):
         if run is None or not word:
-            return gr.skip()
+            return gr.skip(), gr.skip()
         try:
-            return ses.overlay(run, word, alpha)
-        except Exception:
-            return gr.skip()
+            return ses.overlay(run, word, alpha), gr.skip()
+        except Exception as e:
+            return gr.skip(), _error(readable_error(e))
 
     def on_threshold(run, word, threshold):
         if run is None or not word:
@@ -179,10 +250,17 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
                 with gr.Accordion("Open a saved record", open=False):
                     upload = gr.File(label="A record .zip, or its .json and .safetensors", file_count="multiple",
                                      file_types=[".zip", ".json", ".safetensors"], elem_id="daam-upload")
-                    with gr.Row():
-                        open_path = gr.Textbox(label="…or a path on this computer", scale=4,
-                                               placeholder="runs/dog/record.json", elem_id="daam-open-path")
-                        open_btn = gr.Button("Open", scale=1, elem_id="daam-open")
+                    open_path = open_btn = None
+                    if ses.allowed_dir is not None:
+                        with gr.Row():
+                            open_path = gr.Textbox(label=f"…or a path under {ses.allowed_dir} on the server",
+                                                   scale=4, placeholder="runs/dog/record.json",
+                                                   elem_id="daam-open-path")
+                            open_btn = gr.Button("Open", scale=1, elem_id="daam-open")
+                    else:  # no widget and no endpoint: nothing to misuse
+                        gr.Markdown("Opening a record by its path on the server is off; start the app with "
+                                    "`--allow-paths DIR` to allow the records in one folder.",
+                                    elem_id="daam-open-path-off")
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Words", id="words"):
@@ -207,20 +285,28 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
         outputs = [run_state, status, image, words, overlay, mask, word_info, grid, dl_record, dl_grid]
         assert len(outputs) == n_outputs
         gen_inputs = [prompt, negative, seed, steps_in, width, height, guidance_in, words, alpha, threshold]
-        for trigger in (generate_btn.click, prompt.submit):
+        # preprocess=False: the handlers get the values as sent (an API client may send anything) and the
+        # session checks them, so a bad one gives the page's own readable line, not a Gradio error
+        raw: dict[str, Any] = {"preprocess": False}
+        for trigger, api in ((generate_btn.click, {"api_name": "generate"}),
+                             (prompt.submit, {"api_visibility": "undocumented"})):
             trigger(on_generate, gen_inputs, outputs, concurrency_limit=1, concurrency_id="daamkit-pipeline",
-                    show_progress="full")
-        open_btn.click(on_open_path, [open_path, words, alpha, threshold], outputs)
-        open_path.submit(on_open_path, [open_path, words, alpha, threshold], outputs)
-        upload.upload(on_upload, [upload, words, alpha, threshold], outputs)
+                    show_progress="full", **api, **raw)
+        if open_path is not None and open_btn is not None:
+            open_btn.click(on_open_path, [open_path, words, alpha, threshold], outputs, api_name="open_path", **raw)
+            open_path.submit(on_open_path, [open_path, words, alpha, threshold], outputs,
+                             api_visibility="undocumented", **raw)
+        # uploads keep Gradio's preprocessing: it is what refuses file paths outside its upload folder
+        upload.upload(on_upload, [upload, words, alpha, threshold], outputs, api_name="open_files")
         words.input(on_word, [run_state, words, alpha, threshold], [overlay, mask, word_info],
-                    show_progress="minimal")
-        alpha.change(on_alpha, [run_state, words, alpha], [overlay], show_progress="hidden",
-                     trigger_mode="always_last")
+                    show_progress="minimal", api_name="word", **raw)
+        alpha.change(on_alpha, [run_state, words, alpha], [overlay, word_info], show_progress="hidden",
+                     trigger_mode="always_last", api_name="opacity", **raw)
         threshold.change(on_threshold, [run_state, words, threshold], [mask, word_info],
-                         show_progress="hidden", trigger_mode="always_last")
+                         show_progress="hidden", trigger_mode="always_last", api_name="threshold", **raw)
 
     app.daamkit_session = ses  # for tests and for launch() to clean up
+    app.daamkit_cache_dir = cache_dir
     return app
 
 
@@ -231,7 +317,10 @@ def _word_info(word: str, threshold: float, coverage: float) -> str:
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False,
            block: bool = True, **kwargs: Any) -> Any:
-    """Serve ``app`` on ``host:port`` (gradio picks a free port from 7860 when ``port`` is None)."""
+    """Serve ``app`` on ``host:port`` (gradio picks a free port from 7860 when ``port`` is None). A host
+    other than loopback prints one warning line on stderr: the page has no login."""
+    ses = getattr(app, "daamkit_session", None)
+    warn_if_exposed(host, ses.allowed_dir if ses is not None else None)
     return app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, inbrowser=open_browser, share=False, show_error=False,
         prevent_thread_lock=not block, css=CSS, ssr_mode=False,

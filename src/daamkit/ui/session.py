@@ -9,6 +9,7 @@ server log, never to the page).
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -24,7 +26,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import PIL.Image
@@ -41,6 +43,8 @@ log = logging.getLogger("daamkit.ui")
 DISPLAY_MIN_SIDE = 320
 MAX_SIDE = 2048
 MAX_STEPS = 200
+#: The text encoder reads 77 tokens (a few hundred characters); anything far longer is refused unread.
+MAX_PROMPT_CHARS = 2000
 MAX_RECORD_BYTES = 512 * 1024 * 1024  # refuse to unpack more than this from an uploaded zip
 
 Progress = Callable[[float, str], None]
@@ -62,6 +66,38 @@ def readable_error(exc: BaseException) -> str:
         return f"the pipeline refused these settings: {exc}"
     log.error("unexpected error in the daamkit web app", exc_info=exc)
     return f"unexpected {type(exc).__name__}: {exc} (details are in the server's log)"
+
+
+# -- exposure ------------------------------------------------------------------------------------------------
+def is_loopback(host: str | None) -> bool:
+    """True when ``host`` only accepts connections from this computer (127.0.0.0/8, ::1, localhost)."""
+    h = (host or "").strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warning(host: str | None, allowed_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The one line to print when the app listens beyond this computer, or None on loopback."""
+    if is_loopback(host):
+        return None
+    paths = (f"open records from paths under {allowed_dir} on this server" if allowed_dir is not None
+             else "upload record files (opening paths on this server is off)")
+    return (f"daamkit ui: warning: listening on {host}, not only this computer: the app has no login, so anyone "
+            f"who can reach this port can generate images with the model and {paths}")
+
+
+def warn_if_exposed(host: str | None, allowed_dir: str | os.PathLike[str] | None = None,
+                    file: TextIO | None = None) -> bool:
+    """Print :func:`exposure_warning` (to stderr by default); True if it printed."""
+    line = exposure_warning(host, allowed_dir)
+    if line is None:
+        return False
+    print(line, file=file if file is not None else sys.stderr, flush=True)
+    return True
 
 
 # -- model ---------------------------------------------------------------------------------------------------
@@ -174,12 +210,21 @@ class UISession:
     """The app's state that outlives a request: the model and a scratch folder for downloads.
 
     Per-browser state (the current :class:`Run`) is passed in and out of the methods, never kept here.
+    ``allowed_dir`` is the one folder of the server whose records :meth:`open_path` may open; None (the
+    default) refuses every path, since whoever reaches the page is not necessarily this computer's user.
     """
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None, device: str = "cpu",
                  dtype: str | None = None, work_dir: str | os.PathLike[str] | None = None,
-                 loader: Callable[..., Any] | None = None) -> None:
+                 loader: Callable[..., Any] | None = None,
+                 allowed_dir: str | os.PathLike[str] | None = None) -> None:
         self.model = ModelHolder(model_path, device, dtype, loader)
+        self.allowed_dir: Path | None = None
+        if allowed_dir is not None:
+            d = Path(allowed_dir).expanduser().resolve()
+            if not d.is_dir():
+                raise UIError(f"the folder allowed for opening records, {allowed_dir}, is not a folder")
+            self.allowed_dir = d
         self._own_dir = work_dir is None
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="daamkit-ui-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -187,9 +232,21 @@ class UISession:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.work_dir), True) if self._own_dir else None
         self._counter = 0
         self._counter_lock = threading.Lock()
+        self._on_close: list[Callable[[], None]] = []
+
+    def add_cleanup(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on :meth:`close` (the web layer releases what it made for this session)."""
+        self._on_close.append(fn)
 
     def close(self) -> None:
-        """Remove the scratch folder (downloads of this session) if the session made it."""
+        """Remove the scratch folder (downloads of this session) if the session made it, and run the
+        cleanups added with :meth:`add_cleanup`. Safe to call twice."""
+        while self._on_close:
+            fn = self._on_close.pop()
+            try:
+                fn()
+            except Exception:  # one failing cleanup must not keep the others (or the scratch folder)
+                log.exception("cleanup of the daamkit web app failed")
         if self._cleanup is not None:
             self._cleanup()
 
@@ -205,25 +262,23 @@ class UISession:
     def generate(self, prompt: str | None, seed: float | int | None = 0, steps: float | int = 20,
                  width: float | int = 512, height: float | int = 512, guidance: float = 5.0,
                  negative_prompt: str | None = None, progress: Progress | None = None) -> Run:
-        """Validate the controls, load the model if needed, generate one traced image."""
-        prompt = (prompt or "").strip()
+        """Validate the controls, load the model if needed, generate one traced image.
+
+        Every value may come straight from an API client (any JSON), so each is checked here and a bad
+        one is a :class:`UIError` naming it, before the model is touched."""
+        prompt = _text(prompt, "the prompt")
         if not prompt:
             raise UIError("the prompt is empty: type what the image should show")
+        negative = _text(negative_prompt, "the negative prompt")
         steps_i = _int_in(steps, "steps", 1, MAX_STEPS)
         w = _int_in(width, "width", 8, MAX_SIDE)
         h = _int_in(height, "height", 8, MAX_SIDE)
         if w % 8 or h % 8:
             raise UIError(f"width and height must be multiples of 8, got {w}x{h}")
-        try:
-            guidance_f = float(guidance)
-        except (TypeError, ValueError):
-            raise UIError(f"guidance must be a number, got {guidance!r}") from None
-        if not math.isfinite(guidance_f) or guidance_f < 0:
+        guidance_f = _number(guidance, "guidance")
+        if guidance_f < 0:
             raise UIError(f"guidance must be a number >= 0, got {guidance!r}")
-        if seed is None or (isinstance(seed, float) and not math.isfinite(seed)):
-            seed_i = 0
-        else:
-            seed_i = int(seed)
+        seed_i = 0 if seed is None or seed == "" else _whole(seed, "seed")
         if seed_i < 0:
             seed_i = random.SystemRandom().randrange(2**31)
         if seed_i >= 2**63:
@@ -233,7 +288,7 @@ class UISession:
         from daamkit.jobs.generate import generate as run_generate
 
         opts = GenerateOptions(steps=steps_i, seed=seed_i, height=h, width=w, guidance_scale=guidance_f,
-                               negative_prompt=(negative_prompt or "").strip() or None, progress=True)
+                               negative_prompt=negative or None, progress=True)
         with self.model.lock:
             if not self.model.loaded and progress is not None:
                 progress(0.0, f"loading {self.model.label} (once)")
@@ -250,27 +305,63 @@ class UISession:
     # -- open --------------------------------------------------------------------------------------------------
     def open_path(self, path: str | os.PathLike[str] | None) -> Run:
         """Open a record from the server's disk: a stem, either file of the pair, a folder holding one
-        record (``record.json``), or a zip of the pair."""
+        record (``record.json``), or a zip of the pair; only under :attr:`allowed_dir` (relative paths
+        are taken from there), and refused when it is None."""
+        root = self.allowed_dir
+        if root is None:
+            raise UIError("opening records by their path on the server is off; upload the record instead, or "
+                          "start the app with --allow-paths DIR to allow the records in one folder")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise UIError(f"the path must be text, got {type(path).__name__}")
         text = str(path or "").strip().strip('"').strip("'")
         if not text:
             raise UIError("type the path of a saved record (.json, .safetensors, its stem, a run folder or a .zip)")
-        p = Path(text).expanduser()
+        if len(text) > 4096 or "\0" in text:
+            raise UIError("that is not a path")
+        typed = root / Path(text).expanduser()
+        p = self._inside(typed, text)
         if p.is_dir():
             jsons = sorted(p.glob("*.json"))
             candidates = [j for j in jsons if record_paths(j)[0].exists()]
             if not candidates:
-                raise UIError(f"{p} holds no record (no <name>.json next to a <name>.safetensors)")
-            p = next((c for c in candidates if c.stem == "record"), candidates[0])
-        if p.suffix.lower() == ".zip":
-            return self.open_files([p])
-        return self._finish(RunRecord.load(p), source=str(p))
+                raise UIError(f"{text} holds no record (no <name>.json next to a <name>.safetensors)")
+            typed = next((c for c in candidates if c.stem == "record"), candidates[0])
+        elif typed.suffix.lower() == ".zip" or p.suffix.lower() == ".zip":
+            if not p.is_file():
+                raise FileNotFoundError(f"no file at {text}")
+            folder = self._open_folder()
+            _extract_record_zip(p, folder)
+            return self._open_folder_record(folder, source=text)
+        st, js = record_paths(typed)
+        if not js.exists() or not st.exists():
+            raise FileNotFoundError(f"no daamkit record at {text} (it needs {js.name} and {st.name})")
+        # Each file of the pair may be a link of its own: check both, then copy what was checked, so the
+        # files read are the ones that passed (not whatever a link points to a moment later).
+        js, st = self._inside(js, text), self._inside(st, text)
+        if not (js.is_file() and st.is_file()):
+            raise UIError(f"{text} is not a record: its .json and .safetensors must be files")
+        if js.stat().st_size + st.stat().st_size > MAX_RECORD_BYTES:
+            raise UIError(f"{text} is too large to be a record")
+        folder = self._open_folder()
+        shutil.copyfile(js, folder / "record.json")
+        shutil.copyfile(st, folder / "record.safetensors")
+        return self._open_folder_record(folder, source=text)
+
+    def _inside(self, p: Path, shown: str) -> Path:
+        """``p`` with links and ``..`` resolved, if that lies in the allowed folder."""
+        assert self.allowed_dir is not None
+        real = p.resolve()
+        if not real.is_relative_to(self.allowed_dir):
+            # the folder itself is not named: the page may be seen by people who should not learn it
+            raise UIError(f"{shown} is outside the folder this app may open records from (--allow-paths)")
+        return real
 
     def open_files(self, files: list[str | os.PathLike[str]] | None) -> Run:
         """Open uploaded files: one .zip holding a record, or the .json and .safetensors of one record."""
         paths = [Path(f) for f in (files or []) if f]
         if not paths:
             raise UIError("choose a record to open: a .zip, or its .json and .safetensors files")
-        folder = Path(tempfile.mkdtemp(prefix="open_", dir=self.work_dir))
+        folder = self._open_folder()
         zips = [p for p in paths if p.suffix.lower() == ".zip"]
         if zips:
             if len(paths) != 1:
@@ -284,7 +375,13 @@ class UISession:
                 raise UIError(f"a record is one .json and one .safetensors file (or a .zip of them); got: {names}")
             shutil.copyfile(jsons[0], folder / "record.json")
             shutil.copyfile(tensors[0], folder / "record.safetensors")
-        return self._finish(RunRecord.load(folder / "record"), source=", ".join(p.name for p in paths))
+        return self._open_folder_record(folder, source=", ".join(p.name for p in paths))
+
+    def _open_folder(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="open_", dir=self.work_dir))
+
+    def _open_folder_record(self, folder: Path, source: str) -> Run:
+        return self._finish(RunRecord.load(folder / "record"), source=source)
 
     # -- outputs -----------------------------------------------------------------------------------------------
     def _finish(self, record: RunRecord, source: str) -> Run:
@@ -323,10 +420,10 @@ class UISession:
         """``word``'s normalised map over the image at display size (the map alone without an image)."""
         from daamkit import plot
 
-        wm = run.word(word)
+        alpha = _fraction(alpha, "opacity")
+        wm = run.word(_word(word))
         H, W = display_size(*wm.image_size)
         heat = wm.normalized((H, W))
-        alpha = min(max(float(alpha), 0.0), 1.0)
         if run.record.image is None:
             return plot.heat_image(heat)
         return plot.overlay(self.image(run), heat, alpha=alpha)
@@ -334,8 +431,8 @@ class UISession:
     def mask(self, run: Run, word: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[PIL.Image.Image, float]:
         """The image where ``word``'s normalised map is >= ``threshold``, darkened elsewhere; and the
         fraction of the image the mask covers (at the image's own size)."""
-        wm = run.word(word)
-        t = min(max(float(threshold), 0.0), 1.0)
+        t = _fraction(threshold, "threshold")
+        wm = run.word(_word(word))
         H, W = display_size(*wm.image_size)
         m = wm.mask(t, size=(H, W))
         base = np.asarray(self.image(run), dtype=np.float32)
@@ -372,14 +469,69 @@ class UISession:
         return "\n\n".join(lines)
 
 
-def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
-    try:
+def view_settings(alpha: Any, threshold: Any) -> tuple[float, float]:
+    """The opacity and threshold controls as floats in [0, 1]; a :class:`UIError` names a bad one."""
+    return _fraction(alpha, "opacity"), _fraction(threshold, "threshold")
+
+
+def _shown(value: Any) -> str:
+    """``repr`` short enough for one line (an API client may send anything, of any size)."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UIError(f"{name} must be text, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise UIError(f"{name} is {len(value):,} characters long; the limit is {MAX_PROMPT_CHARS:,} (the model "
+                      "reads only its first 77 tokens)")
+    return value.strip()
+
+
+def _number(value: Any, name: str) -> float:
+    """A finite float from a number or numeric text; bools and everything else are refused."""
+    f = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         f = float(value)
-    except (TypeError, ValueError):
-        raise UIError(f"{name} must be a whole number, got {value!r}") from None
-    if not math.isfinite(f) or f != int(f):
-        raise UIError(f"{name} must be a whole number, got {value!r}")
-    i = int(f)
+    elif isinstance(value, str) and len(value) <= 40:
+        try:
+            f = float(value)
+        except ValueError:
+            pass
+    if f is None or not math.isfinite(f):
+        raise UIError(f"{name} must be a number, got {_shown(value)}")
+    return f
+
+
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d{1,40}\s*", value):
+        return int(value)
+    try:
+        f = _number(value, name)
+    except UIError:
+        raise UIError(f"{name} must be a whole number, got {_shown(value)}") from None
+    if f != int(f):
+        raise UIError(f"{name} must be a whole number, got {_shown(value)}")
+    return int(f)
+
+
+def _fraction(value: Any, name: str) -> float:
+    return min(max(_number(value, name), 0.0), 1.0)
+
+
+def _word(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
+        raise UIError(f"the word must be one of the prompt's words, got {_shown(value)}")
+    return value
+
+
+def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
+    i = _whole(value, name)
     if not lo <= i <= hi:
         raise UIError(f"{name} must lie between {lo} and {hi}, got {i}")
     return i
