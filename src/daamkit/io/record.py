@@ -306,6 +306,10 @@ def _structure_problem(doc: Any) -> str | None:
         obj, depth, where = stack.pop()
         if isinstance(obj, float) and not math.isfinite(obj):
             return f"{where or 'the document'} is {obj} (records hold finite numbers only)"
+        if isinstance(obj, str) and not _is_utf8(obj):
+            return f"{where or 'the document'} holds a lone surrogate (\\ud800-\\udfff), which is not text"
+        if isinstance(obj, dict) and not all(_is_utf8(k) for k in obj):
+            return f"{where or 'the document'} has a key with a lone surrogate, which is not text"
         if isinstance(obj, (dict, list)):
             if depth >= MAX_NESTING:
                 return f"{where or 'it'} is nested deeper than {MAX_NESTING} levels"
@@ -313,6 +317,15 @@ def _structure_problem(doc: Any) -> str | None:
             # name the field by its first two keys: a path 64 levels long is no help in a message
             stack.extend((v, depth + 1, f"{where}[{k!r}]" if depth < 2 else where) for k, v in items)
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON's \ud800 escapes decode to lone surrogates: loadable, but never printable or saveable again
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _safetensors_header(data: bytes, path: Path) -> dict[str, Any]:
