@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
     p.add_argument("--no-image", action="store_true", help="do not store the generated image in the records")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let this command take over an --out made from another prompt file or with other settings: "
+                   "the old index goes, records of ids not in PROMPTS are deleted, records that still match are kept "
+                   "and the rest regenerated (without it such an --out is refused)")
     add_trace_options(p)
 
 
@@ -57,5 +61,5 @@ def main(args: argparse.Namespace) -> int:
 
         raise ModelLoadError(f"model path {str(args.model)!r} does not exist (daamkit loads local models only, "
                              "it never downloads)")
-    run_batch(items, args.out, config)
+    run_batch(items, args.out, config, source=str(Path(args.prompts).resolve()), overwrite=args.overwrite)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from daamkit.cli.common import add_trace_options, trace_kwargs
 
@@ -17,6 +18,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         result = evaluate_records(load_runs(args.runs), taus=taus)
         result.settings = {"runs": str(args.runs)}
+        if result.skipped:
+            # a damaged record costs its own line, not the evaluation of all the others
+            print(f"daamkit eval: skipped {len(result.skipped)} run(s) of {args.runs} (listed in eval.json):",
+                  file=sys.stderr)
+            for item in result.skipped[:20]:
+                print(f"  {item['id']}: {item['reason']}", file=sys.stderr)
+            if len(result.skipped) > 20:
+                print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
     else:
         from daamkit.jobs.pipeline import load_pipeline
         from daamkit.world import default_model_path

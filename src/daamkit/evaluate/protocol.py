@@ -17,12 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from daamkit.errors import DaamkitError
 from daamkit.evaluate.baselines import BASELINES
 from daamkit.heatmap import GlobalHeatMap
 from daamkit.metrics import mask_iou, scaled_threshold_mask
 from daamkit.stats import bootstrap_mean_ci
 
 DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+class EvalError(DaamkitError, ValueError):
+    """Nothing could be evaluated (no runs, or every run damaged or without its image)."""
 
 
 @dataclass
@@ -43,6 +48,8 @@ class EvalResult:
     checks: list[dict] = field(default_factory=list)  # one generation check per image
     taus: tuple[float, ...] = DEFAULT_TAUS
     settings: dict[str, Any] = field(default_factory=dict)
+    # runs left out of a records evaluation: {"id", "reason"}; damaged ones are listed, not fatal
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     # ---- summaries -----------------------------------------------------------------------------
     def miou(self, kind: str, tau: float, baseline: str | None = None) -> tuple[float, float, float]:
@@ -79,6 +86,7 @@ class EvalResult:
             "generation": self.generation(),
             "words": table,
             "settings": self.settings,
+            "skipped": len(self.skipped),
         }
 
     def best_baseline(self, kind: str, tau: float = 0.4) -> tuple[str, float]:
@@ -90,6 +98,8 @@ class EvalResult:
     def markdown(self, tau: float = 0.4) -> str:
         s = self.summary()
         lines = [f"Images: {s['images']}. mIoU at tau = {tau} with 95% bootstrap intervals.", ""]
+        if self.skipped:
+            lines[-1:-1] = [f"Skipped runs: {len(self.skipped)} (listed in eval.json)."]
         gen = s["generation"]
         lines += [
             "| generation | rate | 95% CI |",
@@ -113,7 +123,8 @@ class EvalResult:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "scores": [asdict(s) for s in self.scores], "checks": self.checks}
+        return {"summary": self.summary(), "scores": [asdict(s) for s in self.scores], "checks": self.checks,
+                "skipped": self.skipped}
 
     def plot(self, path: str | Path | None = None):
         from matplotlib.figure import Figure
@@ -205,14 +216,39 @@ def score_run(
 
 
 def evaluate_records(records: Iterable[Any], taus: Sequence[float] = DEFAULT_TAUS) -> EvalResult:
-    """Score saved runs (``RunRecord``s with their image), e.g. ``daamkit.load_runs(dir)``."""
+    """Score saved runs (``RunRecord``s with their image), e.g. ``daamkit.load_runs(dir)``.
+
+    Given a :class:`~daamkit.io.runs.Runs`, a damaged, missing or out-of-directory record is skipped and
+    listed in ``result.skipped`` with the reason, as is a record without its image; a plain iterable
+    of records raises whatever its iteration raises. Raises :class:`EvalError` if no image is left to
+    score.
+    """
+    from daamkit.io.runs import Runs
+
     result = EvalResult(taus=tuple(taus))
-    for i, rec in enumerate(records):
+    if isinstance(records, Runs):
+        pairs: Iterable[tuple[str, Any, Exception | None]] = (
+            (entry["id"], rec, err) for entry, rec, err in records.items_or_errors()
+        )
+    else:
+        pairs = ((str(i), rec, None) for i, rec in enumerate(records))
+    seen = 0
+    for i, (run_id, rec, err) in enumerate(pairs):
+        seen += 1
+        if err is not None:
+            result.skipped.append({"id": run_id, "reason": f"damaged: {err}"})
+            continue
         if rec.image is None:
+            result.skipped.append({"id": run_id, "reason": "no image in the record (saved with --no-image?)"})
             continue
         s, c = score_run(rec.heat_maps, rec.image, rec.prompt, taus, image_index=i)
         result.scores += s
         result.checks.append(c)
+    if not result.checks:
+        where = f" in {records.root}" if isinstance(records, Runs) else ""
+        why = f"{seen} run(s){where}, none with a readable record and image" if seen else f"no runs{where}"
+        raise EvalError(f"nothing to evaluate: {why}" + (f" (first: {result.skipped[0]['id']}: "
+                                                         f"{result.skipped[0]['reason']})" if result.skipped else ""))
     return result
 
 

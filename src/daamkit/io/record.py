@@ -21,6 +21,11 @@ Guarantees:
   the JSON last. The JSON carries the checksum of the tensor file, so a pair left inconsistent by a crash
   or a later edit is reported rather than read.
 * Damaged or foreign inputs raise :class:`RecordError` (a ``ValueError``) saying what is wrong.
+* A record is untrusted input: every field of the JSON and of the safetensors header is checked for
+  type and range before anything is built from it, and sizes are bounded (:data:`MAX_JSON_BYTES`,
+  :data:`MAX_NESTING`, :data:`MAX_IMAGE_SIDE`, :data:`MAX_IMAGE_PIXELS`), so a crafted pair of small
+  files cannot make a later ``expand()`` allocate gigabytes, read the padding token's map through a
+  negative position, or exhaust the stack.
 """
 
 from __future__ import annotations
@@ -60,6 +65,21 @@ FORMAT_NAME = "daamkit.run"
 FORMAT_VERSION = 1
 MAPS_TENSOR = "maps"
 IMAGE_TENSOR = "image"
+
+# Bounds on what a record may ask for. A record's JSON is tiny (a few kB: the alignment, settings and
+# meta), so 16 MiB leaves room for any plausible meta while refusing to parse a disguised data dump.
+MAX_JSON_BYTES = 16 * 2**20
+# Settings and meta are flat in practice; 64 levels is far beyond them and far below the interpreter's
+# recursion limit, which json.loads, ==, deepcopy and a re-save all walk recursively.
+MAX_NESTING = 64
+# expand() allocates tokens x H x W float32: bound the image so that one word map stays at 256 MiB and a
+# record cannot ask for more than a 16k-pixel side (4x beyond today's largest diffusers outputs).
+MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 2**26
+# torch.Generator.manual_seed accepts exactly this range.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+_MAX_MAX_LENGTH = 2**31 - 1
+_DTYPES = {MAPS_TENSOR: ("float32", torch.float32), IMAGE_TENSOR: ("uint8", torch.uint8)}
 
 _WHAT = (
     "a daamkit run record is a pair <stem>.safetensors + <stem>.json written by daamkit.io.record "
@@ -253,6 +273,61 @@ def _fail(path: Path, problem: str) -> RecordError:
     return RecordError(f"{path}: {problem}; {_WHAT}")
 
 
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is an int subclass but never a valid count, size or position
+
+
+def _parse_json(text: str | bytes, path: Path, what: str) -> Any:
+    """``json.loads`` that turns every way a hostile text can fail (bad syntax, NaN/Infinity, a
+    5000-digit number, nesting past the C parser's stack) into one :class:`RecordError`."""
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        doc = json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise _fail(path, f"{what} is not UTF-8 text") from None
+    except RecursionError:
+        raise _fail(path, f"{what} is nested deeper than {MAX_NESTING} levels") from None
+    except ValueError as e:  # NaN/Infinity, or an integer too long to convert
+        raise _fail(path, f"{what} holds a number daamkit never writes ({e})") from None
+    if (msg := _structure_problem(doc)) is not None:
+        raise _fail(path, f"{what}: {msg}")
+    return doc
+
+
+def _structure_problem(doc: Any) -> str | None:
+    """Nesting deeper than :data:`MAX_NESTING` or a non-finite float anywhere (iterative: no recursion)."""
+    stack: list[tuple[Any, int, str]] = [(doc, 0, "")]
+    while stack:
+        obj, depth, where = stack.pop()
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return f"{where or 'the document'} is {obj} (records hold finite numbers only)"
+        if isinstance(obj, str) and not _is_utf8(obj):
+            return f"{where or 'the document'} holds a lone surrogate (\\ud800-\\udfff), which is not text"
+        if isinstance(obj, dict) and not all(_is_utf8(k) for k in obj):
+            return f"{where or 'the document'} has a key with a lone surrogate, which is not text"
+        if isinstance(obj, (dict, list)):
+            if depth >= MAX_NESTING:
+                return f"{where or 'it'} is nested deeper than {MAX_NESTING} levels"
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            # name the field by its first two keys: a path 64 levels long is no help in a message
+            stack.extend((v, depth + 1, f"{where}[{k!r}]" if depth < 2 else where) for k, v in items)
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON's \ud800 escapes decode to lone surrogates: loadable, but never printable or saveable again
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _safetensors_header(data: bytes, path: Path) -> dict[str, Any]:
     """Parse the safetensors header ourselves so truncation gets its own message."""
     if len(data) < 8:
@@ -260,10 +335,7 @@ def _safetensors_header(data: bytes, path: Path) -> dict[str, Any]:
     n = int.from_bytes(data[:8], "little")
     if 8 + n > len(data):
         raise _fail(path, f"truncated safetensors file (header says {n} bytes, file has {len(data) - 8})")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(path, "damaged safetensors file (header is not valid JSON)") from None
+    header = _parse_json(data[8 : 8 + n], path, "the safetensors header")
     if not isinstance(header, dict):
         raise _fail(path, "damaged safetensors file (header is not a JSON object)")
     body = len(data) - 8 - n
@@ -274,21 +346,104 @@ def _safetensors_header(data: bytes, path: Path) -> dict[str, Any]:
         and isinstance(v, dict)
         and isinstance(v.get("data_offsets"), list)
         and len(v["data_offsets"]) == 2
+        and _is_int(v["data_offsets"][1])
     ]
     if ends and max(ends) > body:
         raise _fail(
             path, f"truncated safetensors file (tensor data needs {max(ends)} bytes, file has {body})"
         )
+    meta = header.get("__metadata__")
+    if meta is not None and (
+        not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())
+    ):
+        raise _fail(path, "damaged safetensors file (__metadata__ is not a map of strings)")
+    unknown = sorted(k for k in header if k not in ("__metadata__", *_DTYPES))
+    if unknown:
+        raise _fail(path, f"unexpected tensor(s) {', '.join(map(repr, unknown[:5]))} (a record holds "
+                    f"{MAPS_TENSOR!r} and optionally {IMAGE_TENSOR!r})")
     return header
 
 
-def _get(doc: dict[str, Any], key: str, types: type | tuple[type, ...], path: Path) -> Any:
+def _get(doc: dict[str, Any], key: str, types: type | tuple[type, ...], path: Path, where: str = "") -> Any:
+    name = f"{where}.{key}" if where else key
     if key not in doc:
-        raise _fail(path, f"missing field {key!r}")
+        raise _fail(path, f"missing field {name!r}")
     value = doc[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _fail(path, f"field {name!r} has the wrong type (bool)")
     if not isinstance(value, types):
-        raise _fail(path, f"field {key!r} has the wrong type ({type(value).__name__})")
+        raise _fail(path, f"field {name!r} has the wrong type ({type(value).__name__})")
     return value
+
+
+def _int_field(doc: dict[str, Any], key: str, path: Path, where: str, lo: int, hi: int) -> int:
+    value = _get(doc, key, int, path, where)
+    if not lo <= value <= hi:
+        raise _fail(path, f"field {where}.{key} is {value}, outside {lo}..{hi}")
+    return value
+
+
+def _check_alignment(d: Any, n_tokens: int, path: Path) -> TokenAlignment:
+    """The alignment of ``d`` after checking every field; positions must index the ``n_tokens`` maps."""
+    w = "heat_maps.alignment"
+    if not isinstance(d, dict):
+        raise _fail(path, f"field {w!r} has the wrong type ({type(d).__name__})")
+    if d.get("format") != "daamkit.TokenAlignment" or d.get("version") != 1:
+        raise _fail(path, f"field {w!r} is not a version 1 daamkit token alignment")
+    tokens = _get(d, "tokens", list, path, w)
+    if not all(isinstance(t, str) for t in tokens):
+        raise _fail(path, f"field '{w}.tokens' must be a list of strings")
+    if len(tokens) != n_tokens:
+        raise _fail(path, f"shape mismatch: maps have {n_tokens} token rows but the alignment has "
+                    f"{len(tokens)} tokens; they must describe the same key sequence")
+    words = _get(d, "words", list, path, w)
+    for i, word in enumerate(words):
+        ww = f"{w}.words[{i}]"
+        if not isinstance(word, dict):
+            raise _fail(path, f"field {ww!r} has the wrong type ({type(word).__name__})")
+        _get(word, "text", str, path, ww)
+        _int_field(word, "index", path, ww, 0, len(words) - 1)
+        _int_field(word, "occurrence", path, ww, 0, len(words) - 1)
+        _get(word, "truncated", bool, path, ww)
+        _get(word, "is_punctuation", bool, path, ww)
+        for p in _get(word, "positions", list, path, ww):
+            if not _is_int(p):
+                raise _fail(path, f"field '{ww}.positions' holds {p!r}, not a token position")
+            if not 0 <= p < n_tokens:
+                raise _fail(path, f"field '{ww}.positions' holds {p}, outside the {n_tokens} token positions "
+                            f"0..{n_tokens - 1}")
+    _int_field(d, "max_length", path, w, 1, _MAX_MAX_LENGTH)
+    _get(d, "prompt", (str, type(None)), path, w)
+    return TokenAlignment.from_dict(d)
+
+
+def _check_image_size(value: list[Any], grid: tuple[int, int], path: Path) -> tuple[int, int]:
+    if len(value) != 2 or not all(_is_int(v) for v in value):
+        raise _fail(path, f"field 'heat_maps.image_size' must be [height, width] integers, got {value!r}")
+    h, w = value
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE) or h * w > MAX_IMAGE_PIXELS:
+        raise _fail(path, f"field 'heat_maps.image_size' is {value}: beyond the {MAX_IMAGE_SIDE}-pixel side / "
+                    f"{MAX_IMAGE_PIXELS}-pixel bound a record may ask for")
+    # The grid follows the image up to rounding (a latent side is the image side over the VAE factor,
+    # halved per down block, floored or ceiled): one scale s must fit both sides, with one cell of slack.
+    gh, gw = grid
+    lo = max(h / (gh + 1), w / (gw + 1))
+    hi = min(h / (gh - 1) if gh > 1 else math.inf, w / (gw - 1) if gw > 1 else math.inf)
+    if lo > hi * 1.000001:
+        raise _fail(path, f"field 'heat_maps.image_size' {value} does not fit the {gh}x{gw} map grid (the "
+                    "height and width are scaled differently)")
+    return h, w
+
+
+def _read(path: Path, limit: int | None = None) -> bytes:
+    try:
+        if limit is not None and (size := path.stat().st_size) > limit:
+            raise _fail(path, f"file is {size} bytes, more than the {limit} a record's JSON may have")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _fail(path, f"cannot read it ({e.strerror or e})") from None
 
 
 def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
@@ -296,7 +451,7 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
 
     ``verify=False`` skips the sha256 check (the structure is still checked). Raises
     ``FileNotFoundError`` if neither file exists and :class:`RecordError` for anything damaged, foreign,
-    incomplete or too new.
+    incomplete, too new or out of bounds (see the module docstring).
     """
     st_path, json_path = record_paths(path)
     if not json_path.exists():
@@ -305,77 +460,95 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
         raise FileNotFoundError(f"no daamkit record at {path} (looked for {json_path} and {st_path})")
 
     # -- the JSON half: is this ours, and can we read this version?
-    try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(json_path, f"not valid JSON ({e}); truncated or not a record") from None
+    doc = _parse_json(_read(json_path, MAX_JSON_BYTES), json_path, "the record")
     if not isinstance(doc, dict) or "format" not in doc:
         raise _fail(json_path, "foreign JSON file (no 'format' field)")
     if doc["format"] != FORMAT_NAME:
-        raise _fail(json_path, f"foreign file: format is {doc['format']!r}, expected {FORMAT_NAME!r}")
+        raise _fail(json_path, f"foreign file: format is {doc['format']!r:.80}, expected {FORMAT_NAME!r}")
     version = doc.get("format_version")
-    if type(version) is not int or version < 1:
-        raise _fail(json_path, f"invalid format_version {version!r}")
+    if not _is_int(version) or version < 1:
+        raise _fail(json_path, f"invalid format_version {version!r:.80}")
     if version > FORMAT_VERSION:
         raise _fail(
             json_path,
             f"format_version {version} is newer than this daamkit reads (up to {FORMAT_VERSION}); "
             "upgrade daamkit",
         )
+    if "written_by" in doc:
+        _get(doc, "written_by", str, json_path)
+    prompt = _get(doc, "prompt", str, json_path)
+    negative = _get(doc, "negative_prompt", (str, type(None)), json_path)
+    seed = _get(doc, "seed", (int, type(None)), json_path)
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise _fail(json_path, f"field 'seed' is outside the range a torch generator accepts ({seed:.3g})")
+    settings = _get(doc, "settings", dict, json_path)
+    meta = _get(doc, "meta", dict, json_path)
+    hm = _get(doc, "heat_maps", dict, json_path)
+    declared = _get(doc, "tensors", dict, json_path)
+    expected_sha = _get(doc, "safetensors_sha256", str, json_path)
+    if len(expected_sha) != 64 or expected_sha.strip("0123456789abcdef"):
+        raise _fail(json_path, "field 'safetensors_sha256' is not a sha256 hex digest")
+    image_info = _get(doc, "image", (dict, type(None)), json_path)
 
     # -- the tensor half: present, complete, the file the JSON was written with
     if not st_path.exists():
         raise _fail(json_path, f"missing tensor file {st_path.name} (the safetensors half of the record)")
-    data = st_path.read_bytes()
+    data = _read(st_path)
     header = _safetensors_header(data, st_path)
-    expected_sha = _get(doc, "safetensors_sha256", str, json_path)
     if verify and hashlib.sha256(data).hexdigest() != expected_sha:
         raise _fail(
             st_path,
             f"checksum mismatch with {json_path.name}: the tensor file was changed or replaced after the "
             "record was written (or the pair does not belong together)",
         )
-    meta = header.get("__metadata__") or {}
-    if meta.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise _fail(st_path, f"foreign safetensors file (format {meta.get('format')!r})")
+    st_meta = header.get("__metadata__") or {}
+    if st_meta.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise _fail(st_path, f"foreign safetensors file (format {st_meta.get('format')!r:.80})")
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types; all mean a damaged file
         raise _fail(st_path, f"damaged safetensors file ({e})") from None
+    # The JSON lists exactly the file's tensors, each with its dtype and shape.
+    for name in sorted(set(declared) - set(tensors)):
+        raise _fail(st_path, f"missing tensor {name!r:.80} (listed in {json_path.name})")
+    for name in sorted(set(tensors) - set(declared)):
+        raise _fail(json_path, f"field 'tensors' does not list the tensor {name!r} of {st_path.name}")
 
     # -- the heat maps
-    hm = _get(doc, "heat_maps", dict, json_path)
-    declared = _get(doc, "tensors", dict, json_path)
-    maps_name = _get(hm, "tensor", str, json_path)
-    maps = _tensor(tensors, maps_name, "the heat maps", declared, torch.float32, st_path)
-    if maps.ndim != 3:
+    maps_name = _get(hm, "tensor", str, json_path, "heat_maps")
+    if maps_name != MAPS_TENSOR:
+        raise _fail(json_path, f"field 'heat_maps.tensor' is {maps_name!r:.80}, expected {MAPS_TENSOR!r}")
+    maps = _tensor(tensors, maps_name, "the heat maps", declared, st_path)
+    if maps.ndim != 3 or min(maps.shape) < 1:
         raise _fail(
-            st_path, f"shape mismatch: tensor {maps_name!r} has shape {list(maps.shape)}, not (T, h, w)"
+            st_path, f"shape mismatch: tensor {maps_name!r} has shape {list(maps.shape)}, not (T, h, w) "
+            "with every side at least 1"
         )
-    try:
-        alignment = TokenAlignment.from_dict(_get(hm, "alignment", dict, json_path))
-    except RecordError:
-        raise
-    except Exception as e:
-        raise _fail(json_path, f"invalid token alignment ({type(e).__name__}: {e})") from None
-    image_size = _get(hm, "image_size", list, json_path)
-    hm_meta = _get(hm, "meta", dict, json_path)
-    try:
-        heat_maps = GlobalHeatMap(maps, alignment, image_size, hm_meta)
-    except ValueError as e:
-        raise _fail(json_path, f"shape mismatch: {e}") from None
+    alignment = _check_alignment(hm.get("alignment"), int(maps.shape[0]), json_path)
+    grid = (int(maps.shape[1]), int(maps.shape[2]))
+    hm_grid = _get(hm, "grid_size", list, json_path, "heat_maps")
+    if hm_grid != list(grid):
+        raise _fail(json_path, f"shape mismatch: field 'heat_maps.grid_size' is {hm_grid!r:.80} but the maps "
+                    f"are {list(grid)}")
+    image_size = _check_image_size(_get(hm, "image_size", list, json_path, "heat_maps"), grid, json_path)
+    hm_meta = _get(hm, "meta", dict, json_path, "heat_maps")
+    heat_maps = GlobalHeatMap(maps, alignment, image_size, hm_meta)
 
     # -- the image
     image = None
-    image_info = doc.get("image")
-    if image_info is not None:
-        if not isinstance(image_info, dict):
-            raise _fail(json_path, "field 'image' has the wrong type")
-        name = _get(image_info, "tensor", str, json_path)
-        mode = _get(image_info, "mode", str, json_path)
-        arr_t = _tensor(tensors, name, "the image", declared, torch.uint8, st_path)
+    if image_info is None:
+        if IMAGE_TENSOR in tensors:
+            raise _fail(json_path, f"field 'image' is null but {st_path.name} holds an image")
+    else:
+        name = _get(image_info, "tensor", str, json_path, "image")
+        if name != IMAGE_TENSOR:
+            raise _fail(json_path, f"field 'image.tensor' is {name!r:.80}, expected {IMAGE_TENSOR!r}")
+        mode = _get(image_info, "mode", str, json_path, "image")
+        if "source_mode" in image_info:
+            _get(image_info, "source_mode", str, json_path, "image")
+        arr_t = _tensor(tensors, name, "the image", declared, st_path)
         if mode not in _MODES:
-            raise _fail(json_path, f"unsupported image mode {mode!r}")
+            raise _fail(json_path, f"unsupported image mode {mode!r:.80}")
         if (
             arr_t.ndim != 3
             or arr_t.shape[2] != _MODES[mode]
@@ -391,42 +564,31 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
         if image.mode != mode:
             raise _fail(json_path, f"image mode {image.mode} does not match the declared {mode}")
 
-    seed = doc.get("seed")
-    if seed is not None and type(seed) is not int:
-        raise _fail(json_path, f"field 'seed' has the wrong type ({type(seed).__name__})")
-    negative = doc.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise _fail(json_path, "field 'negative_prompt' has the wrong type")
     return RunRecord(
-        prompt=_get(doc, "prompt", str, json_path),
+        prompt=prompt,
         image=image,
         heat_maps=heat_maps,
         seed=seed,
-        settings=_get(doc, "settings", dict, json_path),
+        settings=settings,
         negative_prompt=negative,
-        meta=_get(doc, "meta", dict, json_path),
+        meta=meta,
     )
 
 
 def _tensor(
-    tensors: dict[str, torch.Tensor], name: str, what: str, declared: dict[str, Any], dtype: torch.dtype,
-    path: Path,
+    tensors: dict[str, torch.Tensor], name: str, what: str, declared: dict[str, Any], path: Path
 ) -> torch.Tensor:
-    """Tensor ``name`` of the file (``what`` it holds, for the message), checked by :func:`_check_tensor`."""
+    """Tensor ``name`` of the file (``what`` it holds, for the message), checked against the JSON."""
     if name not in tensors:
         raise _fail(path, f"missing tensor {name!r} ({what})")
     t = tensors[name]
-    _check_tensor(t, name, declared, dtype, path)
-    return t
-
-
-def _check_tensor(
-    t: torch.Tensor, name: str, declared: dict[str, Any], dtype: torch.dtype, path: Path
-) -> None:
+    dtype_name, dtype = _DTYPES[name]
     if t.dtype != dtype:
         raise _fail(path, f"tensor {name!r} has dtype {t.dtype}, expected {dtype}")
     spec = declared.get(name)
-    if isinstance(spec, dict) and spec.get("shape") != list(t.shape):
+    if not isinstance(spec, dict) or spec.get("dtype") != dtype_name or spec.get("shape") != list(t.shape):
         raise _fail(
-            path, f"shape mismatch: tensor {name!r} is {list(t.shape)}, the JSON says {spec.get('shape')}"
+            path, f"shape mismatch: tensor {name!r} is {dtype_name} {list(t.shape)}, the JSON says "
+            f"{spec!r:.120}"
         )
+    return t

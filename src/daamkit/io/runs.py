@@ -7,6 +7,11 @@ scanning for ``*.json`` files of the daamkit run format.
 Only the index (a few hundred bytes per run) is held in memory; each record's tensors are read when the
 iteration reaches it and dropped when the caller lets go of it, so a loop over 100 000 SD records needs
 the memory of one record.
+
+A runs directory is untrusted input like a record: every index line is checked when the directory is
+opened (a malformed line raises :class:`RunsError` naming ``index.jsonl:LINE``), and a record path is
+followed only if it stays inside the directory -- no ``..``, no absolute path, no symbolic link that
+leads out -- so an index cannot make a loop over runs read files elsewhere.
 """
 
 from __future__ import annotations
@@ -14,14 +19,43 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from daamkit.io.record import FORMAT_NAME, RunRecord
+from daamkit.errors import DaamkitError
+from daamkit.io.record import FORMAT_NAME, MAX_JSON_BYTES, RecordError, RunRecord
 
-__all__ = ["INDEX_NAME", "Runs", "index_entry", "index_line", "load_runs", "read_index"]
+__all__ = [
+    "INDEX_NAME",
+    "NoRunsError",
+    "Runs",
+    "RunsError",
+    "index_entry",
+    "index_line",
+    "load_runs",
+    "read_index",
+]
 
 INDEX_NAME = "index.jsonl"
+# Keys of an entry besides id and paths, with the JSON types each may hold (None: the key may be absent).
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "index": (int,),
+    "prompt": (str, type(None)),
+    "seed": (int, type(None)),
+    "negative_prompt": (str, type(None)),
+    "words": (list, type(None)),
+    "meta": (dict, type(None)),
+    "settings": (dict, type(None)),
+    "image_size": (list, type(None)),
+}
+
+
+class RunsError(RecordError):
+    """A runs directory's index is malformed or points outside the directory (the message names the line)."""
+
+
+class NoRunsError(DaamkitError, FileNotFoundError):
+    """There is no runs directory at the given path."""
 
 
 # -- index entries: the one definition of an index.jsonl line -------------------------------------------------
@@ -57,40 +91,113 @@ def read_index(path: str | os.PathLike[str], partial: bool = False) -> list[dict
 
     ``partial=True`` is for a file another process may have been killed while appending to (the batch
     runner's part files): a last line without its newline is ignored rather than parsed. A line that is
-    not JSON raises ``ValueError`` naming the file and line.
+    not JSON, not an entry (``id`` and ``paths`` of the right types), repeats an id or names a record
+    outside the directory raises :class:`RunsError` (a ``ValueError``) naming the file and line.
     """
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if partial and not line.endswith("\n"):
-                continue
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    seen: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if partial and not line.endswith("\n"):
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RunsError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                except (ValueError, RecursionError) as e:  # overlong integers, nesting past the stack
+                    raise RunsError(f"{path}:{n}: not an index entry ({type(e).__name__})") from None
+                if (problem := _entry_problem(entry)) is not None:
+                    raise RunsError(f"{path}:{n}: {problem}")
+                if entry["id"] in seen:
+                    raise RunsError(f"{path}:{n}: duplicate id {entry['id']!r} (first on line {seen[entry['id']]})")
+                seen[entry["id"]] = n
+                entries.append(entry)
+    except UnicodeDecodeError:
+        raise RunsError(f"{path}: not UTF-8 text") from None
     return entries
 
 
+def _entry_problem(entry: Any) -> str | None:
+    """What makes ``entry`` not an index entry, or None."""
+    if not isinstance(entry, dict):
+        return f"an index line is a JSON object, not a {type(entry).__name__}"
+    run_id = entry.get("id")
+    if not isinstance(run_id, str) or not run_id:
+        return f"'id' must be a non-empty string, got {run_id!r:.80}"
+    paths = entry.get("paths")
+    if not isinstance(paths, dict) or not all(isinstance(paths.get(k), str) for k in ("json", "safetensors")):
+        return "'paths' must be an object with the strings 'json' and 'safetensors'"
+    for key, suffix in (("json", ".json"), ("safetensors", ".safetensors")):
+        if (problem := _path_problem(paths[key], suffix)) is not None:
+            return f"paths.{key} {paths[key]!r:.200} {problem}"
+    if paths["json"].removesuffix(".json") != paths["safetensors"].removesuffix(".safetensors"):
+        return "paths.json and paths.safetensors name different records"
+    for key, types in _ENTRY_TYPES.items():
+        value = entry.get(key)
+        if (value is not None or key in entry) and (isinstance(value, bool) or not isinstance(value, types)):
+            return f"{key!r} has the wrong type ({type(value).__name__})"
+    return None
+
+
+def _path_problem(rel: str, suffix: str) -> str | None:
+    """Why ``rel`` is not a record path relative to the runs directory, or None."""
+    if not rel.endswith(suffix) or rel == suffix:
+        return f"is not a {suffix} file"
+    if "\0" in rel or "\\" in rel:
+        return "is not a relative POSIX path"
+    p = PurePosixPath(rel)
+    if p.is_absolute() or PureWindowsPath(rel).drive:
+        return "is absolute: index paths are relative to the runs directory"
+    if ".." in p.parts:
+        return "leads out of the runs directory ('..')"
+    return None
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, after following symbolic links, lies inside ``root``."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop, say
+        return False
+
+
 def _scan(root: Path) -> list[dict[str, Any]]:
-    """Entries for every record under ``root`` (reads the JSON halves only, never the tensors)."""
+    """Entries for every record under ``root`` (reads the JSON halves only, never the tensors).
+
+    A JSON file that leads out of ``root`` is listed without being read, so that loading it is refused.
+    """
     entries = []
     for js in sorted(root.rglob("*.json")):
         if js.name.startswith("."):
             continue
+        stem = js.with_suffix("").relative_to(root).as_posix()
+        if not _inside(root, js):
+            entries.append(index_entry(stem, len(entries), stem, prompt=None, seed=None, negative_prompt=None,
+                                       words=None, meta=None, settings=None, image_size=None))
+            continue
         try:
+            if js.stat().st_size > MAX_JSON_BYTES:
+                continue
             doc = json.loads(js.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not JSON: not a record
             continue
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             continue
-        stem = js.with_suffix("").relative_to(root).as_posix()
-        meta = doc.get("meta") or {}
+
+        def field(obj: Any, key: str, types: tuple[type, ...]) -> Any:
+            # the listing is informative only; a mistyped field is left out here and refused at load
+            value = obj.get(key) if isinstance(obj, dict) else None
+            return value if isinstance(value, types) and not isinstance(value, bool) else None
+
+        meta = field(doc, "meta", (dict,)) or {}
         entries.append(index_entry(
-            stem, len(entries), stem, prompt=doc.get("prompt"), seed=doc.get("seed"),
-            negative_prompt=doc.get("negative_prompt"), words=meta.get("words"), meta=meta.get("item", {}),
-            settings=doc.get("settings"), image_size=(doc.get("heat_maps") or {}).get("image_size"),
+            stem, len(entries), stem, prompt=field(doc, "prompt", (str,)), seed=field(doc, "seed", (int,)),
+            negative_prompt=field(doc, "negative_prompt", (str,)), words=field(meta, "words", (list,)),
+            meta=field(meta, "item", (dict,)) or {}, settings=field(doc, "settings", (dict,)),
+            image_size=field(field(doc, "heat_maps", (dict,)), "image_size", (list,)),
         ))
     return entries
 
@@ -107,7 +214,7 @@ class Runs:
                  filter: Callable[[dict[str, Any]], bool] | None = None, verify: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"no runs directory at {str(self.root)!r}")
+            raise NoRunsError(f"no runs directory at {str(self.root)!r}")
         index = self.root / INDEX_NAME
         if index.is_file():
             entries = read_index(index)
@@ -130,7 +237,14 @@ class Runs:
         return [e["id"] for e in self.entries]
 
     def path(self, entry: dict[str, Any]) -> Path:
-        """The record stem of an entry (``<root>/records/<id>``)."""
+        """The record stem of an entry (``<root>/records/<id>``); :class:`RunsError` if it leads outside."""
+        for key, suffix in (("json", ".json"), ("safetensors", ".safetensors")):
+            rel = entry["paths"][key]
+            if (problem := _path_problem(rel, suffix)) is not None:
+                raise RunsError(f"{self.root}: run {entry['id']!r}: paths.{key} {rel!r:.200} {problem}")
+            if not _inside(self.root, self.root / rel):
+                raise RunsError(f"{self.root}: run {entry['id']!r}: {rel} leads out of the runs directory "
+                                "(a symbolic link?); refusing to read it")
         return (self.root / entry["paths"]["json"]).with_suffix("")
 
     def load(self, run_id: str) -> RunRecord:
@@ -138,13 +252,31 @@ class Runs:
             entry = self._by_id[run_id]
         except KeyError:
             raise KeyError(f"no run {run_id!r} in {self.root} (after the filter)") from None
-        return RunRecord.load(self.path(entry), verify=self.verify)
+        return self._load(entry)
+
+    def _load(self, entry: dict[str, Any]) -> RunRecord:
+        stem = self.path(entry)
+        try:
+            return RunRecord.load(stem, verify=self.verify)
+        except FileNotFoundError:
+            where = f"{INDEX_NAME} lists" if self.indexed else "found"
+            raise RunsError(f"{self.root}: {where} run {entry['id']!r} but its record {stem}.json/.safetensors "
+                            "is missing") from None
 
     __getitem__ = load
 
     def items(self) -> Iterator[tuple[dict[str, Any], RunRecord]]:
         for entry in self.entries:
-            yield entry, RunRecord.load(self.path(entry), verify=self.verify)
+            yield entry, self._load(entry)
+
+    def items_or_errors(self) -> Iterator[tuple[dict[str, Any], RunRecord | None, RecordError | None]]:
+        """``(entry, record, None)`` for each run that loads and ``(entry, None, error)`` for each that is
+        damaged, missing or outside the directory: for callers that skip bad runs instead of stopping."""
+        for entry in self.entries:
+            try:
+                yield entry, self._load(entry), None
+            except RecordError as e:
+                yield entry, None, e
 
     def __iter__(self) -> Iterator[RunRecord]:
         for _, rec in self.items():

@@ -22,6 +22,23 @@ How it runs (the same code on 1 CPU, N GPUs or several machines; ``accelerate la
    (written atomically) and removes the part files.
 
 Ctrl-C (or a crash) loses at most the batch in flight: rerun the same command and it continues.
+
+An output folder belongs to one prompt file and one set of run settings (``OUT/batch.json`` names the
+prompt file; the index and records carry the settings). Before anything is loaded or written, every
+process checks that the command fits the folder and refuses (:class:`BatchError`, nothing changed) if
+
+* the folder was made from another prompt file (by its resolved path),
+* its records were made with other run settings (steps, guidance, model, trace options, ...),
+* it holds records of ids the prompt file no longer has (they would drop out of the index), or
+* records would be replaced by other prompts, seeds or sizes while the prompt file is not known to be
+  the one the folder was made from (a folder from an older daamkit, which has no ``batch.json``).
+
+Editing lines of the same prompt file and rerunning regenerates just those records (and says so).
+``overwrite=True`` (``--overwrite``) makes the folder this command's: the old index is removed first,
+records of ids not in the prompt file are deleted, records that still match their prompt, seed, size and
+settings are kept, all others are regenerated; ``index.jsonl`` then lists exactly this prompt file.
+The folder, ``records/`` and ``batch.json`` are created only once the pipeline has loaded, so a start that
+fails (bad model, bad prompt file, a refusal) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -46,9 +63,11 @@ from daamkit.jobs.generate import parse_size
 __all__ = [
     "BatchConfig",
     "BatchError",
+    "OutPlan",
     "PromptFileError",
     "PromptItem",
     "batches",
+    "check_out",
     "parse_prompts",
     "read_prompts",
     "record_status",
@@ -58,12 +77,15 @@ __all__ = [
 
 RECORDS_DIR = "records"
 PARTS_DIR = "index.parts"
+MANIFEST_NAME = "batch.json"
+MANIFEST_FORMAT = "daamkit.batch"
 FORMATS = ("text", "jsonl", "csv")
 JSONL_KEYS = ("id", "prompt", "seed", "size", "width", "height", "words", "negative_prompt", "meta")
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_SEED = 2**63 - 1
 # Keys of a record's settings that belong to the item, not to the run (compared separately).
 ITEM_SETTINGS = ("seed", "height", "width", "negative_prompt")
+REPLACED = "made from another prompt, seed or size"
 
 
 class BatchError(InputError):
@@ -373,7 +395,7 @@ def record_status(out: Path, item: PromptItem, config: BatchConfig) -> tuple[str
     h, w = rec.heat_maps.image_size
     if (rec.prompt != item.prompt or rec.seed != item.seed or rec.negative_prompt != item.negative_prompt
             or (item.height is not None and (item.height, item.width) != (h, w))):
-        return "todo", "made from another prompt, seed or size"
+        return "todo", REPLACED
     if rec.meta != _record_meta(item):  # only the words/meta of the prompt file changed: no need to regenerate
         rec.meta = _record_meta(item)
         rec.save(stem)
@@ -416,6 +438,107 @@ def _unknown_words(record: Any, words: Sequence[str] | None) -> list[str]:
         except WordNotFoundError:
             bad.append(w)
     return bad
+
+
+# -- is this output folder ours? ---------------------------------------------------------------------------
+@dataclass
+class OutPlan:
+    """What a run will do to an existing output folder (see the module docstring)."""
+
+    previous_source: str | None = None  # the prompt file named in OUT/batch.json
+    orphans: list[str] = field(default_factory=list)  # ids with records in OUT but not in the prompt file
+    overwrite: bool = False
+    foreign: bool = False  # made from another prompt file or other settings (allowed with overwrite only)
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """``OUT/batch.json`` as a dict, None if absent; BatchError if it is not one of ours."""
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise BatchError(f"{path} is damaged ({type(e).__name__}); remove it or use another --out") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(
+            doc.get("prompts"), (str, type(None))):
+        raise BatchError(f"{path} is not a daamkit batch manifest; use another --out")
+    return doc
+
+
+def _existing_ids(out: Path) -> set[str]:
+    ids: set[str] = set()
+    records = out / RECORDS_DIR
+    if records.is_dir():
+        for p in records.iterdir():
+            if not p.name.startswith(".") and p.suffix in (".json", ".safetensors"):
+                ids.add(p.name.removesuffix(p.suffix))
+    return ids
+
+
+def check_out(out: Path, items: Sequence[PromptItem], config: BatchConfig, source: str | None = None,
+              overwrite: bool = False) -> OutPlan:
+    """Whether the run may write into ``out``; reads only (every process runs it, so all refuse alike).
+
+    Raises :class:`BatchError` naming what differs unless ``overwrite``; returns the plan.
+    """
+    plan = OutPlan(overwrite=overwrite)
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"--out {str(out)!r} exists and is not a folder")
+    if not out.is_dir():
+        return plan
+    hint = "use another --out, or --overwrite to replace its run with this one"
+    manifest = read_manifest(out)
+    plan.previous_source = manifest.get("prompts") if manifest else None
+    problems: list[str] = []
+    if source is not None and plan.previous_source is not None and plan.previous_source != source:
+        problems.append(f"it was made from the prompt file {plan.previous_source}, not {source}")
+    index = out / INDEX_NAME
+    if index.is_file():
+        from daamkit.io.runs import RunsError
+
+        run = config.run_settings()
+        try:
+            entries = read_index(index)
+        except RunsError as e:
+            if not overwrite:
+                raise BatchError(f"{out} has a damaged index ({e}); {hint}") from None
+            entries = []
+        for e in entries:
+            have = e.get("settings") or {}
+            if any(have.get(k) != run[k] for k in run):
+                diff = ", ".join(f"{k}: {have.get(k)!r} in the record, {run[k]!r} now"
+                                 for k in run if have.get(k) != run[k])
+                problems.append(f"{e['paths']['json']} was made with other settings ({diff})")
+                break
+    wanted = {it.id for it in items}
+    plan.orphans = sorted(_existing_ids(out) - wanted)
+    if plan.orphans:
+        shown = ", ".join(plan.orphans[:5]) + (", ..." if len(plan.orphans) > 5 else "")
+        problems.append(f"it holds records of {len(plan.orphans)} id(s) not in "
+                        f"{source or 'the prompt list'} ({shown}), which would drop out of the index")
+    plan.foreign = bool(problems)
+    if problems and not overwrite:
+        raise BatchError(f"{out} belongs to another batch: {'; '.join(problems)}; {hint}")
+    return plan
+
+
+def _take_over(out: Path, plan: OutPlan, source: str | None, say: Callable[[str], None]) -> None:
+    """Make ``out`` this run's (main process, after the pipeline loaded, before anything is generated)."""
+    records = out / RECORDS_DIR
+    if plan.overwrite and (plan.foreign or plan.orphans):
+        # The old index goes first: if the run stops halfway, no index lists records that are gone.
+        with contextlib.suppress(FileNotFoundError):
+            (out / INDEX_NAME).unlink()
+        for run_id in plan.orphans:
+            for suffix in (".json", ".safetensors"):
+                with contextlib.suppress(FileNotFoundError):
+                    (records / f"{run_id}{suffix}").unlink()
+        say(f"daamkit batch: --overwrite: {out} now belongs to {source or 'this prompt list'}: deleted the "
+            f"records of {len(plan.orphans)} id(s) not in it; records that match their prompt, seed, size and "
+            "settings are kept, the others are regenerated")
+    if source is not None:
+        _write_text_atomic(out / MANIFEST_NAME, json.dumps({"format": MANIFEST_FORMAT, "prompts": source}) + "\n")
 
 
 # -- the runner --------------------------------------------------------------------------------------------
@@ -474,11 +597,14 @@ class _Progress:
 
 
 def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: BatchConfig,
-              pipe: Any = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              pipe: Any = None, log: Callable[[str], None] | None = None, *, source: str | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
     """Generate and trace every item not finished in ``out``; returns a summary (on every process).
 
     Runs as one process of ``accelerate launch`` (or alone). ``pipe``: an already loaded pipeline; if None,
-    each process that has work loads ``config.model`` on its device.
+    each process that has work loads ``config.model`` on its device. ``source``: the prompt file's resolved
+    path, recorded in ``OUT/batch.json``; ``overwrite``: replace a run from another prompt file or with other
+    settings instead of refusing (see the module docstring).
     Summary: total, skipped (already done), generated (by all processes), this_process, processes,
     seconds (from the barrier after every process has loaded its pipeline to the merged index), index (path).
     """
@@ -493,14 +619,8 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
     if len({it.id for it in items}) != len(items):
         raise BatchError("item ids are not unique")
 
-    # 1. fresh part files; temporary files left by a killed run are removed before anyone writes again
-    if main:
-        records.mkdir(parents=True, exist_ok=True)
-        parts.mkdir(parents=True, exist_ok=True)
-        for stale in [*records.glob(".*.tmp"), *parts.glob("*"), *out.glob(f".{INDEX_NAME}.*.tmp")]:
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    state.wait_for_everyone()
+    # 1. may this run write here at all? (read-only, on every process)
+    plan = check_out(out, items, config, source, overwrite)
 
     # 2. which records are finished? (each process checks its share, everyone gets the answer)
     done: dict[int, dict[str, Any]] = {}
@@ -511,22 +631,32 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
         from tqdm.auto import tqdm
 
         to_check = tqdm(to_check, desc="checking records", unit="record", file=sys.stderr, leave=False)
+    replaced: list[str] = []
     for it in to_check:
         status, info = record_status(out, it, config)
         if status == "done":
             done[it.index] = info
-        elif status == "todo":
+        elif status == "todo" or overwrite:
             todo.append(it.index)
+            if info == REPLACED or status == "conflict":
+                replaced.append(it.id)
         else:
             conflicts.append(info)
-    gathered = gather_object([{"done": done, "todo": todo, "conflicts": conflicts[:5]}])
+    gathered = gather_object([{"done": done, "todo": todo, "conflicts": conflicts[:5], "replaced": replaced}])
     all_done: dict[int, dict[str, Any]] = {}
     pending: list[int] = []
-    conflicts = []
+    conflicts, replaced = [], []
     for g in gathered:
         all_done.update(g["done"])
         pending += g["todo"]
         conflicts += g["conflicts"]
+        replaced += g["replaced"]
+    if replaced and not overwrite and source is not None and plan.previous_source != source:
+        # Without batch.json (an older daamkit's folder) nothing says these prompts are edits of the same
+        # file rather than a different file's: replacing its records needs --overwrite.
+        raise BatchError(f"{out} holds records of other prompts, seeds or sizes under the same ids "
+                         f"({', '.join(sorted(replaced)[:5])}{', ...' if len(replaced) > 5 else ''}) and nothing "
+                         f"says it was made from {source}; use another --out, or --overwrite to replace them")
     if conflicts:
         raise BatchError(
             f"{out} holds records made with other run settings; resume with the same settings or use a new --out. "
@@ -536,6 +666,9 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
     if main:
         say(f"daamkit batch: {len(items)} prompts, {len(all_done)} already done, {len(pending)} to generate "
             f"on {nproc} process{'es' if nproc > 1 else ''} (batch size {config.batch_size}) -> {out}")
+        if replaced:
+            say(f"daamkit batch: {len(replaced)} record(s) made from other prompts, seeds, sizes or settings are "
+                f"regenerated: {', '.join(sorted(replaced)[:10])}{', ...' if len(replaced) > 10 else ''}")
 
     # 3. generate this process's share of what is left
     by_index = {it.index: it for it in items}
@@ -553,6 +686,15 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
             transformers.utils.logging.disable_progress_bar()
         pipe = load_pipeline(config.model, device=_process_device(config.device, state), dtype=config.dtype,
                              config=config.config)
+    # fresh part files; temporary files left by a killed run are removed before anyone writes again.
+    # Only now, with every check passed and the pipeline loaded, is anything created or deleted.
+    if main:
+        records.mkdir(parents=True, exist_ok=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        for stale in [*records.glob(".*.tmp"), *parts.glob("*"), *out.glob(f".{INDEX_NAME}.*.tmp")]:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        _take_over(out, plan, source, say)
     state.wait_for_everyone()  # the timing starts when every process has its pipeline
     progress = _Progress(parts, len(pending), config.progress and main, "daamkit batch")
     t0 = time.perf_counter()
