@@ -9,7 +9,7 @@ or per-head tensors are only kept when the user asks for them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from daamkit.capture.base import LayerInfo
+from daamkit.errors import InputError
 
 Mode = Literal["daam", "reference"]
 BLOCKS = ("down", "mid", "up", "single", "joint", "double")
@@ -54,13 +55,13 @@ class AggregationConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("daam", "reference"):
-            raise ValueError(f"mode must be 'daam' or 'reference', got {self.mode!r}")
+            raise InputError(f"mode must be 'daam' or 'reference', got {self.mode!r}")
         if self.mode == "reference" and (self.keep_steps or self.keep_layers or self.keep_heads):
-            raise ValueError("the 'reference' mode keeps per-layer/head sums internally; keep_* options are not allowed")
+            raise InputError("the 'reference' mode keeps per-layer/head sums internally; keep_* options are not allowed")
         if self.steps is not None and any(int(s) < 0 for s in self.steps):
-            raise ValueError(f"steps must be non-negative step indices, got {list(self.steps)}")
+            raise InputError(f"steps must be non-negative step indices, got {list(self.steps)}")
         if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
-            raise ValueError(f"grid must be (height, width) with positive sizes, got {self.grid}")
+            raise InputError(f"grid must be (height, width) with positive sizes, got {self.grid}")
 
     @classmethod
     def reference(cls, **overrides: object) -> AggregationConfig:
@@ -88,6 +89,47 @@ class AggregationConfig:
 
     def selects_step(self, step: int) -> bool:
         return self.steps is None or step in set(self.steps)
+
+    def check_selection(self, layers: Sequence[LayerInfo], num_steps: int | None = None,
+                        factors: Mapping[str, int] | None = None) -> None:
+        """Raise :class:`InputError` if the selection cannot record anything for these layers and
+        ``num_steps`` denoising steps, before a generation is spent on it.
+
+        ``factors``: each layer's downsampling factor by name, where the caller knows it (the factor
+        otherwise shows only once attention runs); without it ``factors`` is not checked.
+        """
+        layers = list(layers)
+        chosen = layers
+        if self.layers is not None:
+            chosen = [info for info in layers if any(_layer_matches(sel, info) for sel in self.layers)]
+            if not chosen:
+                kinds = sorted({info.block for info in layers}, key=lambda b: BLOCKS.index(b) if b in BLOCKS else 99)
+                raise InputError(
+                    f"layers {list(self.layers)} match no attention layer: use a block kind ({', '.join(kinds)}), "
+                    f"a name prefix or a full name, e.g. {layers[0].name}"
+                )
+        if self.factors is not None and factors is not None:
+            have = sorted({factors[info.name] for info in chosen if info.name in factors})
+            if not set(self.factors) & set(have):
+                raise InputError(f"factors {list(self.factors)} match no selected layer: the layers have factors "
+                                 f"{', '.join(map(str, have))}")
+        if self.heads is not None:
+            fewest = min(info.heads for info in chosen)
+            bad = [h for h in self.heads if not 0 <= h < fewest]
+            if bad:
+                counts = sorted({info.heads for info in chosen})
+                raise InputError(f"heads {bad} do not exist: the selected layers have {'/'.join(map(str, counts))} "
+                                 f"heads, numbered 0..{fewest - 1}")
+        if self.steps is not None and num_steps is not None:
+            if not set(self.steps) & set(range(num_steps)):
+                raise InputError(f"steps {_span(self.steps)} select none of the {num_steps} denoising steps, "
+                                 f"numbered 0..{num_steps - 1}")
+
+
+def _span(steps: Sequence[int] | range) -> str:
+    if isinstance(steps, range) and steps.step == 1:
+        return f"{steps.start}:{steps.stop}"
+    return str(list(steps))
 
 
 def _layer_matches(selector: str, layer: LayerInfo) -> bool:

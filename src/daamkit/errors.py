@@ -27,3 +27,13 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, KeyError) and exc.args:  # a KeyError's str() would repr() its message
         return str(exc.args[0])
     return str(exc)
+
+
+def environment_message(exc: BaseException) -> str | None:
+    """The one line for a failure of the machine rather than of daamkit (a file that cannot be
+    written, a full disk, memory run out), or None when ``exc`` is not one."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return "out of memory: try a smaller image size, fewer images at once or another device"
+    return None

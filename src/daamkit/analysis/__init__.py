@@ -141,4 +141,11 @@ def open_runs(path: str | os.PathLike[str]) -> Iterable[Any]:
 
     if any(q.exists() for q in record_paths(p)):
         return [RunRecord.load(p)]
-    raise FileNotFoundError(f"no runs directory or run record at {str(p)!r}")
+    from daamkit.errors import DaamkitError
+
+    class RunsNotFoundError(DaamkitError, FileNotFoundError):
+        pass
+
+    if not p.exists():
+        raise RunsNotFoundError(f"{str(p)!r} does not exist: give a runs folder or a run record")
+    raise RunsNotFoundError(f"{str(p)!r} is neither a runs folder nor a run record (.json/.safetensors)")

@@ -100,6 +100,28 @@ class UNetCapture:
     def detach(self) -> None:
         self.hooks.remove()
 
+    def layer_factors(self) -> dict[str, int]:
+        """Each layer's downsampling factor (its grid is the latent grid divided by it), read off the
+        UNet's resamplers: a down block sees the latent after the downsamplers of the blocks before it,
+        an up block after the upsamplers of the up blocks before it."""
+        def resamples(block: nn.Module, attr: str) -> bool:
+            return bool(getattr(block, attr, None))
+
+        down = list(getattr(self.denoiser, "down_blocks", []))
+        up = list(getattr(self.denoiser, "up_blocks", []))
+        total = sum(resamples(b, "downsamplers") for b in down)
+        factors = {}
+        for layer in self.layers:
+            parts = layer.name.split(".")
+            if layer.block == "down":
+                level = sum(resamples(b, "downsamplers") for b in down[: int(parts[1])])
+            elif layer.block == "up":
+                level = total - sum(resamples(b, "upsamplers") for b in up[: int(parts[1])])
+            else:
+                level = total
+            factors[layer.name] = 2 ** max(level, 0)
+        return factors
+
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per latent cell along each side."""
         return int(getattr(pipe, "vae_scale_factor", 8))

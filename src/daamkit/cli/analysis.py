@@ -16,6 +16,7 @@ from daamkit.analysis.entanglement import (
 )
 from daamkit.analysis.pos import analyze_pos
 from daamkit.analysis.syntax import PAPER_RELATIONS, ParserNotFoundError, analyze_syntax
+from daamkit.cli.common import CLIError, finite_float, positive_int, seed_int, unit_float
 from daamkit.metrics import DEFAULT_THRESHOLD
 
 
@@ -39,7 +40,7 @@ def add_syntax_arguments(p: argparse.ArgumentParser) -> None:
                         "installed English spaCy pipeline)")
     p.add_argument("--relations", nargs="+", default=None,
                    help=f"relations to tabulate (default: {' '.join(PAPER_RELATIONS)}; 'all' = every one found)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="tau (default 0.4)")
+    p.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD, help="tau (default 0.4)")
     p.add_argument("--out", default="daamkit-syntax", help="output folder (default: daamkit-syntax)")
 
 
@@ -54,10 +55,10 @@ def syntax_main(args: argparse.Namespace) -> int:
         result = analyze_syntax(open_runs(args.runs_dir), parser=parser, relations=relations,
                                 threshold=args.threshold)
     except ParserNotFoundError as e:
-        raise SystemExit(f"daamkit syntax: error: {e}") from None
+        raise CLIError(str(e)) from None
     result.settings = {"runs": str(args.runs_dir), "parser": args.parser or "spacy"}
     if result.n_runs == 0:
-        raise SystemExit(f"daamkit syntax: error: no run records found in {args.runs_dir}")
+        raise CLIError(f"no run records found in {args.runs_dir}")
     paths = result.save(args.out)
     print(result.markdown())
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
@@ -69,7 +70,7 @@ def add_pos_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parser", default=None,
                    help="spaCy package name, or 'world' for the shapes-world vocabulary (default: the first "
                         "installed English spaCy pipeline)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="tau for the area column (default 0.4)")
+    p.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD, help="tau for the area column (default 0.4)")
     p.add_argument("--out", default="daamkit-pos", help="output folder (default: daamkit-pos)")
 
 
@@ -79,9 +80,9 @@ def pos_main(args: argparse.Namespace) -> int:
     try:
         result = analyze_pos(open_runs(args.runs_dir), args.parser, args.threshold)
     except ParserNotFoundError as e:
-        raise SystemExit(f"daamkit pos: error: {e}") from None
+        raise CLIError(str(e)) from None
     if result.n_runs == 0:
-        raise SystemExit(f"daamkit pos: error: no run records found in {args.runs_dir}")
+        raise CLIError(f"no run records found in {args.runs_dir}")
     result.settings = {"runs": str(args.runs_dir), "parser": args.parser or "spacy"}
     paths = result.save(args.out)
     print(result.markdown())
@@ -97,12 +98,12 @@ def add_entangle_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ontology", help="JSON {hypernym: [nouns]} for real models (default: the shipped one)")
     p.add_argument("--pairs", nargs="+", metavar="X,Y", help="noun pairs to test instead of sampled ones")
     p.add_argument("--runs", help="score saved records (written with --save-records) instead of generating")
-    p.add_argument("--n", type=int, default=100, help="prompts per group (default 100: 200 runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--n", type=positive_int, default=100, help="prompts per group (default 100: 200 runs)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--guidance", type=finite_float, default=5.0)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--save-records", action="store_true", help="also write each run's record under OUT/records")
@@ -137,7 +138,7 @@ def entangle_main(args: argparse.Namespace) -> int:
             try:
                 model = default_model_path()
             except ModelNotFoundError as e:
-                raise SystemExit(f"daamkit entangle: error: {e} (or pass --model PATH)") from None
+                raise CLIError(f"{e} (or pass --model PATH)") from None
         prompts = None
         if args.pairs:
             onto_for_pairs = onto if onto is not None else (SHAPE_FAMILIES if world else load_ontology())
@@ -145,7 +146,7 @@ def entangle_main(args: argparse.Namespace) -> int:
             for i, spec in enumerate(args.pairs):
                 a, _, b = spec.partition(",")
                 if not a or not b:
-                    raise SystemExit(f"daamkit entangle: error: --pairs takes X,Y (got {spec!r})")
+                    raise CLIError(f"--pairs takes X,Y (got {spec!r})")
                 prompts.append(pair_prompt(a.strip().lower(), b.strip().lower(), onto_for_pairs, seed=args.seed + i, index=i))
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
         res = run_entanglement(pipe, prompts, n=args.n, seed=args.seed, world=world, ontology=onto, steps=args.steps,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from daamkit.errors import InputError
-from daamkit.jobs.generate import GenerateOptions, parse_size, parse_steps
+from daamkit.jobs.generate import GenerateOptions, check_prompts, parse_size, parse_steps
 from daamkit.metrics import DEFAULT_THRESHOLD
 
 
@@ -13,29 +15,79 @@ class CLIError(InputError):
     """A command-line value is not allowed."""
 
 
+# argparse types: a bad value ends in argparse's error naming the option (one line, see cli.main)
+
+def at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A value in [0, 1] (a threshold on the normalised map)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1] (it applies to the map scaled to its maximum), "
+                                         f"got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**64-1, got {value}")
+    return value
+
+
+positive_int = at_least(1)
+
+
 def add_trace_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attribution")
     g.add_argument("--layers", nargs="+", help="keep only these layers: down/mid/up, a name prefix or full name")
-    g.add_argument("--factors", nargs="+", type=int, help="keep layers at these downsampling factors (1,2,4,8)")
+    g.add_argument("--factors", nargs="+", type=positive_int, help="keep layers at these downsampling factors (1,2,4,8)")
     g.add_argument("--steps-range", help="denoising steps to aggregate: START:END or a comma list")
-    g.add_argument("--heads", nargs="+", type=int, help="attention heads to aggregate")
+    g.add_argument("--heads", nargs="+", type=at_least(0), help="attention heads to aggregate")
     g.add_argument("--mode", choices=["daam", "reference"], default="daam",
                    help="'reference' reproduces PyPI daam 0.2.0's aggregation")
-    g.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"tau for the binarised masks (default {DEFAULT_THRESHOLD})")
+    g.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD,
+                   help=f"tau in [0, 1] for the binarised masks (default {DEFAULT_THRESHOLD})")
 
 
 def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: float) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", help="N or WIDTHxHEIGHT in pixels (default: the model's)")
-    p.add_argument("--guidance", type=float, default=guidance, help=f"guidance scale (default {guidance})")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"denoising steps (default {steps})")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--size", help="N or WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's)")
+    p.add_argument("--guidance", type=finite_float, default=guidance, help=f"guidance scale (default {guidance})")
     p.add_argument("--negative-prompt")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
     p.add_argument("--words", nargs="+", help="words to map (default: every word of the prompt)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")
     add_trace_options(p)
 
 
@@ -53,9 +105,24 @@ def trace_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def check_generation_args(args: argparse.Namespace) -> GenerateOptions:
+    """Everything the command line alone decides, checked before a model loads; the options."""
+    if args.prompt:  # demo's default prompts are used when none is given
+        check_prompts(args.prompt)
+    if args.words is not None and any(not w.strip() for w in args.words):
+        raise CLIError("--words holds an empty word: give words of the prompt")
+    if args.model is not None and not str(args.model).strip():
+        raise CLIError("--model is empty: give a local diffusers folder or a checkpoint file")
+    from daamkit.jobs.pipeline import check_device, parse_dtype
+
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    return generate_options(args)
+
+
 def generate_options(args: argparse.Namespace) -> GenerateOptions:
     h, w = parse_size(args.size)
-    return GenerateOptions(
+    opts = GenerateOptions(
         steps=args.steps,
         seed=args.seed,
         height=h,
@@ -66,3 +133,5 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         trace=trace_kwargs(args),
         progress=not args.no_progress,
     )
+    opts.check()
+    return opts

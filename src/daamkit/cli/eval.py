@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from daamkit.cli.common import add_trace_options, trace_kwargs
+from daamkit.cli.common import (
+    add_trace_options,
+    finite_float,
+    positive_int,
+    seed_int,
+    trace_kwargs,
+    unit_float,
+)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -27,11 +34,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if len(result.skipped) > 20:
                 print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
     else:
+        from daamkit.jobs.generate import GenerateOptions, check_against_pipeline
         from daamkit.jobs.pipeline import load_pipeline
         from daamkit.world import default_model_path
 
         model = args.model or default_model_path()
-        pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+        check_against_pipeline(pipe, GenerateOptions(steps=args.steps, trace=trace_kwargs(args)))
         result = evaluate_world(pipe, n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                                 taus=taus, batch_size=args.batch_size, progress=not args.no_progress,
                                 trace_options=trace_kwargs(args))
@@ -46,19 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="COCO-Gen style mIoU of noun/colour maps on the shapes world")
     e.add_argument("--model", help="model to evaluate (default: the embedded shapes-world model)")
     e.add_argument("--runs", help="score a runs directory of saved records instead of generating")
-    e.add_argument("--n", type=int, default=200, help="held-out captions to generate (default 200)")
+    e.add_argument("--n", type=positive_int, default=200, help="held-out captions to generate (default 200)")
     e.add_argument(
         "--seed",
-        type=int,
+        type=seed_int,
         default=0,
         help="first held-out scene: captions are scenes SEED .. SEED+N-1, image i is generated with seed "
         "SEED+i; two caption sets are disjoint only when their seeds differ by at least N (e.g. --seed 0 "
         "and --seed 200 with --n 200)",
     )
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--guidance", type=float, default=5.0)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--taus", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7], help="tau sweep")
+    e.add_argument("--steps", type=positive_int, default=20)
+    e.add_argument("--guidance", type=finite_float, default=5.0)
+    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--taus", type=unit_float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7], help="tau sweep")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default=None)
     e.add_argument("--out", default="daamkit-eval")

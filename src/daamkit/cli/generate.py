@@ -6,8 +6,9 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from daamkit.cli.common import add_generation_options, generate_options
+from daamkit.cli.common import add_generation_options, check_generation_args
 
 DEMO_PROMPTS = (
     "a red circle and a blue square",
@@ -16,45 +17,63 @@ DEMO_PROMPTS = (
 )
 
 
-def _run_prompts(pipe, prompts: Sequence[str], args: argparse.Namespace, out: Path, model: str) -> list[dict]:
-    from daamkit.jobs.generate import generate, slug, write_outputs
+def _rebase(value: Any, stage: Path, final: Path) -> Any:
+    """Paths under the staging folder as they will be once it is renamed to ``final``."""
+    if isinstance(value, dict):
+        return {k: _rebase(v, stage, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebase(v, stage, final) for v in value]
+    if isinstance(value, str) and value.startswith(str(stage)):
+        return str(final) + value[len(str(stage)):]
+    return value
 
-    summary = []
-    for k, prompt in enumerate(prompts):
-        records = generate(pipe, prompt, generate_options(args), model=model)
-        for i, rec in enumerate(records):
-            sub = out if len(prompts) == 1 and len(records) == 1 else out / f"{k:02d}_{slug(prompt)}" / f"{i}"
-            if len(prompts) > 1 and len(records) == 1:
-                sub = out / f"{k:02d}_{slug(prompt)}"
-            paths = write_outputs(rec, sub, words=args.words, threshold=args.threshold)
-            summary.append({"prompt": prompt, "image_index": i, "dir": str(sub), **paths})
-            print(f"  {prompt!r} -> {sub}  words: {', '.join(rec.heat_maps.words)}")
-            if rec.heat_maps.truncated_words:
-                print(f"  note: past the token limit, not seen by the model: {', '.join(rec.heat_maps.truncated_words)}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+def _run(args: argparse.Namespace, model: str, prompts: Sequence[str]) -> Path:
+    """Check, load, check against the model, generate into a staging folder that becomes ``--out``
+    only when every output is written."""
+    from daamkit.jobs.generate import check_against_pipeline, generate, slug, write_outputs
+    from daamkit.jobs.outdir import staged_dir
+    from daamkit.jobs.pipeline import load_pipeline
+
+    options = check_generation_args(args)
+    with staged_dir(args.out, overwrite=args.overwrite) as stage:
+        final = Path(args.out).expanduser().absolute()
+        pipe = load_pipeline(model, device=args.device, dtype=args.dtype, config=getattr(args, "config", None),
+                             progress=not args.no_progress)
+        check_against_pipeline(pipe, options, prompts, words=args.words)
+        summary = []
+        for k, prompt in enumerate(prompts):
+            records = generate(pipe, prompt, options, model=model)
+            for i, rec in enumerate(records):
+                rel = Path(".") if len(prompts) == 1 and len(records) == 1 else Path(f"{k:02d}_{slug(prompt)}") / f"{i}"
+                if len(prompts) > 1 and len(records) == 1:
+                    rel = Path(f"{k:02d}_{slug(prompt)}")
+                paths = write_outputs(rec, stage / rel, words=args.words, threshold=args.threshold)
+                summary.append(_rebase({"prompt": prompt, "image_index": i, "dir": str(stage / rel), **paths},
+                                       stage, final))
+                print(f"  {prompt!r} -> {final / rel}  words: {', '.join(rec.heat_maps.words)}")
+                if rec.heat_maps.truncated_words:
+                    print("  note: past the token limit, not seen by the model: "
+                          f"{', '.join(rec.heat_maps.truncated_words)}")
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+    return final
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from daamkit.jobs.pipeline import load_pipeline
-
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, config=args.config)
-    out = Path(args.out)
-    _run_prompts(pipe, args.prompt, args, out, model=str(args.model))
+    out = _run(args, str(args.model), args.prompt)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daamkit.jobs.pipeline import load_pipeline
     from daamkit.world import default_model_path
 
-    model = args.model or default_model_path()
-    pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
-    out = Path(args.out)
-    print(f"daamkit demo: {len(args.prompt or DEMO_PROMPTS)} prompts on {model}")
-    _run_prompts(pipe, list(args.prompt or DEMO_PROMPTS), args, out, model=str(model))
-    print(f"wrote {out.resolve()} (images, per-word maps and overlays, grid.png, record.safetensors/json)")
+    check_generation_args(args)  # before looking for the embedded model
+    model = str(args.model or default_model_path())
+    prompts = list(args.prompt or DEMO_PROMPTS)
+    print(f"daamkit demo: {len(prompts)} prompts on {model}")
+    out = _run(args, model, prompts)
+    print(f"wrote {out} (images, per-word maps, overlays and masks, grid.png, record.safetensors/json)")
     return 0
 
 

@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from daamkit.cli.common import finite_float, positive_int, seed_int
 from daamkit.cli.world_train import add_arguments as add_train_arguments
 from daamkit.cli.world_train import main_from_args as train_main
 from daamkit.world.quality import (
@@ -35,13 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_quality_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped model)")
-    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--n", type=positive_int, default=200)
     p.add_argument("--split", choices=["heldout", "test", "train"], default="heldout")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--guidance", type=finite_float, default=5.0)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", default=None, help="folder for summary.json, records.jsonl and a grid")
     p.add_argument(
         "--sensitivity",

@@ -7,6 +7,7 @@ analysis; :func:`generate` builds the records every front end writes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import torch
 from daamkit.errors import InputError
 from daamkit.heatmap import GlobalHeatMap
 from daamkit.io.record import RunRecord
-from daamkit.metrics import DEFAULT_THRESHOLD
+from daamkit.metrics import DEFAULT_THRESHOLD, threshold_mask
 from daamkit.trace import trace
 
 
@@ -45,10 +46,14 @@ def parse_steps(text: str | None) -> range | list[int] | None:
     try:
         if ":" in text:
             a, b = text.split(":")
-            return range(int(a or 0), int(b))
-        return [int(v) for v in text.split(",")]
+            steps: range | list[int] = range(int(a or 0), int(b))
+        else:
+            steps = [int(v) for v in text.split(",")]
     except ValueError:
         raise InputError(f"--steps-range must be START:END or a comma list of step indices, got {text!r}") from None
+    if not steps or min(steps) < 0:
+        raise InputError(f"--steps-range must select step indices from 0 up (START < END), got {text!r}")
+    return steps
 
 
 @dataclass
@@ -62,6 +67,24 @@ class GenerateOptions:
     num_images_per_prompt: int = 1
     trace: dict[str, Any] = field(default_factory=dict)  # options of daamkit.trace()
     progress: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`InputError` for a value no pipeline could use, before anything is loaded."""
+        for name in ("steps", "num_images_per_prompt"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2**64:
+            raise InputError(f"seed must lie in 0 .. 2**64-1, got {self.seed}")
+        if not math.isfinite(self.guidance_scale):
+            raise InputError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise InputError(f"{name} must be a positive multiple of 8 pixels, got {v}")
+        if self.trace:
+            from daamkit.aggregate import AggregationConfig
+
+            AggregationConfig(**{k: v for k, v in self.trace.items() if k in AggregationConfig.__dataclass_fields__})
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,9 +145,8 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
     One generator seeded with ``options.seed`` serves the whole call.
     """
     opts = options or GenerateOptions()
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompt_list or any(not p.strip() for p in prompt_list):
-        raise ValueError("the prompt is empty: give the text to generate from")
+    prompt_list = check_prompts(prompts)
+    opts.check()
     pipe.set_progress_bar_config(disable=not opts.progress)
     pairs = traced_generation(
         pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
@@ -150,6 +172,42 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
     return records
 
 
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """``prompts`` as a list, or :class:`InputError` if there is none or one is blank."""
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list or any(not str(p).strip() for p in prompt_list):
+        raise InputError("the prompt is empty: give the text to generate from")
+    return prompt_list
+
+
+def check_against_pipeline(pipe: Any, options: GenerateOptions, prompts: str | Sequence[str] = (),
+                           words: Sequence[str] | None = None) -> None:
+    """Raise :class:`InputError` for what this pipeline decides, before any generation is spent:
+    ``options.trace`` selecting no layer, factor, head or step of it, or ``words`` missing from a prompt.
+    """
+    from daamkit.aggregate import AggregationConfig
+    from daamkit.capture import detect_capture
+
+    capture = detect_capture(pipe)
+    trace_opts = {k: v for k, v in options.trace.items() if k in AggregationConfig.__dataclass_fields__}
+    config = AggregationConfig.reference(**trace_opts) if trace_opts.get("mode") == "reference" else \
+        AggregationConfig(**trace_opts)
+    factors = capture.layer_factors() if hasattr(capture, "layer_factors") else None
+    # multistep schedulers (Heun, DPM2) call the denoiser `order` times per step
+    calls = options.steps * int(getattr(getattr(pipe, "scheduler", None), "order", 1) or 1)
+    config.check_selection(capture.layers, num_steps=calls, factors=factors)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if words and tokenizer is not None:
+        from daamkit.tokens import align
+
+        for prompt in ([prompts] if isinstance(prompts, str) else prompts):
+            ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True).input_ids
+            alignment = align(tokenizer, ids, prompt)
+            for w in words:
+                alignment.find(w)  # raises WordNotFoundError naming the prompt's words
+
+
 def slug(text: str, fallback: str = "word") -> str:
     """A file-name part for ``text``: lower case, runs of anything but a-z and 0-9 as one ``_``, at most
     40 characters; ``fallback`` when nothing is left (the caller names what the text labels)."""
@@ -159,13 +217,21 @@ def slug(text: str, fallback: str = "word") -> str:
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
                   threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """Write the image, each word's heat map and overlay, a grid PNG and the record into ``out_dir``."""
-    from daamkit import plot
+    """Write the image, each word's heat map, overlay and mask (the normalised map ``>= threshold``), a
+    grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned."""
+    from PIL import Image
 
+    from daamkit import plot
+    from daamkit.metrics import check_threshold
+
+    try:
+        threshold = check_threshold(threshold)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     out = Path(out_dir)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Any] = {"words": {}}
+    for sub in ("maps", "overlays", "masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"threshold": threshold, "words": {}}
     hm = record.heat_maps
     if record.image is not None:
         record.image.save(out / "image.png")
@@ -181,6 +247,10 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
         entry = {"map": str(plot.save_heat_image(wm, out / "maps" / f"{name}.png"))}
         if record.image is not None:
             entry["overlay"] = str(plot.save_overlay(wm, record.image, out / "overlays" / f"{name}.png"))
+        mask = threshold_mask(wm.normalized(), threshold)
+        Image.fromarray(mask.astype("uint8") * 255).save(out / "masks" / f"{name}.png")
+        entry["mask"] = str(out / "masks" / f"{name}.png")
+        entry["mask_area"] = float(mask.mean())
         paths["words"][w] = entry
     fig = plot.plot_grid(hm, image=record.image, words=[w for w, _ in word_maps])
     paths["grid"] = str(plot.save_figure(fig, out / "grid.png"))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,102 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ModelLoadError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
+def available_devices() -> list[str]:
+    """The torch devices this machine can run on, e.g. ``['cpu', 'cuda:0', 'cuda:1']``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` if this machine has it, else :class:`ModelLoadError` naming the
+    devices it has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps "
+                             f"(available here: {', '.join(available_devices())})") from None
+    have = available_devices()
+    if dev.type == "cpu":
+        return dev
+    name = dev.type if dev.index is None else f"{dev.type}:{dev.index}"
+    if not any(d == name or d.split(":")[0] == name for d in have):
+        raise ModelLoadError(f"device {str(device)!r} is not available here; available: {', '.join(have)}")
+    return dev
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """Hide diffusers' and transformers' loading bars for the duration, then restore their setting."""
+    if show:
+        yield
+        return
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before[0]:
+            dlog.enable_progress_bar()
+        if before[1]:
+            tlog.enable_progress_bar()
+
+
+def _damaged_file(folder: Path, exc: BaseException) -> str | None:
+    """The weight file (relative to ``folder``) that a loading error is about, when its message or
+    chain names one; diffusers' messages do not always say which component failed."""
+    text = " ".join(str(e) for e in _chain(exc))
+    for m in re.finditer(r"[\w./\\-]+\.(?:safetensors|bin|ckpt|pt)", text):
+        p = Path(m.group(0))
+        with contextlib.suppress(ValueError):
+            return str(p.resolve().relative_to(folder.resolve()))
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Name a damaged safetensors file before diffusers trips over it with a message that does not."""
+    try:
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover - diffusers depends on it
+        return
+    for f in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():  # reads the header and checks the offsets against the file size
+                    st.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - any failure means the file cannot be loaded
+            raise ModelLoadError(f"{f.relative_to(folder)}: cannot be read ({_short(e)}); the file is damaged or "
+                                 f"incomplete: copy or save the model in {str(folder)!r} again") from e
+
+
+def _short(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first[:200]
+
+
 def load_pipeline(
     path: str | os.PathLike[str],
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     config: str | os.PathLike[str] | None = None,
+    progress: bool = True,
 ) -> Any:
     """Load a diffusers pipeline from a local folder (``model_index.json``) or a single checkpoint file.
 
@@ -41,8 +135,11 @@ def load_pipeline(
     diffusers folder of the same architecture, since diffusers would otherwise fetch one from the Hub.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not str(path).strip():
+        raise ModelLoadError("the model path is empty: give a local diffusers folder or a checkpoint file")
     p = Path(path).expanduser()
     torch_dtype = parse_dtype(dtype)
+    check_device(device)
     if not p.exists():
         raise ModelLoadError(f"model path {str(p)!r} does not exist (daamkit loads local models only, it never downloads)")
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -63,10 +160,14 @@ def load_pipeline(
 
         cls = getattr(diffusers, cls_name, None) or diffusers.DiffusionPipeline
         extra = {"safety_checker": None} if "safety_checker" in json.loads(index.read_text()) else {}
+        _check_weight_files(p)
         try:
-            pipe = cls.from_pretrained(str(p), **kwargs, **extra)
-        except Exception as e:  # diffusers raises many types; say which folder failed and why
-            raise ModelLoadError(f"could not load the pipeline in {str(p)!r}: {e}") from e
+            with _loading_bars(progress):
+                pipe = cls.from_pretrained(str(p), **kwargs, **extra)
+        except Exception as e:  # diffusers raises many types; say which folder and file failed and why
+            where = _damaged_file(p, e)
+            raise ModelLoadError(f"could not load the pipeline in {str(p)!r}"
+                                 f"{f' ({where})' if where else ''}: {_short(e)}") from e
     elif p.suffix in SINGLE_FILE_SUFFIXES:
         if config is None:
             raise ModelLoadError(
@@ -78,7 +179,8 @@ def load_pipeline(
         cls_name = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
         cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
         try:
-            pipe = cls.from_single_file(str(p), config=str(config), **kwargs)
+            with _loading_bars(progress):
+                pipe = cls.from_single_file(str(p), config=str(config), **kwargs)
         except Exception as e:
             raise ModelLoadError(f"could not load the checkpoint {str(p)!r} with config {str(config)!r}: {e}") from e
     else:

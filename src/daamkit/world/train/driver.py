@@ -71,7 +71,7 @@ def decoder_runs_alongside(r: Recipe, out: Path) -> bool:
 
 
 def _error(msg) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    print(f"daamkit: error: {msg}", file=sys.stderr)
     return 2
 
 
@@ -87,19 +87,18 @@ def train(r: Recipe, given: Collection[str] | None = None) -> int:
     if given is None:
         default = Recipe()
         given = {k for k in option_names() if getattr(r, k) != getattr(default, k)}
+    try:
+        r.check()
+    except ValueError as e:  # before anything is written or trained
+        return _error(e)
     torch.set_num_threads(r.threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    try:
-        r.check()
-    except ValueError as e:  # before anything is written or trained
-        return _error(e)
     out = Path(r.out)
     if out.exists() and any(out.iterdir()) and not r.resume:
-        print(f"{out} is not empty: pass --resume to continue it, or choose another --out", file=sys.stderr)
-        return 2
+        return _error(f"{out} is not empty: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "args.json"
     recorded = json.loads(cfg_path.read_text()) if cfg_path.exists() else None

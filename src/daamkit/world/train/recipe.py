@@ -4,6 +4,7 @@ configurations that follow from it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -83,6 +84,38 @@ class Recipe:
 
     def check(self) -> None:
         """Raise ValueError for an option value the run could not use, before anything is written."""
+        at_least = {
+            1: ("threads", "dataset_size", "latent_channels", "vae_layers", "vae_groups", "vae_batch", "vae_steps",
+                "decoder_steps", "unet_layers", "unet_groups", "heads", "text_width", "unet_steps", "batch",
+                "unet_workers", "data_workers"),
+            0: ("seed", "data_seed", "sample_steps", "text_layers"),
+        }
+        for low, names in at_least.items():
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and value < low:
+                    raise ValueError(f"{flag(name)} must be at least {low}, got {value}")
+        for name in ("ckpt_minutes", "vae_minutes", "decoder_minutes", "unet_minutes", "vae_kl", "vae_edge",
+                     "final_lr_ratio", "text_lr_mult", "min_snr", "object_weight", "ground_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{flag(name)} must be a finite number of at least 0, got {value}")
+        for name in ("vae_lr", "lr", "decoder_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{flag(name)} must be a finite number above 0, got {value}")
+        for name in ("uncond_prob", "ema"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{flag(name)} must lie in [0, 1], got {value}")
+        for name in ("vae_channels", "unet_channels"):
+            try:
+                channels = _channels(getattr(self, name))
+            except ValueError:
+                channels = ()
+            if not channels or min(channels) < 1:
+                raise ValueError(f"{flag(name)} must be a comma list of positive channel counts, e.g. 16,32,64, "
+                                 f"got {getattr(self, name)!r}")
         object_count_weights(self.object_count_weights)
         timestep_focus(self.timestep_focus)
 
