@@ -48,7 +48,9 @@ class _Tap(ProjectionTap):
         if q is None or k is None:
             return  # fused projections (to_qkv) or an image-only call: nothing we can read
         rows_by_branch = self.sink.branch_rows(q.shape[0])
-        if not rows_by_branch:
+        t = self.capture.text_len
+        image_tokens = q.shape[1] - t if self.kind == "single" else q.shape[1]
+        if not rows_by_branch or not self.sink.wants(self.layer, image_tokens):
             return
         attn = self.attn
         heads = int(attn.heads)
@@ -64,7 +66,6 @@ class _Tap(ProjectionTap):
                 if getattr(attn, "norm_added_k", None) is not None:
                     k = attn.norm_added_k(k)
             rope = kwargs.get("image_rotary_emb")
-            t = self.capture.text_len
             if self.kind == "single":
                 if rope is not None:
                     q, k = _rope(q, rope), _rope(k, rope)
