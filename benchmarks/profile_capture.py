@@ -7,9 +7,10 @@ its share of the traced step (the denoiser's forward, hooks included). The range
 wrapping the capture's functions from here, so the library carries no profiling code:
 
 * hooks: the pre-hook, the q/k projection hooks and the Python of the after-hook outside the parts
-  below (branch rows, slicing, the loop over branches);
-* probabilities: ``attention_probs`` split by operator (matmul, scale, softmax, copies, the module's
-  q/k norms and Flux's RoPE are counted under "q/k prep");
+  below (branch rows, the loop over branches); the after-hook's own operators (row slicing, and
+  for SD3/Flux the module's q/k norms and RoPE) are "after: q/k norms, RoPE, slicing";
+* probabilities: ``attention_probs`` split by operator (matmul, scale, softmax, copies; "q/k prep"
+  is the views and the UNet modules' optional q/k norms);
 * accumulation: ``Accumulator.add`` split by operator (head average, resize, clamp, running sums,
   copies, Python).
 
@@ -31,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -119,8 +121,11 @@ def parts_of(events) -> tuple[dict[str, float], float]:
             continue
         parent = ev.cpu_parent
         if ev.name == "after":
+            # the joint capture applies the q/k norms and RoPE here, before attention_probs
+            ops = sum(c.cpu_time_total for c in ev.cpu_children if c.name not in ("probs", "acc"))
             nested = sum(c.cpu_time_total for c in ev.cpu_children if c.name in ("probs", "acc"))
-            parts["hooks: after (Python, slicing, loop)"] += ev.cpu_time_total - nested
+            parts["after: q/k norms, RoPE, slicing"] += ops
+            parts["hooks: after (Python, loop)"] += ev.cpu_time_total - nested - ops
             continue
         if parent is not None and parent.name == ev.name:
             continue  # a wrapped function calling itself through a wrapper
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="sd15", choices=sorted(MODELS))
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="profiled untraced/traced pairs (ABAB)")
+    p.add_argument("--warmup", type=int, default=1, help="untraced/traced pairs run first and discarded")
     p.add_argument("--prompt", default="a photograph of a dog sitting on a wooden bench in a park")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flux-blocks", default="2,4")
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             output_type="latent",
             generator=torch.Generator().manual_seed(args.seed),
         )
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             if traced:
                 with trace(pipe) as tc:
@@ -186,17 +193,32 @@ def main(argv: list[str] | None = None) -> int:
                     tc.heat_maps(0)
             else:
                 pipe(args.prompt, **kw)
-        return prof.events()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        # page faults and kernel time: the allocator's cost of extra tensors shows here, not in the ops
+        usage = {
+            "user_s": r1.ru_utime - r0.ru_utime,
+            "sys_s": r1.ru_stime - r0.ru_stime,
+            "minor_faults": r1.ru_minflt - r0.ru_minflt,
+        }
+        return prof.events(), usage
 
     load0 = os.getloadavg()
-    call(False)
-    call(True)  # warm-up
+    for _ in range(args.warmup):
+        call(False)
+        call(True)
     runs: dict[bool, list] = {False: [], True: []}
+    usages: dict[bool, list] = {False: [], True: []}
     for i in range(args.repeats):
         for traced in (False, True) if i % 2 == 0 else (True, False):
-            parts, step = parts_of(call(traced))
+            events, usage = call(traced)
+            parts, step = parts_of(events)
             runs[traced].append((parts, step))
-            print(f"  {'traced  ' if traced else 'untraced'} step {step:9.1f} ms", flush=True)
+            usages[traced].append(usage)
+            print(
+                f"  {'traced  ' if traced else 'untraced'} step {step:9.1f} ms  call: user {usage['user_s']:.1f} s, "
+                f"sys {usage['sys_s']:.1f} s, {usage['minor_faults']} minor page faults",
+                flush=True,
+            )
     load1 = os.getloadavg()
 
     untraced = min(s for _, s in runs[False])
@@ -222,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "untraced_step_ms": untraced,
         "traced_step_ms": traced_step,
         "parts_ms": table,
+        "call_usage": {"untraced": usages[False], "traced": usages[True]},
         "capture_total_ms": total,
     }
     print(json.dumps(result))
