@@ -176,6 +176,14 @@ class Accumulator:
         self.layers: dict[str, LayerInfo] = {}
 
     # ---- writing -----------------------------------------------------------------------------
+    def wants(self, layer: LayerInfo, image_tokens: int) -> bool:
+        """Whether :meth:`add` keeps this layer's maps (the step is checked by the caller's rows)."""
+        try:
+            factor = layer_grid(self.latent_hw, image_tokens)[2]
+        except ValueError:
+            return True  # let add() raise its error with the probabilities at hand
+        return self.config.selects_layer(layer, factor)
+
     def add(self, layer: LayerInfo, step: int, probs: torch.Tensor, branch: str = "cond") -> None:
         """Fold one call's probabilities in.
 
@@ -200,21 +208,30 @@ class Accumulator:
         sums = self.branches.setdefault(branch, _BranchSums())
         sums.layers_seen.add(layer.name)
         sums.steps_seen.add(step)
-        # (B, heads, N, T) -> (B, heads, T, h, w)
-        maps = probs.float().permute(0, 1, 3, 2).reshape(b, probs.shape[1], t, h, w)
+        probs = probs.float()
+        if cfg.mode == "daam" and not cfg.keep_heads:
+            # The head average reads the (B, heads, N, T) layout the capture hands over in memory
+            # order; on the (B, heads, T, h, w) view below the same sums cost 10-20x as much.
+            probs = probs.mean(dim=1, keepdim=True)
+        # (B, heads, N, T) -> (B, heads, T, h, w), a view
+        maps = probs.permute(0, 1, 3, 2).reshape(b, probs.shape[1], t, h, w)
 
         if cfg.mode == "reference":
             acc = sums.native.get(layer.name)
             sums.native[layer.name] = maps.clone() if acc is None else acc.add_(maps)
             return
 
-        if not cfg.keep_heads:
-            maps = maps.mean(dim=1, keepdim=True)
-        up = _upsample(maps, self.grid).clamp_(min=0)
+        if tuple(self.grid) == (h, w):
+            # Already on the grid: nothing to resize, and clamping softmax averages at 0 changes
+            # nothing, so the maps are summed as they are.
+            up = maps
+        else:
+            up = _upsample(maps, self.grid).clamp_(min=0)
         key = (step if cfg.keep_steps else None, layer.name if cfg.keep_layers else None)
         acc = sums.sums.get(key)
         if acc is None:
-            sums.sums[key] = up
+            # a copy: ``maps`` may be a view of the probabilities the other methods also receive
+            sums.sums[key] = up.contiguous() if up is not maps else maps.clone(memory_format=torch.contiguous_format)
         else:
             acc.add_(up)
 

@@ -274,6 +274,11 @@ class Trace:
             rows["negative"] = slice(0, n)
         return rows
 
+    def wants(self, layer: LayerInfo, image_tokens: int) -> bool:
+        if self._gen is None:
+            return True  # on_attention's own checks say what is wrong
+        return any(m.wants(self, layer, image_tokens) for m in self._attention_methods)
+
     def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:
         assert self._gen is not None
         for m in self._attention_methods:

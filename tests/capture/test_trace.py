@@ -602,3 +602,26 @@ def test_ip_adapter_processors_are_kept_and_only_text_keys_are_mapped(sd):
     assert_restored(sd, before)
     assert hm.maps.shape[0] == 77 and hm.words == ["a", "red", "dog", "on", "bench"]
     assert all(isinstance(p, IPAdapterAttnProcessor2_0) for n, p in unet.attn_processors.items() if "attn2" in n)
+
+
+def test_layers_the_selection_leaves_out_are_not_computed(sd, monkeypatch):
+    import daamkit.capture.unet as unet_capture
+
+    seen = []
+    real = unet_capture.attention_probs
+
+    def counting(q, *args, **kwargs):
+        seen.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(unet_capture, "attention_probs", counting)
+    with trace(sd) as tc:
+        run(sd, steps=2, h=32, w=32)
+        every = len(seen)
+        up = sum(layer.block == "up" for layer in tc.layers)
+    assert every == 2 * len(tc.layers)
+    seen.clear()
+    with trace(sd, layers=["up"], steps=[1]) as tc:
+        run(sd, steps=2, h=32, w=32)
+        tc.heat_maps(0)
+    assert len(seen) == up  # the up blocks' layers, at step 1 only

@@ -37,6 +37,11 @@ class CaptureSink(Protocol):
         """Which rows of a denoiser batch belong to each branch ("cond", optionally "negative")."""
         ...
 
+    def wants(self, layer: LayerInfo, image_tokens: int) -> bool:
+        """Whether any consumer uses this layer's probabilities when its image sequence has
+        ``image_tokens`` positions; when not, the capture skips computing them."""
+        ...
+
     def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None: ...
 
 

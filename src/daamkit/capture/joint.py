@@ -48,37 +48,46 @@ class _Tap(ProjectionTap):
         if q is None or k is None:
             return  # fused projections (to_qkv) or an image-only call: nothing we can read
         rows_by_branch = self.sink.branch_rows(q.shape[0])
-        if not rows_by_branch:
+        t = self.capture.text_len
+        image_tokens = q.shape[1] - t if self.kind == "single" else q.shape[1]
+        if not rows_by_branch or not self.sink.wants(self.layer, image_tokens):
             return
         attn = self.attn
         heads = int(attn.heads)
         d = q.shape[-1] // heads
+        rope = kwargs.get("image_rotary_emb")
+        scale = float(getattr(attn, "scale", d**-0.5)) if self.kind == "sd3" else d**-0.5
         with torch.no_grad():
-            q = q.unflatten(-1, (heads, d))  # (B, S, heads, D)
-            k = k.unflatten(-1, (heads, d))
-            if self.kind == "single":
-                q, k = attn.norm_q(q), attn.norm_k(k)
-            else:
-                if getattr(attn, "norm_q", None) is not None:
-                    q = attn.norm_q(q)
-                if getattr(attn, "norm_added_k", None) is not None:
-                    k = attn.norm_added_k(k)
-            rope = kwargs.get("image_rotary_emb")
-            t = self.capture.text_len
-            if self.kind == "single":
-                if rope is not None:
-                    q, k = _rope(q, rope), _rope(k, rope)
-                q, k = q[:, t:], k[:, :t]
-            elif self.kind == "double" and rope is not None:
-                cos, sin = rope
-                n_txt = k.shape[1]
-                q = _rope(q, (cos[n_txt:], sin[n_txt:]))
-                k = _rope(k, (cos[:n_txt], sin[:n_txt]))
-            scale = float(getattr(attn, "scale", d**-0.5)) if self.kind == "sd3" else d**-0.5
-            qh, kh = q.transpose(1, 2), k.transpose(1, 2)
             for branch, rows in rows_by_branch.items():
-                probs = attention_probs(qh[rows], kh[rows], heads, scale, head_first=True)
+                qb, kb = self._prepare(q[rows], k[rows], heads, d, t, rope)
+                probs = attention_probs(qb.transpose(1, 2), kb.transpose(1, 2), heads, scale, head_first=True)
                 self.sink.on_attention(self.layer, probs, branch)
+
+    def _prepare(self, q: torch.Tensor, k: torch.Tensor, heads: int, d: int, t: int, rope: Any):
+        """Image queries and text keys as the processor sees them: (B, N, heads, D) after the
+        module's q/k norms and rotary embedding.
+
+        The single-stream sequence is cut to image queries and text keys first: the norms and
+        the rotary embedding treat each position on its own, so they give the same values on the
+        part the probabilities use and skip the rest (the text queries, the image keys)."""
+        attn = self.attn
+        if self.kind == "single":
+            q, k = q[:, t:], k[:, :t]
+        q = q.unflatten(-1, (heads, d))
+        k = k.unflatten(-1, (heads, d))
+        if self.kind == "single":
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        else:
+            if getattr(attn, "norm_q", None) is not None:
+                q = attn.norm_q(q)
+            if getattr(attn, "norm_added_k", None) is not None:
+                k = attn.norm_added_k(k)
+        if self.kind != "sd3" and rope is not None:
+            cos, sin = rope
+            n_txt = k.shape[1]  # the text positions come first in the rotary tables
+            q = _rope(q, (cos[n_txt:], sin[n_txt:]))
+            k = _rope(k, (cos[:n_txt], sin[:n_txt]))
+        return q, k
 
 
 class _TransformerPreHook(DenoiserPreHook):

@@ -60,7 +60,7 @@ class _LayerTap(ProjectionTap):
                 ehs = self.attn.norm_encoder_hidden_states(ehs)
             with torch.no_grad():
                 k = nn.functional.linear(ehs, self.attn.to_k.weight, self.attn.to_k.bias)
-        if q.dim() != 3:
+        if q.dim() != 3 or not self.sink.wants(self.layer, q.shape[1]):
             return
         attn = self.attn
         for branch, rows in self.sink.branch_rows(q.shape[0]).items():

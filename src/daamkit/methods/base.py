@@ -92,6 +92,12 @@ class AttributionMethod(ABC):
     def start_generation(self, trace: Trace) -> None:  # noqa: B027 - optional for stateless methods
         """A new pipeline call started (``trace.generation``): reset per-generation state."""
 
+    def wants(self, trace: Trace, layer: LayerInfo, image_tokens: int) -> bool:
+        """Whether ``on_attention`` would use ``layer``'s probabilities at the current step (its image
+        sequence has ``image_tokens`` positions). A method that selects layers says no to the others,
+        and the capture then skips their probabilities unless another method wants them."""
+        return True
+
     def on_attention(self, trace: Trace, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:  # noqa: B027
         """probs: (B, heads, N image queries, T text keys) of ``layer`` for the images of ``branch``,
         at step ``trace.generation.step``; only called when ``"cross_attention"`` is in ``captures``."""

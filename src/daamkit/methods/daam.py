@@ -35,6 +35,10 @@ class DaamMethod(AttributionMethod):
         gen = trace.generation
         self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images)
 
+    def wants(self, trace: Trace, layer: LayerInfo, image_tokens: int) -> bool:
+        assert self.accumulator is not None
+        return self.accumulator.wants(layer, image_tokens)
+
     def on_attention(self, trace: Trace, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:
         assert self.accumulator is not None
         self.accumulator.add(layer, trace.generation.step, probs, branch)
