@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import random
 import unicodedata
 
 import pytest
@@ -45,35 +43,13 @@ def tk_clip2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tk_t5(tmp_path_factory):
     """A T5 tokenizer on a tiny sentencepiece model trained here (no hub): same code path as Flux/SD3."""
-    spm = pytest.importorskip("sentencepiece")
-    from transformers import T5TokenizerFast
+    pytest.importorskip("sentencepiece")
+    from daamkit.testing.tokenizers import t5_tokenizer
 
-    rng = random.Random(0)
-    vocab = "a the dog cat hotdog sunflower photorealistic hippopotamus red blue on bench and of A The Dog".split()
-    sents = [
-        " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 10)))
-        + rng.choice([".", ",", "!", "", " 12"])
-        for _ in range(400)
-    ]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sents),
-        model_writer=model,
-        vocab_size=60,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-        num_threads=1,
-    )
+    words = "a the dog cat hotdog sunflower photorealistic hippopotamus red blue on bench and of A The Dog".split()
     d = tmp_path_factory.mktemp("tokens_t5")
-    (d / "spiece.model").write_bytes(model.getvalue())
     try:
-        return T5TokenizerFast.from_pretrained(str(d), extra_ids=0, model_max_length=512)
+        return t5_tokenizer(d, words=words, endings=(".", ",", "!", "", " 12"), sentences=400, vocab_size=60)
     except Exception as e:  # pragma: no cover - depends on the installed transformers
         pytest.skip(f"cannot build a T5 tokenizer offline: {e}")
 

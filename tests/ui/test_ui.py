@@ -14,20 +14,7 @@ import pytest
 
 from daamkit.cli.ui import add_arguments
 from daamkit.io.record import RunRecord
-from daamkit.testing.pipelines import tiny_sd
 from daamkit.ui.session import UIError, UISession, default_size, display_size, readable_error
-
-
-@pytest.fixture(scope="module")
-def pipe(clip_tokenizer_dir):
-    return tiny_sd(clip_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, pipe):
-    d = tmp_path_factory.mktemp("tiny_sd_ui_unit")
-    pipe.save_pretrained(d)
-    return d
 
 
 @pytest.fixture()

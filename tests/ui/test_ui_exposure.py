@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from daamkit.cli.ui import add_arguments
-from daamkit.testing.pipelines import tiny_sd
 from daamkit.ui.session import (
     MAX_PROMPT_CHARS,
     UIError,
@@ -36,18 +35,6 @@ from daamkit.ui import app as ui_app  # noqa: E402
 
 GEN = {"prompt": "a red dog", "negative": "", "seed": 0, "steps": 2, "width": 64, "height": 64,
        "guidance": 5.0, "word": None, "alpha": 0.5, "threshold": 0.4}
-
-
-@pytest.fixture(scope="module")
-def pipe(clip_tokenizer_dir):
-    return tiny_sd(clip_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, pipe):
-    d = tmp_path_factory.mktemp("tiny_sd_ui_exposure")
-    pipe.save_pretrained(d)
-    return d
 
 
 @pytest.fixture()

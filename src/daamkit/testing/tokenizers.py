@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -87,11 +88,19 @@ T5_WORDS = (
 ).split()
 
 
-def t5_tokenizer(out_dir: str | Path, model_max_length: int = 512):
+def t5_tokenizer(
+    out_dir: str | Path,
+    model_max_length: int = 512,
+    words: Sequence[str] = T5_WORDS,
+    endings: Sequence[str] = (".", ",", "!", ""),
+    sentences: int = 600,
+    vocab_size: int = 120,
+):
     """A ``T5TokenizerFast`` on a small sentencepiece model (unigram, ~120 pieces) trained here, saved to ``out_dir``.
 
     T5's code path (sentencepiece, ``</s>`` = 1, ``<pad>`` = 0, no BOS) without the real vocabulary, which
-    is not available offline; words outside ``T5_WORDS`` split into characters. The recipe of the tests.
+    is not available offline; words outside ``words`` split into characters. The training text is
+    ``sentences`` random runs of ``words``, each closed by one of ``endings``.
     """
     import io
     import random
@@ -101,14 +110,14 @@ def t5_tokenizer(out_dir: str | Path, model_max_length: int = 512):
 
     rng = random.Random(0)
     sents = [
-        " ".join(rng.choice(T5_WORDS) for _ in range(rng.randint(3, 10))) + rng.choice([".", ",", "!", ""])
-        for _ in range(600)
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + rng.choice(endings)
+        for _ in range(sentences)
     ]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sents),
         model_writer=model,
-        vocab_size=120,
+        vocab_size=vocab_size,
         hard_vocab_limit=False,
         model_type="unigram",
         pad_id=0,
