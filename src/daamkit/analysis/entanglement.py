@@ -513,13 +513,14 @@ def run_entanglement(
     from tqdm.auto import tqdm
 
     from daamkit.jobs.generate import make_generators, traced_generation
+    from daamkit.methods.base import jsonable
 
     if prompts is None:
         prompts = world_pair_prompts(n, seed) if world else ontology_pair_prompts(n, seed, ontology)
     prompts = list(prompts)
     res = EntanglementResult(threshold=threshold, settings={
         "n_prompts": len(prompts), "seed": seed, "world": world, "steps": steps, "guidance_scale": guidance_scale,
-        "trace": {k: list(v) if isinstance(v, (tuple, range)) else v for k, v in (trace_options or {}).items()},
+        "trace": jsonable(trace_options or {}),
     })
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(prompts), desc="entangle", disable=not progress)

@@ -19,6 +19,7 @@ import torch
 from daamkit.errors import InputError
 from daamkit.heatmap import GlobalHeatMap
 from daamkit.io.record import RunRecord
+from daamkit.methods.base import jsonable
 from daamkit.metrics import DEFAULT_THRESHOLD, threshold_mask
 from daamkit.trace import trace
 
@@ -89,7 +90,7 @@ class GenerateOptions:
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("progress")
-        d["trace"] = {k: list(v) if isinstance(v, (tuple, range)) else v for k, v in d["trace"].items()}
+        d["trace"] = jsonable(d["trace"])
         return d
 
 
