@@ -591,13 +591,20 @@ def prompt_window(tokenizer: Any, input_ids: Sequence[int] | Iterable[int], afte
 
 
 def align_in_template(
-    tokenizer: Any, input_ids: Sequence[int] | Iterable[int], after: str, prompt: str | None = None
+    tokenizer: Any,
+    input_ids: Sequence[int] | Iterable[int],
+    after: str,
+    prompt: str | None = None,
+    drop: int = 0,
+    length: int | None = None,
 ) -> TokenAlignment:
     """:func:`align` for ids that wrap the prompt in a chat template or instruction prefix.
 
-    Positions index ``input_ids``; template tokens belong to no word. A ``prompt`` that does not
-    tokenize to the ids inside the template (tokenizers may merge the first token with the text before
-    it) is not trusted: the words are then read off the ids.
+    The prompt is located in the whole ``input_ids`` (the template text ``after`` included); positions
+    then index the keys the denoiser sees: ``input_ids[drop:]`` cut to ``length``. Template tokens
+    belong to no word; words whose tokens fall past ``length`` are marked truncated. A ``prompt`` that
+    does not tokenize to the ids inside the template (tokenizers may merge the first token with the
+    text before it) is not trusted: the words are then read off the ids.
     """
     ids = _as_ids(input_ids)
     start, end = prompt_window(tokenizer, ids, after)
@@ -606,10 +613,12 @@ def align_in_template(
         part = align(tokenizer, inner, prompt, max_length=len(inner))
     except ValueError:
         part = align(tokenizer, inner, None, max_length=len(inner))
-    words = tuple(
-        Word(w.text, w.index, w.occurrence, tuple(start + p for p in w.positions), w.truncated, w.is_punctuation)
-        for w in part.words
-    )
+    keys = ids[drop:] if length is None else ids[drop : drop + length]
+    words = []
+    for w in part.words:
+        shifted = [start + p - drop for p in w.positions]
+        kept = tuple(p for p in shifted if 0 <= p < len(keys))
+        words.append(Word(w.text, w.index, w.occurrence, kept, w.truncated or len(kept) < len(shifted), w.is_punctuation))
     return TokenAlignment(
-        tokens=tuple(tokenizer.convert_ids_to_tokens(ids)), words=words, max_length=len(ids), prompt=part.prompt
+        tokens=tuple(tokenizer.convert_ids_to_tokens(keys)), words=tuple(words), max_length=len(keys), prompt=part.prompt
     )

@@ -402,7 +402,7 @@ class Trace:
                 )
             rows = call.ids.shape[0]
             row = min(i * rows // gen.num_images, rows - 1)
-            return align_in_template(tokenizer, call.ids[row].tolist()[drop:][:length], part.after, prompt)
+            return align_in_template(tokenizer, call.ids[row].tolist(), part.after, prompt, drop=drop, length=length)
         if call is None:
             if prompt is None:
                 raise TraceError(
