@@ -180,7 +180,7 @@ class Accumulator:
         self.grid = tuple(config.grid) if config.grid is not None else tuple(latent_hw)
         self.num_images = num_images
         self.branches: dict[str, _BranchSums] = {}
-        self.num_tokens: int | None = None
+        self.num_tokens: dict[str, int] = {}  # text keys per branch
         self.layers: dict[str, LayerInfo] = {}
 
     # ---- writing -----------------------------------------------------------------------------
@@ -203,10 +203,10 @@ class Accumulator:
         h, w, factor = layer_grid(self.latent_hw, n)
         if not (cfg.selects_step(step) and cfg.selects_layer(layer, factor)):
             return
-        if self.num_tokens is None:
-            self.num_tokens = t
-        elif t != self.num_tokens:
-            raise ValueError(f"layer {layer.name} sees {t} text tokens, other layers {self.num_tokens}")
+        # per branch: a negative prompt run as its own call may be padded to another length (CogView4)
+        known = self.num_tokens.setdefault(branch, t)
+        if t != known:
+            raise ValueError(f"layer {layer.name} sees {t} text tokens, other layers {known}")
         if cfg.heads is not None:
             bad = [i for i in cfg.heads if not 0 <= i < heads]
             if bad:

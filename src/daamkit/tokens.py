@@ -349,9 +349,11 @@ def _refine(tokenizer: Any, tokens: Sequence[str], group: list[int]) -> list[tup
         prefix = _token_text(tokenizer, [tokens[m] for m in group[: n + 1]])
         # Byte-level tokens may end inside a character: then the prefix is not a prefix of the text.
         if prefix and full.startswith(prefix) and len(prefix) in cuts and len(prefix) > start:
-            pieces.append((cur, full[start : len(prefix)]))
+            pieces.append((cur, full[start : len(prefix)].strip(_WHITESPACE)))
             cur, start = [], len(prefix)
-    pieces.append((cur, full[start:]))
+    # Byte-level BPE (GPT-2, Llama 3, GLM-4) has no word markers: the whole prompt is one group and
+    # each piece after the first carries the space its token began with.
+    pieces.append((cur, full[start:].strip(_WHITESPACE)))
     return pieces
 
 

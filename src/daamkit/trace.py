@@ -252,7 +252,9 @@ class Trace:
             or call.timestep > gen.last_timestep
         )
         if new:
-            cfg = self._uses_cfg(call.batch)
+            # a negative prompt with calls of its own is known by its second call at the step; every row of
+            # the first one is a positive prompt, whatever the pipeline's CFG flag says
+            cfg = False if self._separate_negative else self._uses_cfg(call.batch)
             n = call.batch // 2 if cfg else call.batch
             gen = self._gen = _Generation(
                 call=call,

@@ -53,8 +53,10 @@ def traced_equals_untraced(pipe, call: Callable[[], object], **trace_kw):
     """Run ``call`` untraced, then traced; assert identical images and a restored pipeline.
 
     Returns the trace (its results stay readable after the block)."""
-    before = pipeline_state(pipe)
     ref = images(call())
+    # after the untraced call: transformers installs its own output-capturing hooks on an encoder's
+    # first call with output_hidden_states (GLM, Gemma, Llama)
+    before = pipeline_state(pipe)
     with trace(pipe, **trace_kw) as tc:
         out = images(call())
     assert np.array_equal(out, ref), "tracing changed the image"
@@ -86,14 +88,18 @@ class HandSet:
     holds the generated image's tokens from ``image offset`` on (an int, or a callable of the output's
     sequence length). keys: ``[(regex, attribute, text offset)]`` likewise for the text tokens.
     Norm modules named in ``norms`` (on the matched modules) get weight ``gain``, so the model's own
-    q/k norms shape the scores.
+    q/k norms shape the scores. Where the norms have no weight (LayerNorm without affine: the scores
+    cannot be sharpened), ``others=-1`` with ``text_len`` gives the other text keys the opposite vector.
+    rows: the batch rows whose keys are set (None: all); the other rows' keys are zero.
     """
 
     def __init__(self, denoiser: nn.Module, grid: tuple[int, int], token: int, queries, keys,
                  region=(0.0, 0.5, 0.5, 1.0), norms=("norm_q", "norm_k", "norm_added_q", "norm_added_k"),
-                 gain: float = 6.0, heads_of: Callable[[nn.Module], int] = lambda m: int(m.heads)):
+                 gain: float = 6.0, heads_of: Callable[[nn.Module], int] = lambda m: int(m.heads),
+                 text_len: int = 0, others: float = 0.0, rows: Sequence[int] | None = None):
         self.mask = region_mask(grid, region)
         self.grid, self.token = grid, token
+        self.text_len, self.others, self.rows = text_len, others, rows
         self.handles = []
         self.saved = []
         for name, m in denoiser.named_modules():
@@ -138,7 +144,12 @@ class HandSet:
     def _k(self, heads: int, offset):
         def hook(mod, args, out):
             k = torch.zeros_like(out)
-            k[:, self._at(offset, out.shape[1]) + self.token] = self._unit(heads, out.shape[-1], out)
+            start = self._at(offset, out.shape[1])
+            u = self._unit(heads, out.shape[-1], out)
+            k[:, start: start + self.text_len] = self.others * u
+            k[:, start + self.token] = u
+            if self.rows is not None:
+                k[[r for r in range(k.shape[0]) if r not in self.rows]] = 0.0
             return k
 
         return hook

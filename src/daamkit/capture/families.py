@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from daamkit.capture.sdpa import AttentionTap, Slices
+
 
 @dataclass(frozen=True)
 class Site:
@@ -122,6 +124,19 @@ class Family:
         return ran or list(self.text[:1])
 
 
+def _after_registers(tap: AttentionTap, q_len: int, k_len: int) -> Slices | None:
+    """AuraFlow: every block attends over [register tokens (learned, no words), text, image]; the
+    single-stream modules get that sequence with no split, so the text length is the denoiser's."""
+    capture = tap.capture
+    text = capture.text_len
+    if text is None:
+        return None
+    lead = int(capture.denoiser.register_tokens.shape[1])
+    h, w = capture.current.latent_hw
+    start = lead + text
+    return Slices(slice(start, start + h * w), slice(lead, start)) if q_len >= start + h * w else None
+
+
 _UNET_TEXT = (TextPart("text_encoder", "tokenizer"),)
 
 FAMILIES: tuple[Family, ...] = (
@@ -165,6 +180,32 @@ FAMILIES: tuple[Family, ...] = (
         separate_negative=True,
         pipelines=("FluxPipeline",),
         tests="tests/capture/test_joint.py",
+    ),
+    # ---- cogview4, auraflow, lumina2, hidream -------------------------------------------------------
+    Family(
+        name="cogview4",
+        title="CogView4",
+        denoisers=("CogView4Transformer2DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn1", "joint", "text_image"),),
+        # GLM-4 ids are [<|endoftext|> left pads (to a multiple of 16, unmasked), [gMASK], <sop>, prompt]
+        text=(TextPart("text_encoder", "tokenizer", after="<sop>"),),
+        separate_negative=True,
+        pipelines=("CogView4Pipeline", "CogView4ControlPipeline"),
+        tests="tests/capture/test_family_cogview4.py",
+        notes="cond and uncond are separate calls, each padded to its own length",
+    ),
+    Family(
+        name="auraflow",
+        title="AuraFlow",
+        denoisers=("AuraFlowTransformer2DModel",),
+        sites=(
+            Site(r"joint_transformer_blocks\.\d+\.attn", "joint", "text_image", locate=_after_registers),
+            Site(r"single_transformer_blocks\.\d+\.attn", "single", "text_image", locate=_after_registers),
+        ),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        pipelines=("AuraFlowPipeline",),
+        tests="tests/capture/test_family_auraflow.py",
+        notes="8 learned register tokens precede the text keys; padded text is zeroed, not masked",
     ),
 )
 
