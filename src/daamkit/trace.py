@@ -271,6 +271,8 @@ class Trace:
         self._text_since_denoiser = False
 
     def _uses_cfg(self, batch: int) -> bool:
+        if self._separate_negative:
+            return False  # the negative prompt comes in calls of its own, never in this batch
         try:
             flag = self.pipe.do_classifier_free_guidance
         except AttributeError:
