@@ -16,11 +16,22 @@ import json
 import random
 import re
 from collections.abc import Iterable, Sequence
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from daamkit.testing.tokenizers import T5_WORDS
+
+if TYPE_CHECKING:
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        QwenImageEditPipeline,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 
 # The Qwen2 pre-tokenizer (transformers' ``tokenization_qwen2.PRETOKENIZE_REGEX``).
 QWEN_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -93,7 +104,9 @@ def _sentences(words: Sequence[str], n: int, seed: int) -> list[str]:
     return out
 
 
-def train_qwen_bpe(texts: Iterable[str], special: Sequence[str], vocab_size: int = 2000) -> tuple[dict, list]:
+def train_qwen_bpe(
+    texts: Iterable[str], special: Sequence[str], vocab_size: int = 2000
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE ``(vocab, merges)`` trained on ``texts`` with Qwen2's pre-tokenizer.
 
     The texts are cut at the ``special`` tokens first, as encoding does, and the trainer runs until no pair
@@ -132,7 +145,7 @@ def qwen_tokenizer(
     sentences: int = 400,
     eos_token: str = "<|im_end|>",
     model_max_length: int = 131072,
-):
+) -> Qwen2Tokenizer:
     """A ``Qwen2Tokenizer`` (fast, byte-level BPE) trained here, saved (``save_pretrained``) to ``out_dir``.
 
     The BPE part is trained on random runs of ``words`` alone and inside each of ``templates`` (strings with
@@ -166,19 +179,20 @@ def qwen_tokenizer(
     base = len(vocab)
     for i, (t, _) in enumerate(added_tokens):
         if tok.convert_tokens_to_ids(t) != base + i:
-            raise AssertionError(f"{t} got id {tok.convert_tokens_to_ids(t)}, expected {base + i}")
+            raise RuntimeError(f"{t} got id {tok.convert_tokens_to_ids(t)}, expected {base + i}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
     return Qwen2Tokenizer.from_pretrained(str(out))
 
 
-def qwen2_5_vl_tokenizer(out_dir: str | Path):
+def qwen2_5_vl_tokenizer(out_dir: str | Path) -> Qwen2Tokenizer:
     """The Qwen2.5-VL tokenizer of Qwen-Image (``Qwen2Tokenizer``) with Qwen-Image's prompt templates learnt."""
     return qwen_tokenizer(out_dir, templates=(QWENIMAGE_PROMPT_TEMPLATE, QWENIMAGE_EDIT_PROMPT_TEMPLATE))
 
 
-def _offline_processor_class():
+@cache
+def _offline_processor_class() -> type[Qwen2VLProcessor]:
     from transformers import Qwen2VLProcessor
 
     class OfflineQwen2VLProcessor(Qwen2VLProcessor):
@@ -197,7 +211,9 @@ def _offline_processor_class():
     return OfflineQwen2VLProcessor
 
 
-def qwen2_5_vl_processor(tokenizer_dir: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112):
+def qwen2_5_vl_processor(
+    tokenizer_dir: str | Path, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112
+) -> Qwen2VLProcessor:
     """A Qwen2-VL processor (PIL image processor, the tokenizer in ``tokenizer_dir``), built in memory.
 
     The real processor allows up to 12845056 pixels (about 1369 vision tokens for the edit pipeline's
@@ -218,7 +234,9 @@ def qwen2_5_vl_processor(tokenizer_dir: str | Path, min_pixels: int = 56 * 56, m
     )
 
 
-def tiny_qwen2_5_vl(tokenizer, seed: int = 0, hidden: int = 16):
+def tiny_qwen2_5_vl(
+    tokenizer: Qwen2Tokenizer, seed: int = 0, hidden: int = 16
+) -> Qwen2_5_VLForConditionalGeneration:
     """A random ``Qwen2_5_VLForConditionalGeneration`` with a vision tower, sized for ``tokenizer``.
 
     Two text layers with grouped KV heads and M-RoPE as in the real model; two vision blocks, the second a
@@ -258,7 +276,9 @@ def tiny_qwen2_5_vl(tokenizer, seed: int = 0, hidden: int = 16):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def tiny_qwenimage_transformer(seed: int = 0, joint_attention_dim: int = 16, z_dim: int = 16):
+def tiny_qwenimage_transformer(
+    seed: int = 0, joint_attention_dim: int = 16, z_dim: int = 16
+) -> QwenImageTransformer2DModel:
     """``QwenImageTransformer2DModel`` with two double-stream blocks (the only block kind it has)."""
     from diffusers import QwenImageTransformer2DModel
 
@@ -276,7 +296,7 @@ def tiny_qwenimage_transformer(seed: int = 0, joint_attention_dim: int = 16, z_d
     )
 
 
-def tiny_qwenimage_vae(seed: int = 0, z_dim: int = 16):
+def tiny_qwenimage_vae(seed: int = 0, z_dim: int = 16) -> AutoencoderKLQwenImage:
     """``AutoencoderKLQwenImage`` with the real three downsamplings (8 px per latent), narrow channels: the edit
     pipeline encodes a 1024x1024 reference on every call, and 4 base channels keep that to a few seconds."""
     from diffusers import AutoencoderKLQwenImage
@@ -293,7 +313,7 @@ def tiny_qwenimage_vae(seed: int = 0, z_dim: int = 16):
     )
 
 
-def tiny_qwenimage(tokenizer_dir: str | Path, seed: int = 0):
+def tiny_qwenimage(tokenizer_dir: str | Path, seed: int = 0) -> QwenImagePipeline:
     """A tiny ``QwenImagePipeline`` (fp32, CPU) driven by the tokenizer saved in ``tokenizer_dir``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
     from transformers import Qwen2Tokenizer
@@ -309,7 +329,7 @@ def tiny_qwenimage(tokenizer_dir: str | Path, seed: int = 0):
     )
 
 
-def tiny_qwenimage_edit(tokenizer_dir: str | Path, seed: int = 0):
+def tiny_qwenimage_edit(tokenizer_dir: str | Path, seed: int = 0) -> QwenImageEditPipeline:
     """A tiny ``QwenImageEditPipeline`` (fp32, CPU): the same components plus the Qwen2-VL processor.
 
     The pipeline always resizes the reference image to about 1024x1024 pixels (``calculate_dimensions``)

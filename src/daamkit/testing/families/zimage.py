@@ -10,10 +10,15 @@ then runs the main ``layers`` over the joint sequence. The caption is the Qwen3 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from daamkit.testing.families.qwenimage import QWEN2_5_ADDED_TOKENS, qwen_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3Model
 
 # Qwen3 adds these after the Qwen2.5 tokens (ids 151665-151668).
 QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = QWEN2_5_ADDED_TOKENS + (
@@ -115,7 +120,7 @@ QWEN3_CHAT_TEMPLATE = """{%- if tools %}
 ZIMAGE_PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def qwen3_tokenizer(out_dir: str | Path):
+def qwen3_tokenizer(out_dir: str | Path) -> Qwen2Tokenizer:
     """The Qwen3 tokenizer of Z-Image (``Qwen2Tokenizer``, Qwen3's added tokens and chat template)."""
     return qwen_tokenizer(
         out_dir,
@@ -126,7 +131,7 @@ def qwen3_tokenizer(out_dir: str | Path):
     )
 
 
-def tiny_qwen3(tokenizer, seed: int = 0, hidden: int = 16):
+def tiny_qwen3(tokenizer: Qwen2Tokenizer, seed: int = 0, hidden: int = 16) -> Qwen3Model:
     """A random ``Qwen3Model`` sized for ``tokenizer``: two layers (the pipeline reads ``hidden_states[-2]``)."""
     from transformers import Qwen3Config, Qwen3Model
 
@@ -149,7 +154,9 @@ def tiny_qwen3(tokenizer, seed: int = 0, hidden: int = 16):
     return Qwen3Model(config).eval()
 
 
-def tiny_zimage_transformer(seed: int = 0, cap_feat_dim: int = 16, in_channels: int = 16):
+def tiny_zimage_transformer(
+    seed: int = 0, cap_feat_dim: int = 16, in_channels: int = 16
+) -> ZImageTransformer2DModel:
     """``ZImageTransformer2DModel`` with every block kind: noise refiner, context refiner and main layers."""
     from diffusers import ZImageTransformer2DModel
 
@@ -173,7 +180,7 @@ def tiny_zimage_transformer(seed: int = 0, cap_feat_dim: int = 16, in_channels: 
     )
 
 
-def tiny_zimage_vae(seed: int = 0, latent_channels: int = 16):
+def tiny_zimage_vae(seed: int = 0, latent_channels: int = 16) -> AutoencoderKL:
     """A Flux-style ``AutoencoderKL``: four blocks (8 px per latent), 16 latent channels, Flux's scale/shift."""
     from diffusers import AutoencoderKL
 
@@ -195,7 +202,7 @@ def tiny_zimage_vae(seed: int = 0, latent_channels: int = 16):
     )
 
 
-def tiny_zimage(tokenizer_dir: str | Path, seed: int = 0):
+def tiny_zimage(tokenizer_dir: str | Path, seed: int = 0) -> ZImagePipeline:
     """A tiny ``ZImagePipeline`` (fp32, CPU) driven by the tokenizer saved in ``tokenizer_dir``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from transformers import Qwen2Tokenizer
