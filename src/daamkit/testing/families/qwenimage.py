@@ -174,6 +174,9 @@ def qwen_tokenizer(
         model_max_length=model_max_length,
     )
     tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in added_tokens])
+    # the real tokenizer_config lists its special added tokens as additional special tokens, so that
+    # all_special_ids (where a prompt inside a chat template ends) holds <|im_start|>, <|vision_end|>, ...
+    tok.add_special_tokens({"extra_special_tokens": [t for t, s in added_tokens if s and t != "<|endoftext|>"]})
     tok.eos_token = eos_token
     tok.chat_template = chat_template
     base = len(vocab)
