@@ -252,9 +252,7 @@ class Trace:
             or call.timestep > gen.last_timestep
         )
         if new:
-            # a negative prompt with calls of its own is known by its second call at the step; every row of
-            # the first one is a positive prompt, whatever the pipeline's CFG flag says
-            cfg = False if self._separate_negative else self._uses_cfg(call.batch)
+            cfg = self._uses_cfg(call.batch)
             n = call.batch // 2 if cfg else call.batch
             gen = self._gen = _Generation(
                 call=call,
@@ -273,6 +271,8 @@ class Trace:
         self._text_since_denoiser = False
 
     def _uses_cfg(self, batch: int) -> bool:
+        if self._separate_negative:
+            return False  # the negative prompt comes in calls of its own, never in this batch
         try:
             flag = self.pipe.do_classifier_free_guidance
         except AttributeError:
@@ -291,9 +291,10 @@ class Trace:
         if not gen.cfg or gen.separate:
             return {"cond": slice(0, batch)}
         n = batch // 2
-        rows = {"cond": slice(n, 2 * n)}
+        cond, negative = (slice(0, n), slice(n, 2 * n)) if self.capture.cond_first else (slice(n, 2 * n), slice(0, n))
+        rows = {"cond": cond}
         if self.config.negative:
-            rows["negative"] = slice(0, n)
+            rows["negative"] = negative
         return rows
 
     def wants(self, layer: LayerInfo, image_tokens: int) -> bool:

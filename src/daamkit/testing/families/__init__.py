@@ -1,6 +1,7 @@
-"""Tiny offline pipelines of the newer diffusion-transformer families, one module per family.
+"""Tiny offline pipelines of the newer diffusers families, one module per family.
 
-Each module builds a complete diffusers pipeline (fp32, CPU, random weights at diffusers' test sizes but
-with every block kind of the real model) and writes the tokenizer(s) it needs: trained here on a small
-vocabulary, with the real special tokens and chat templates, so that the pipeline's own prompt code runs.
+Each module builds its family's pipelines the way diffusers' own pipeline tests build dummy components
+(small widths, one or two layers, every block kind of the real denoiser kept), seeded and in fp32 on the
+CPU, and writes the family's tokenizers to a folder: trained here on a tiny vocabulary but with the real
+special tokens and chat template, so that each pipeline's own prompt-encoding code runs unchanged.
 """
