@@ -32,7 +32,8 @@ class Site:
     text_from: where the text length is read: ``"module"`` (the module's ``encoder_hidden_states``)
         or ``"denoiser"`` (the denoiser's, for modules that get one concatenated sequence).
     needs: attributes the module must have (not None) to be text-image attention.
-    locate: overrides the layout: ``locate(tap, q_len, k_len) -> Slices | None``.
+    locate: overrides the layout: ``locate(tap, q_len, k_len) -> Slices | None``, or a sequence of
+        ``Slices``, one per batch row, when each sample is packed with its own text length.
     """
 
     pattern: str
@@ -196,6 +197,27 @@ def _after_registers(tap: Any, q_len: int, k_len: int) -> Slices | None:
     return Slices(slice(start, start + h * w), slice(lead, start)) if q_len >= start + h * w else None
 
 
+
+def _caption_lengths(args: tuple, kwargs: dict) -> list[int]:
+    mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError("Lumina2Transformer2DModel called without encoder_attention_mask: cannot find the captions")
+    return [int(n) for n in mask.sum(1).tolist()]
+
+
+def _lumina2_locate(tap: Any, q_len: int, k_len: int) -> list[Slices] | None:
+    """Lumina 2 packs each sample as [its caption's valid tokens (c_i), image, zeros up to the longest]:
+    the image queries start at c_i, the text keys are the first c_i; key slices run over the longest
+    caption, and past c_i (that row's image) they are not text."""
+    capture = tap.capture
+    h, w = capture.current.latent_hw
+    lengths = _caption_lengths(*capture.inputs)
+    n = max(lengths)
+    if q_len < n + h * w or k_len < n + h * w:
+        return None
+    valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    return [Slices(slice(c, c + h * w), slice(0, n), valid) for c in lengths]
+
 _UNET_TEXT = (TextPart("text_encoder", "tokenizer"),)
 
 FAMILIES: tuple[Family, ...] = (
@@ -340,6 +362,22 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("AuraFlowPipeline",),
         tests="tests/capture/test_family_auraflow.py",
         notes="8 learned register tokens precede the text keys; padded text is zeroed, not masked",
+    ),
+    Family(
+        name="lumina2",
+        title="Lumina-Image 2.0",
+        denoisers=("Lumina2Transformer2DModel",),
+        # context_refiner / noise_refiner attend within the caption / the image alone
+        sites=(Site(r"layers\.\d+\.attn", "joint", "text_image", locate=_lumina2_locate),),
+        # prompts follow the system prompt and " <Prompt Start> "; a negative prompt has no prefix
+        text=(TextPart("text_encoder", "tokenizer", after=("<Prompt Start>", "<bos>")),),
+        denoiser_text_len=lambda args, kwargs: max(_caption_lengths(args, kwargs)),
+        timestep_position=1,
+        timestep_rises=True,
+        separate_negative=True,
+        pipelines=("Lumina2Pipeline",),
+        tests="tests/capture/test_family_lumina2.py",
+        notes="each sample is packed as [caption, image] with its own caption length; cond and uncond are separate calls",
     ),
 )
 

@@ -139,7 +139,10 @@ class AttentionTap:
     """The hooks of one traced attention module.
 
     ``locate(tap, q_len, k_len)`` gives the :class:`Slices` of one call (or None to skip it); the tap
-    keeps what its pre-hook read off the module's inputs (``hidden_len``, ``text_len``) for it.
+    keeps what its pre-hook read off the module's inputs (``hidden_len``, ``text_len``) for it. Where
+    the rows of a batch place their text and image differently (each sample packed as [its caption,
+    image]), ``locate`` gives one ``Slices`` per batch row, all with key slices of one length and
+    ``valid`` marking the keys that are not text in a row with a shorter caption.
     Only the first attention call of a module forward is read: later ones (IP-Adapter's image
     attention, say) attend to other keys.
     """
@@ -183,12 +186,22 @@ class AttentionTap:
         where = self.locate(self, int(q.shape[2]), int(k.shape[2]))
         if where is None:
             return
+        q, k = q.detach(), k.detach()
         with torch.no_grad():
             for branch, rows in self.rows.items():
-                probs = text_probabilities(
-                    q.detach(), k.detach(), where, scale=kwargs.get("scale"), mask=mask, rows=rows,
-                    probabilities=self.capture.probabilities,
-                )
+                if isinstance(where, Slices):
+                    probs = text_probabilities(
+                        q, k, where, scale=kwargs.get("scale"), mask=mask, rows=rows,
+                        probabilities=self.capture.probabilities,
+                    )
+                else:  # one Slices per batch row: rows packed with their own text length (Lumina 2)
+                    probs = torch.cat([
+                        text_probabilities(
+                            q, k, where[r], scale=kwargs.get("scale"), mask=mask, rows=slice(r, r + 1),
+                            probabilities=self.capture.probabilities,
+                        )
+                        for r in range(*rows.indices(q.shape[0]))
+                    ])
                 self.sink.on_attention(self.layer, probs, branch)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

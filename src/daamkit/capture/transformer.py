@@ -8,6 +8,7 @@ latent grid, the text length) and an :class:`~daamkit.capture.sdpa.AttentionTap`
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,7 +55,7 @@ class _PreHook(DenoiserPreHook):
         self.sink.on_denoiser_call(call)
 
 
-def locate(tap: AttentionTap, q_len: int, k_len: int) -> Slices | None:
+def locate(tap: AttentionTap, q_len: int, k_len: int) -> Slices | Sequence[Slices] | None:
     """Image queries and text keys of one attention call, from the module's site layout."""
     capture: TransformerCapture = tap.capture
     site: Site = capture.site_of[tap.layer.name]
