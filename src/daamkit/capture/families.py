@@ -218,6 +218,15 @@ def _lumina2_locate(tap: Any, q_len: int, k_len: int) -> list[Slices] | None:
     valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
     return [Slices(slice(c, c + h * w), slice(0, n), valid) for c in lengths]
 
+
+def _hidream_text_len(args: tuple, kwargs: dict) -> int | None:
+    """[T5, Llama (last selected layer), Llama (the block's own layer)]: T5's length plus twice Llama's."""
+    t5 = kwargs.get("encoder_hidden_states_t5", args[2] if len(args) > 2 else None)
+    llama = kwargs.get("encoder_hidden_states_llama3", args[3] if len(args) > 3 else None)
+    if not isinstance(t5, torch.Tensor) or llama is None:
+        return None
+    return int(t5.shape[1]) + 2 * int(llama[0].shape[-2])
+
 _UNET_TEXT = (TextPart("text_encoder", "tokenizer"),)
 
 FAMILIES: tuple[Family, ...] = (
@@ -378,6 +387,29 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("Lumina2Pipeline",),
         tests="tests/capture/test_family_lumina2.py",
         notes="each sample is packed as [caption, image] with its own caption length; cond and uncond are separate calls",
+    ),
+    Family(
+        name="hidream",
+        title="HiDream-I1 (full, dev, fast)",
+        denoisers=("HiDreamImageTransformer2DModel",),
+        # the blocks call their attention with positional arguments and no text split: the text is the
+        # end of the keys, its length the denoiser's; a non-square image's padding follows its tokens
+        sites=(
+            Site(r"double_stream_blocks\.\d+\.block\.attn1", "double", "image_text", text_from="denoiser"),
+            Site(r"single_stream_blocks\.\d+\.block\.attn1", "single", "image_text", text_from="denoiser"),
+        ),
+        # CLIP-L/G only give a pooled vector; the Llama tokens come twice, as two layers' projections
+        text=(
+            TextPart("text_encoder_3", "tokenizer_3"),
+            TextPart("text_encoder_4", "tokenizer_4"),
+            TextPart("text_encoder_4", "tokenizer_4"),
+        ),
+        denoiser_text_len=_hidream_text_len,
+        timestep_kwarg="timesteps",
+        timestep_position=1,
+        pipelines=("HiDreamImagePipeline",),
+        tests="tests/capture/test_family_hidream.py",
+        notes="keys are [image, T5, Llama last layer, Llama layer of the block]: the last part differs per block",
     ),
 )
 
