@@ -56,6 +56,7 @@ _VERSION = 1
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _CLIP_END = "</w>"
 _SP_START = "\u2581"  # '▁'
+_BYTE_SPACE = "\u0120"  # 'Ġ': a leading space in byte-level BPE (GPT-2, Qwen)
 _PUNCT_SYMBOL_CATEGORIES = {"Sm", "Sc", "Sk"}
 # Unicode White_Space, what the tokenizers' regexes call \s. Python's str.isspace() also counts the
 # separators U+001C..U+001F, which CLIP keeps as (byte-level) tokens.
@@ -321,7 +322,7 @@ def _group(tokens: Sequence[str]) -> list[list[int]]:
     groups: list[list[int]] = []
     cur: list[int] = []
     for k, t in enumerate(tokens):
-        if not clip and t.startswith(_SP_START) and cur:
+        if not clip and t.startswith((_SP_START, _BYTE_SPACE)) and cur:
             groups.append(cur)
             cur = []
         cur.append(k)
@@ -349,9 +350,9 @@ def _refine(tokenizer: Any, tokens: Sequence[str], group: list[int]) -> list[tup
         prefix = _token_text(tokenizer, [tokens[m] for m in group[: n + 1]])
         # Byte-level tokens may end inside a character: then the prefix is not a prefix of the text.
         if prefix and full.startswith(prefix) and len(prefix) in cuts and len(prefix) > start:
-            pieces.append((cur, full[start : len(prefix)]))
+            pieces.append((cur, full[start : len(prefix)].strip(_WHITESPACE)))
             cur, start = [], len(prefix)
-    pieces.append((cur, full[start:]))
+    pieces.append((cur, full[start:].strip(_WHITESPACE)))
     return pieces
 
 
@@ -377,6 +378,15 @@ def _content_span(tokenizer: Any, ids: list[int]) -> tuple[int, int, bool]:
     while end > start and pad is not None and ids[end - 1] == pad:
         end -= 1
     return start, end, False
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    """Named and extra special tokens, and added tokens flagged special: a chat template's markers
+    (Mistral's ``[/INST]``) are often only the latter."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+    return ids
 
 
 def _tokenize_ids(tokenizer: Any, text: str) -> tuple[list[str], list[int]]:
@@ -557,27 +567,40 @@ def concat_alignments(parts: Sequence[TokenAlignment], total: int | None = None)
     return TokenAlignment(tokens=tuple(tokens), words=tuple(words), max_length=len(tokens), prompt=prompt)
 
 
-def prompt_window(tokenizer: Any, input_ids: Sequence[int] | Iterable[int], after: str) -> tuple[int, int]:
+def _template_end(full: str, after: str) -> int:
+    """Where the text after the last occurrence of ``after`` in ``full`` starts, or -1. A decoder may
+    not reproduce the whitespace around the template text: then its stripped form is looked for."""
+    at = full.rfind(after)
+    if at >= 0:
+        return at + len(after)
+    at = full.rfind(after.strip()) if after.strip() else -1
+    return at + len(after.strip()) if at >= 0 else -1
+
+
+def prompt_window(
+    tokenizer: Any, input_ids: Sequence[int] | Iterable[int], after: str | Sequence[str]
+) -> tuple[int, int]:
     """``(start, end)``: where the prompt's own tokens lie in ids that wrap it in a template.
 
     Chat-template encoders (Qwen2.5-VL, Qwen3, Mistral, Gemma with an instruction prefix) put the
     prompt after a fixed text (``after``: e.g. ``"<|im_start|>user\\n"``) and close it with a special
     token. The prompt starts at the first token that reaches past the last occurrence of ``after`` in
-    the decoded ids, and ends at the next special token (end of turn, EOS, padding) or the end.
-    Raises ``ValueError`` when ``after`` is not in the ids (the pipeline used another template).
+    the decoded ids (whitespace-only tokens there are template), and ends at the next special token
+    (end of turn, EOS, padding) or the end. ``after`` may be several texts (pipelines sharing one
+    encoder with different templates, e.g. with and without a reference image's vision tokens before
+    the prompt): the one whose last occurrence ends last counts. Raises ``ValueError`` when none is
+    in the ids (the pipeline used another template).
     """
     ids = _as_ids(input_ids)
+    texts = (after,) if isinstance(after, str) else tuple(after)
 
     def text(n: int) -> str:
         return tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     full = text(len(ids))
-    at = full.rfind(after)
-    if at < 0:
-        at = full.rfind(after.strip())
-        if at < 0 or not after.strip():
-            raise ValueError(f"the template text {after!r} is not in the encoded prompt: cannot find the prompt's tokens")
-    target = at + len(after.rstrip()) if full.startswith(after, at) else at + len(after.strip())
+    target = max((_template_end(full, a) for a in texts), default=-1)
+    if target < 0:
+        raise ValueError(f"the template text {after!r} is not in the encoded prompt: cannot find the prompt's tokens")
     lo, hi = 0, len(ids)  # smallest n with len(text(n + 1)) > target, by bisection (decoding is monotone)
     while lo < hi:
         mid = (lo + hi) // 2
@@ -585,15 +608,17 @@ def prompt_window(tokenizer: Any, input_ids: Sequence[int] | Iterable[int], afte
             hi = mid
         else:
             lo = mid + 1
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special = _special_ids(tokenizer)
     end = next((n for n in range(lo, len(ids)) if ids[n] in special), len(ids))
+    while lo < end and not text(lo + 1)[len(text(lo)):].strip(_WHITESPACE):
+        lo += 1
     return lo, end
 
 
 def align_in_template(
     tokenizer: Any,
     input_ids: Sequence[int] | Iterable[int],
-    after: str,
+    after: str | Sequence[str],
     prompt: str | None = None,
     drop: int = 0,
     length: int | None = None,

@@ -71,6 +71,7 @@ class _Generation:
     step: int = 0
     last_timestep: float = 0.0
     negative_call: bool = False  # the current denoiser call runs the negative prompt alone (Flux true CFG)
+    separate: bool = False  # the negative prompt has calls of its own: no call holds both halves
     timesteps: list[float] = field(default_factory=list)
 
     @property
@@ -100,6 +101,24 @@ class _TruncationLog(logging.Handler):
             self.pending = [str(r) for r in removed]
 
 
+def _guider_separates(pipe: Any) -> bool:
+    """Whether a modular pipeline's guider runs the negative prompt as its own denoiser call.
+
+    Modular pipelines call the denoiser once per condition of their guider, the conditional one
+    first: a second call at the same timestep is then the negative prompt's. Guiders that add more
+    predictions (perturbed or skipped layers) would make a third call the trace cannot name."""
+    guider = getattr(pipe, "guider", None)
+    if guider is None:
+        return False
+    predictions = list(getattr(guider, "_input_predictions", None) or [])
+    if predictions[:2] != ["pred_cond", "pred_uncond"] or len(predictions) > 2:
+        raise UnsupportedPipelineError(
+            f"the pipeline's guider {type(guider).__name__} predicts {predictions}: daamkit traces guiders that "
+            "run a conditional and an unconditional call (e.g. ClassifierFreeGuidance, AdaptiveProjectedGuidance)"
+        )
+    return True
+
+
 class Trace:
     """One traced session of a pipeline; created by :func:`trace`."""
 
@@ -117,6 +136,7 @@ class Trace:
         self.pipe = pipe
         self.config = config
         self.capture = detect_capture(pipe, probabilities=config.probabilities)
+        self._separate_negative = self.capture.repeated_timestep_is_negative or _guider_separates(pipe)
         chosen: list[AttributionMethod] = [DaamMethod()]
         concept = ConceptMethod.from_options(concepts, concept_embeds, concept_softmax)
         if concept is not None:
@@ -217,12 +237,12 @@ class Trace:
         if (
             gen is not None
             and not self._text_since_denoiser
-            and self.capture.repeated_timestep_is_negative
+            and self._separate_negative
             and call.timestep == gen.last_timestep
             and call.batch == gen.call.batch
         ):
             gen.negative_call = True  # same step again: the negative prompt's own call
-            gen.cfg = True
+            gen.cfg = gen.separate = True
             return
         new = (
             gen is None
@@ -251,6 +271,8 @@ class Trace:
         self._text_since_denoiser = False
 
     def _uses_cfg(self, batch: int) -> bool:
+        if self._separate_negative:
+            return False  # the negative prompt comes in calls of its own, never in this batch
         try:
             flag = self.pipe.do_classifier_free_guidance
         except AttributeError:
@@ -266,7 +288,7 @@ class Trace:
             return {}
         if gen.negative_call:
             return {"negative": slice(0, batch)} if self.config.negative else {}
-        if not gen.cfg:
+        if not gen.cfg or gen.separate:
             return {"cond": slice(0, batch)}
         n = batch // 2
         rows = {"cond": slice(n, 2 * n)}

@@ -200,6 +200,13 @@ def test_flux_batches_true_cfg_and_block_selection(flux):
         assert tc.num_steps == 1
         torch.testing.assert_close(tc.heat_maps(0).maps, plain)
         assert tc.heat_maps(0, branch="negative").words == ["a", "blurry", "photo"]
+    # over several steps each call keeps its own rows: the positive call is not split in halves
+    with trace(flux, negative=True) as tc:
+        run(flux, steps=2, true_cfg_scale=2.0, negative_prompt="a blurry photo")
+        assert tc.num_steps == 2
+        cond, neg = tc.heat_maps(0).maps, tc.heat_maps(0, branch="negative").maps
+        assert cond.sum() > 0 and neg.sum() > 0
+        assert not torch.allclose(cond[:4], neg[:4])
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

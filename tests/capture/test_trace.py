@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from daamkit import AggregationConfig, TraceError, UnsupportedPipelineError, trace
 from daamkit.aggregate import layer_grid
-from daamkit.testing.pipelines import tiny_controlnet, tiny_sd, tiny_sdxl
+from daamkit.testing.pipelines import tiny_controlnet, tiny_sd
 
 PROMPT = "a red dog on a bench"
 
@@ -20,11 +20,6 @@ PROMPT = "a red dog on a bench"
 @pytest.fixture()
 def sd(clip_tokenizer_dir):
     return tiny_sd(clip_tokenizer_dir)
-
-
-@pytest.fixture()
-def sdxl(clip_tokenizer_dir, clip_tokenizer_2_dir):
-    return tiny_sdxl(clip_tokenizer_dir, clip_tokenizer_2_dir)
 
 
 def run(pipe, prompt=PROMPT, steps=2, h=32, w=48, seed=0, **kw):

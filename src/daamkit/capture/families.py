@@ -49,14 +49,15 @@ class TextPart:
     follows it (None: the tokenizer's ``model_max_length``). drop: leading ids the pipeline cuts from
     the encoder's output before the denoiser sees it (an int, or the name of a pipeline attribute).
     after: the text that precedes the prompt in a chat template or instruction prefix; the words are
-    looked for after its last occurrence in the ids, never in the template.
+    looked for after its last occurrence in the ids, never in the template. Several texts (a tuple)
+    when the pipelines of one family use different templates: the one ending last in the ids counts.
     """
 
     encoder: str
     tokenizer: str
     length: int | None = None
     drop: int | str = 0
-    after: str | None = None
+    after: str | tuple[str, ...] | None = None
 
 
 def _encoder_hidden_states_len(args: tuple, kwargs: dict) -> int | None:
@@ -92,6 +93,19 @@ def _ids_grid(key: str) -> Callable[[nn.Module, tuple, dict], tuple[int, int]]:
         return int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
 
     return grid
+
+
+# ---- flux2: the generated image among reference images -------------------------------------------
+def _time_zero_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """FLUX.2's ``img_ids`` (B, N, 4) are (time, row, column, layer): the generated image's tokens have
+    time 0, reference images' 10, 20, ... (the KV pipeline puts those first)."""
+    ids = kwargs.get("img_ids", args[3] if len(args) > 3 else None)
+    if ids is None:
+        raise ValueError(f"{type(denoiser).__name__} called without img_ids: cannot place image tokens on a grid")
+    if ids.ndim == 3:
+        ids = ids[0]
+    own = ids[ids[:, 0] == 0]
+    return int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,44 @@ FAMILIES: tuple[Family, ...] = (
         patch=lambda denoiser: 2,  # latents are packed 2x2
         timestep_position=None,
         separate_negative=True,
-        pipelines=("FluxPipeline",),
+        pipelines=("FluxPipeline", "FluxKontextPipeline"),
         tests="tests/capture/test_joint.py",
+        notes="Kontext's reference image: tokens after the generated ones (img_ids first coordinate 1), not image queries",
+    ),
+    # ---- flux2, chroma
+    Family(
+        name="flux2",
+        title="FLUX.2 (dev, klein)",
+        denoisers=("Flux2Transformer2DModel",),
+        sites=(
+            Site(r"transformer_blocks\.\d+\.attn", "double", "text_image"),
+            Site(r"single_transformer_blocks\.\d+\.attn", "single", "text_image", text_from="denoiser"),
+        ),
+        # no token is dropped: the chat template stays in the keys, the prompt after dev's (Mistral)
+        # "[INST]" or klein's (Qwen3) "<|im_start|>user\n"
+        text=(TextPart("text_encoder", "tokenizer", after=("[INST]", "<|im_start|>user\n")),),
+        grid=_time_zero_grid,
+        patch=lambda denoiser: 2,  # latents are patchified 2x2 into channels
+        separate_negative=True,  # klein base: cond call, then the uncond one; dev is guidance-distilled
+        pipelines=("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline"),
+        tests="tests/capture/test_family_flux2.py",
+        notes="keys are [text (padded to 512, left-padded for dev), image, reference images]",
+    ),
+    Family(
+        name="chroma",
+        title="Chroma",
+        denoisers=("ChromaTransformer2DModel",),
+        sites=(
+            Site(r"transformer_blocks\.\d+\.attn", "double", "text_image", needs=("add_k_proj",)),
+            Site(r"single_transformer_blocks\.\d+\.attn", "single", "text_image", text_from="denoiser"),
+        ),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=_ids_grid("img_ids"),
+        patch=lambda denoiser: 2,  # latents are packed 2x2
+        separate_negative=True,
+        pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+        tests="tests/capture/test_family_chroma.py",
+        notes="the text mask is a float 0/1 the model adds to the scores (padding is damped, not masked): taken as given",
     ),
 )
 
