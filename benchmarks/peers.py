@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup",
         type=int,
         default=1,
-        help="calls of each arm run first and discarded (the peer's first call always runs: it "
-        "tells which layers it records)",
+        help="calls of each arm run first and discarded (besides these, one untraced call always runs "
+        "first, and one peer call that tells which layers it records)",
     )
     p.add_argument(
         "--probabilities",
