@@ -169,6 +169,8 @@ class _BranchSums:
     steps_seen: set[int] = field(default_factory=set)
     # reference mode: (layer) -> (B, heads, T, h, w) sums over steps at native resolution
     native: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a separate negative call (true CFG) may see another text length than the positive one
+    num_tokens: int | None = None
 
 
 class Accumulator:
@@ -180,7 +182,6 @@ class Accumulator:
         self.grid = tuple(config.grid) if config.grid is not None else tuple(latent_hw)
         self.num_images = num_images
         self.branches: dict[str, _BranchSums] = {}
-        self.num_tokens: int | None = None
         self.layers: dict[str, LayerInfo] = {}
 
     # ---- writing -----------------------------------------------------------------------------
@@ -203,17 +204,17 @@ class Accumulator:
         h, w, factor = layer_grid(self.latent_hw, n)
         if not (cfg.selects_step(step) and cfg.selects_layer(layer, factor)):
             return
-        if self.num_tokens is None:
-            self.num_tokens = t
-        elif t != self.num_tokens:
-            raise ValueError(f"layer {layer.name} sees {t} text tokens, other layers {self.num_tokens}")
+        sums = self.branches.setdefault(branch, _BranchSums())
+        if sums.num_tokens is None:
+            sums.num_tokens = t
+        elif t != sums.num_tokens:
+            raise ValueError(f"layer {layer.name} sees {t} text tokens, other layers {sums.num_tokens}")
         if cfg.heads is not None:
             bad = [i for i in cfg.heads if not 0 <= i < heads]
             if bad:
                 raise ValueError(f"heads {bad} out of range: layer {layer.name} has {heads} heads (0..{heads - 1})")
             probs = probs[:, list(cfg.heads)]
         self.layers[layer.name] = layer
-        sums = self.branches.setdefault(branch, _BranchSums())
         sums.layers_seen.add(layer.name)
         sums.steps_seen.add(step)
         probs = probs.float()

@@ -291,9 +291,10 @@ class Trace:
         if not gen.cfg or gen.separate:
             return {"cond": slice(0, batch)}
         n = batch // 2
-        rows = {"cond": slice(n, 2 * n)}
+        cond, negative = (slice(0, n), slice(n, 2 * n)) if self.capture.cond_first else (slice(n, 2 * n), slice(0, n))
+        rows = {"cond": cond}
         if self.config.negative:
-            rows["negative"] = slice(0, n)
+            rows["negative"] = negative
         return rows
 
     def wants(self, layer: LayerInfo, image_tokens: int) -> bool:

@@ -53,8 +53,8 @@ def traced_equals_untraced(pipe, call: Callable[[], object], **trace_kw):
     """Run ``call`` untraced, then traced; assert identical images and a restored pipeline.
 
     Returns the trace (its results stay readable after the block)."""
-    before = pipeline_state(pipe)
     ref = images(call())
+    before = pipeline_state(pipe)  # after a first call: transformers' encoders add their own hooks then
     with trace(pipe, **trace_kw) as tc:
         out = images(call())
     assert np.array_equal(out, ref), "tracing changed the image"
@@ -160,3 +160,31 @@ def assert_peaks_in_region(maps: torch.Tensor, position: int, mask: torch.Tensor
     assert inside.flatten()[int(m.argmax())]
     others = torch.cat([maps[:position], maps[position + 1:]])
     assert others[:, inside].mean() < 0.05 * m[inside].mean()
+
+
+class RowHandSet(HandSet):
+    """:class:`HandSet` whose key token depends on the row and on the call's key length:
+    ``token_of(row, n)`` (an image's own word, a negative prompt's word), with the unit vector at
+    ``dim`` of each head. Rotary embeddings turn dims (0, 1) fastest; families that rotate text keys
+    by their position (Qwen-Image, Z-Image) put it on the slowest pair of the first axis instead, so
+    that the query-key angle stays small."""
+
+    def __init__(self, denoiser: nn.Module, grid: tuple[int, int], token_of: Callable[[int, int], int], queries, keys,
+                 dim: int = 0, **kw):
+        self.token_of, self.dim = token_of, dim
+        super().__init__(denoiser, grid, 0, queries, keys, **kw)
+
+    def _unit(self, heads: int, c: int, like: torch.Tensor) -> torch.Tensor:
+        u = torch.zeros(c // heads, dtype=like.dtype)
+        u[self.dim] = 1.0
+        return u.repeat(heads)
+
+    def _k(self, heads: int, offset):
+        def hook(mod, args, out):
+            k = torch.zeros_like(out)
+            start = self._at(offset, out.shape[1])
+            for r in range(out.shape[0]):
+                k[r, start + self.token_of(r, out.shape[1])] = self._unit(heads, out.shape[-1], out)
+            return k
+
+        return hook

@@ -27,7 +27,7 @@ class DenoiserCall:
 
     batch: int  # rows in the denoiser batch (CFG halves included)
     latent_hw: tuple[int, int]  # latent grid (height, width) of the image tokens
-    timestep: float
+    timestep: float  # falls from step to step (negated for a family whose time rises, e.g. Z-Image)
 
 
 class CaptureSink(Protocol):

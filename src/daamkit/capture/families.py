@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from daamkit.capture.sdpa import Slices
+
 
 @dataclass(frozen=True)
 class Site:
@@ -125,6 +127,8 @@ class Family:
     timestep_kwarg: str = "timestep"
     timestep_position: int | None = 2
     separate_negative: bool = False  # true CFG: the negative prompt runs as its own call, after the positive
+    cond_first: bool = False  # batched CFG rows are [cond, negative] (diffusers' usual order is [negative, cond])
+    timestep_rises: bool = False  # the denoiser's time goes from 0 (noise) up to 1 (image): t = 1 - sigma
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
     tests: str = ""  # the test file
     notes: str = ""
@@ -134,6 +138,48 @@ class Family:
         """The parts whose encoders ran (all of them when none was seen: ``prompt_embeds``)."""
         ran = [p for p in self.text if p.encoder in called]
         return ran or list(self.text[:1])
+
+
+
+# ---- qwenimage, zimage ------------------------------------------------------------------------------
+def _qwenimage_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """``img_shapes``: per sample, (frames, rows, cols) of each image in the image tokens, the generated
+    one first (an edit's reference images follow it)."""
+    shapes = kwargs.get("img_shapes", args[4] if len(args) > 4 else None)
+    if not shapes:
+        raise ValueError("QwenImageTransformer2DModel called without img_shapes: cannot place image tokens on a grid")
+    first = shapes[0][0] if isinstance(shapes[0], list) else shapes[0]
+    return int(first[-2]), int(first[-1])
+
+
+def _zimage_inputs(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], list[int]]:
+    """The latents (C, F, H, W) and the caption lengths of each sample."""
+    x = kwargs.get("x", args[0] if args else None)
+    caps = kwargs.get("cap_feats", args[2] if len(args) > 2 else None)
+    if not x or not isinstance(x[0], torch.Tensor) or not caps or not isinstance(caps[0], torch.Tensor):
+        raise ValueError("ZImageTransformer2DModel in omni mode (nested lists of images and captions) is not traced")
+    return list(x), [int(c.shape[0]) for c in caps]
+
+
+def _zimage_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
+    p = int(kwargs.get("patch_size", 2))
+    h, w = _zimage_inputs(args, kwargs)[0][0].shape[-2:]
+    return int(h) // p, int(w) // p
+
+
+def _zimage_locate(tap: Any, q_len: int, k_len: int) -> Slices | None:
+    """Each sample is [image, image pads, caption, caption pads], both parts padded with a learnt
+    (unmasked) token to a multiple of 32 (``SEQ_MULTI_OF``), the rows then to the longest. The text keys
+    run from the caption start over the longest caption; a shorter caption's pads there are not text."""
+    capture = tap.capture
+    h, w = capture.current.latent_hw
+    start = -(-h * w // 32) * 32
+    lengths = _zimage_inputs(*capture.inputs)[1]
+    n = max(lengths)
+    if q_len < h * w or k_len < start + n:
+        return None
+    valid = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    return Slices(slice(0, h * w), slice(start, start + n), valid)
 
 
 _UNET_TEXT = (TextPart("text_encoder", "tokenizer"),)
@@ -215,6 +261,45 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
         tests="tests/capture/test_family_chroma.py",
         notes="the text mask is a float 0/1 the model adds to the scores (padding is damped, not masked): taken as given",
+    ),
+    # ---- qwenimage, zimage
+    Family(
+        name="qwenimage",
+        title="Qwen-Image (text to image, Edit)",
+        denoisers=("QwenImageTransformer2DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn", "joint", "text_image"),),
+        # the pipeline drops the template's system part by count; an edit's reference image is vision
+        # tokens before the prompt (and latents after the generated image's tokens)
+        text=(
+            TextPart(
+                "text_encoder", "tokenizer", drop="prompt_template_encode_start_idx",
+                after=("<|im_start|>user\n", "<|vision_end|>"),
+            ),
+        ),
+        grid=_qwenimage_grid,
+        timestep_position=3,
+        separate_negative=True,
+        pipelines=("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageImg2ImgPipeline"),
+        tests="tests/capture/test_family_qwenimage.py",
+        notes="keys are [Qwen2.5-VL text, image]; the text ends with 5 template tokens, an edit's starts with vision tokens",
+    ),
+    Family(
+        name="zimage",
+        title="Z-Image (Turbo)",
+        denoisers=("ZImageTransformer2DModel",),
+        # noise_refiner / context_refiner attend within the image / the caption alone
+        sites=(Site(r"layers\.\d+\.attention", "single", "image_text", text_from="denoiser", locate=_zimage_locate),),
+        text=(TextPart("text_encoder", "tokenizer", after="<|im_start|>user\n"),),
+        grid=_zimage_grid,
+        patch=lambda denoiser: 2,
+        denoiser_text_len=lambda args, kwargs: max(_zimage_inputs(args, kwargs)[1]),
+        timestep_kwarg="t",
+        timestep_position=1,
+        timestep_rises=True,
+        cond_first=True,
+        pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline"),
+        tests="tests/capture/test_family_zimage.py",
+        notes="one sequence [image, caption] per sample, each padded to a multiple of 32 with unmasked pad tokens",
     ),
 )
 

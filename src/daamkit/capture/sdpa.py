@@ -35,10 +35,16 @@ PROBABILITIES = ("text", "model")
 
 @dataclass(frozen=True)
 class Slices:
-    """Where the generated image's queries and the prompt's keys lie in one attention call."""
+    """Where the generated image's queries and the prompt's keys lie in one attention call.
+
+    valid: optional (batch, text keys) bool, False where a row's key inside ``keys`` is not text
+    although the model does not mask it (a learnt pad token after a shorter caption): such keys get
+    no text probability, and ``"text"`` probabilities are normalised without them.
+    """
 
     queries: slice
     keys: slice
+    valid: torch.Tensor | None = None
 
 
 def _mask_block(mask: torch.Tensor, rows: slice, queries: slice, keys: slice) -> torch.Tensor:
@@ -91,10 +97,13 @@ def text_probabilities(
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     k = k[rows]
+    valid = None if where.valid is None else where.valid[rows][:, None, None, :].to(q.device)
     if probabilities == "text":
         kt = k[:, :, where.keys].float()
         m = None if mask is None else _mask_block(mask, rows, where.queries, where.keys)
         scores = _masked(torch.matmul(qi, kt.transpose(-1, -2)).mul_(scale), m)
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
         return torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
     # The model's softmax runs over all keys; its normaliser is taken in chunks of queries so that the
     # full (queries x keys) block is never held at once.
@@ -109,7 +118,7 @@ def text_probabilities(
         scores = _masked(torch.matmul(qi[:, :, start:stop], kf.transpose(-1, -2)).mul_(scale), m)
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         out[:, :, start:stop] = torch.nan_to_num((scores[..., where.keys] - lse).exp_(), nan=0.0)
-    return out
+    return out if valid is None else out.masked_fill_(~valid, 0.0)
 
 
 class _Watch(TorchFunctionMode):

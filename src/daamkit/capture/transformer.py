@@ -41,9 +41,14 @@ class _PreHook(DenoiserPreHook):
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
         if isinstance(t, torch.Tensor):
             t = float(t.flatten()[0].item()) if t.numel() else 0.0
+        t = float(t or 0.0)
+        self.capture.inputs = (args, kwargs)
         self.capture.text_len = family.denoiser_text_len(args, kwargs)
+        # Z-Image takes its latents as a list of per-sample tensors
+        batch = len(x) if isinstance(x, list | tuple) else int(x.shape[0])
+        # the trace counts steps by a falling timestep
         call = DenoiserCall(
-            batch=int(x.shape[0]), latent_hw=family.grid(module, args, kwargs), timestep=float(t or 0.0)
+            batch=batch, latent_hw=family.grid(module, args, kwargs), timestep=-t if family.timestep_rises else t
         )
         self.capture.current = call
         self.sink.on_denoiser_call(call)
@@ -74,6 +79,7 @@ class TransformerCapture:
     """Installs and removes the hooks of one transformer denoiser, as its family entry describes."""
 
     repeated_timestep_is_negative = False
+    cond_first = False
 
     def __init__(self, spec: Family, denoiser: nn.Module, probabilities: str = "text"):
         self.spec = spec
@@ -81,7 +87,9 @@ class TransformerCapture:
         self.denoiser = denoiser
         self.probabilities = probabilities
         self.repeated_timestep_is_negative = spec.separate_negative
+        self.cond_first = spec.cond_first
         self.text_len: int | None = None
+        self.inputs: tuple[tuple, dict] = ((), {})  # the current denoiser call's, for a site's ``locate``
         self.current: DenoiserCall | None = None
         self.missed: set[str] = set()
         self.site_of: dict[str, Site] = {}
@@ -112,6 +120,7 @@ class TransformerCapture:
             raise
 
     def detach(self) -> None:
+        self.inputs = ((), {})
         self.hooks.remove()
 
     def cell_pixels(self, pipe: Any) -> int:

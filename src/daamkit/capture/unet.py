@@ -77,6 +77,7 @@ class UNetCapture:
 
     family = "unet"
     repeated_timestep_is_negative = False
+    cond_first = False
 
     def __init__(self, unet: nn.Module):
         self.denoiser = unet
