@@ -18,11 +18,17 @@ downloaded), warms up, then alternates untraced and traced calls (ABBA order) an
     python benchmarks/overhead.py --json runs/overhead.json
     python benchmarks/overhead.py --model sd3 --size 256 --steps 1   # SD3-medium, T5-XXL left out
     python benchmarks/overhead.py --model flux --size 256 --steps 1  # Flux.1-dev width, 2+4 blocks
+    python benchmarks/overhead.py --model flux2-klein --size 256 --steps 2  # FLUX.2 klein 4B width, 2+8 blocks
+    python benchmarks/overhead.py --model qwenimage --size 256 --steps 2    # Qwen-Image width, 4 of 60 blocks
+    python benchmarks/overhead.py --model sana --size 512 --steps 2         # Sana 1600M, 2-layer Gemma 2
 
 Targets: time ratio <= 1.03 (SD3/Flux: <= 1.05), extra peak memory <= 2 % of the
 untraced run, extra memory independent of the number of steps. A model is one builder function in
 ``MODELS``; what a model's build leaves out of the released architecture is printed and saved
-(``reduced``): SD3 runs without T5-XXL, Flux with 2 of 19 double / 4 of 38 single blocks at full width.
+(``reduced``): SD3 runs without T5-XXL, Flux with 2 of 19 double / 4 of 38 single blocks at full width,
+FLUX.2 klein with 2 of 5 double / 8 of 20 single blocks and 3 Qwen3 layers, Qwen-Image with 4 of 60 blocks
+and 2 Qwen2.5-VL layers, Sana with 2 Gemma 2 layers (its transformer and DC-AE as released). A family
+daamkit cannot trace (yet) is measured untraced only.
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ class Model:
     time_target: float = TARGET_TIME_RATIO
     # what the benchmark builds differently from the released model (argparse args -> text), "" if nothing
     reduced: Callable[[argparse.Namespace], str] = lambda args: ""
+    # call kwargs that follow the build options (argparse args -> kwargs), e.g. which text-encoder layers
+    extra_kwargs: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
+
+    def kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
+        """What each call passes besides prompt, steps, size, generator and output type."""
+        return {**self.call_kwargs, **self.extra_kwargs(args)}
 
 
 def build_sd15(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
@@ -127,6 +139,106 @@ def _flux_reduced(args: argparse.Namespace) -> str:
     )
 
 
+def _pair(text: str) -> tuple[int, int]:
+    a, b = (int(x) for x in text.split(","))
+    return a, b
+
+
+def flux2_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    double, single = _pair(args.flux2_blocks)
+    return {
+        "transformer": {"num_layers": double, "num_single_layers": single},
+        "text_encoder": {"num_hidden_layers": args.flux2_text_layers},
+    }
+
+
+def flux2_text_layers(args: argparse.Namespace) -> tuple[int, ...]:
+    """The hidden states the pipeline stacks into the joint context: layers 9, 18, 27 of Qwen3's 36 (a
+    quarter, half and three quarters of the depth), the same fractions of the layers built."""
+    n = args.flux2_text_layers
+    return tuple(max(1, round(k * n / 4)) for k in (1, 2, 3))
+
+
+def build_flux2_klein(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
+    """FLUX.2 [klein] 4B at full width (3072 = 24 heads x 128, joint dim 7680 = 3 x Qwen3-4B's 2560, 128
+    latent channels, four rope axes, shared modulation) with fewer blocks, and a Qwen3-4B-width text
+    encoder with few layers: 3.9B + 4.0B parameters are 32 GB in fp32."""
+    from daamkit.testing.configs import build_random_pipeline
+
+    return build_random_pipeline(
+        "flux2-klein", dtype=dtype, device=device, seed=seed, overrides=flux2_overrides(args)
+    )
+
+
+def _flux2_reduced(args: argparse.Namespace) -> str:
+    double, single = _pair(args.flux2_blocks)
+    return (
+        f"transformer: {double} of 5 double-stream and {single} of 20 single-stream blocks, full width "
+        f"(everything else as released); Qwen3-4B text encoder: {args.flux2_text_layers} of 36 layers at full "
+        f"width (hidden 2560, 32 heads / 8 KV heads, MLP 9728, vocab 151936), the pipeline stacking hidden "
+        f"states {list(flux2_text_layers(args))} instead of [9, 18, 27] (text_encoder_out_layers), driven by a "
+        "small Qwen2 BPE tokenizer trained offline with Qwen3's special tokens and chat template (not Qwen's "
+        "vocabulary; 512 text positions as released); VAE as released; step-distilled (guidance 1, no CFG)"
+    )
+
+
+def qwenimage_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {
+        "transformer": {"num_layers": args.qwen_blocks},
+        # the vision tower is not called for text-to-image; one block keeps the class as released
+        "text_encoder": {"text_config.num_hidden_layers": args.qwen_text_layers, "vision_config.depth": 1},
+    }
+
+
+def build_qwenimage(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
+    """Qwen-Image at full width (3072 = 24 heads x 128, joint dim 3584 = Qwen2.5-VL-7B's hidden size, rope
+    axes [16, 56, 56]) with few of its 60 blocks, and a Qwen2.5-VL-7B-width text encoder with few layers:
+    20.4B + 8.3B parameters are 115 GB in fp32."""
+    from daamkit.testing.configs import build_random_pipeline
+
+    return build_random_pipeline(
+        "qwenimage", dtype=dtype, device=device, seed=seed, overrides=qwenimage_overrides(args)
+    )
+
+
+def _qwenimage_reduced(args: argparse.Namespace) -> str:
+    return (
+        f"transformer: {args.qwen_blocks} of 60 blocks, full width (everything else as released); "
+        f"Qwen2.5-VL-7B text encoder: {args.qwen_text_layers} of 28 text layers at full width (hidden 3584, "
+        "28 heads / 4 KV heads, MLP 18944, vocab 152064, untied LM head), vision tower 1 of 32 blocks (not "
+        "called for text-to-image), driven by a small Qwen2 BPE tokenizer trained offline with the real "
+        "special tokens and Qwen-Image's prompt template (not Qwen's vocabulary; the template's 34 dropped "
+        "positions as released); VAE as released; true CFG 4 with negative prompt ' ' (two transformer "
+        "calls per step), as the released example runs it"
+    )
+
+
+def build_sana(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
+    """Sana 1600M 1024px: the transformer (20 blocks, 2240 wide: linear self-attention 70 x 32, cross-
+    attention 20 x 112 heads) and the 32x DC-AE as released, a Gemma-2-2B-width text encoder with few
+    layers (2.6B parameters are 10.5 GB in fp32 next to 6.4 GB of transformer)."""
+    from daamkit.testing.configs import build_random_pipeline
+
+    return build_random_pipeline(
+        "sana",
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        overrides={"text_encoder": {"num_hidden_layers": args.sana_text_layers}},
+    )
+
+
+def _sana_reduced(args: argparse.Namespace) -> str:
+    return (
+        f"Gemma-2-2B text encoder: {args.sana_text_layers} of 26 layers at full width (hidden 2304, 8 heads / "
+        "4 KV heads of 256, MLP 9216, vocab 256000; the first layers keep the sliding/global alternation), "
+        "driven by a small Gemma tokenizer trained offline with Gemma's special ids and chat template (not "
+        "Gemma's vocabulary; the complex human instruction is prepended and 300 text positions kept as "
+        "released); transformer and DC-AE as released; use_resolution_binning=False so that --size is the "
+        "size generated (the pipeline would otherwise generate at the nearest 1024 px aspect-ratio bin)"
+    )
+
+
 MODELS: dict[str, Model] = {
     "sd15": Model(
         build_sd15, {"guidance_scale": 7.5}, "Stable Diffusion 1.5 (UNet 859.5M, CLIP ViT-L/14 text, VAE)"
@@ -145,8 +257,67 @@ MODELS: dict[str, Model] = {
         time_target=1.05,
         reduced=_flux_reduced,
     ),
+    "flux2-klein": Model(
+        build_flux2_klein,
+        {"guidance_scale": 1.0},
+        "FLUX.2 [klein] 4B architecture (MM-DiT 3.9B at full width, fewer blocks; Qwen3-4B-width text "
+        "encoder with few layers; 32-ch VAE)",
+        time_target=1.05,
+        reduced=_flux2_reduced,
+        extra_kwargs=lambda args: {"text_encoder_out_layers": flux2_text_layers(args)},
+    ),
+    "qwenimage": Model(
+        build_qwenimage,
+        {"true_cfg_scale": 4.0, "negative_prompt": " "},
+        "Qwen-Image architecture (MM-DiT 20.4B at full width, few blocks; Qwen2.5-VL-7B-width text encoder "
+        "with few layers; Wan-style 16-ch VAE)",
+        time_target=1.05,
+        reduced=_qwenimage_reduced,
+    ),
+    "sana": Model(
+        build_sana,
+        {"guidance_scale": 4.5, "use_resolution_binning": False},
+        "Sana 1600M 1024px (linear DiT 1.6B, DC-AE f32c32 as released; Gemma-2-2B-width text encoder with "
+        "few layers)",
+        time_target=1.05,
+        reduced=_sana_reduced,
+    ),
     # a new model: one builder here, its configs under daamkit/testing/configs/<name>/
 }
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options of the model builders (how much of a model that does not fit is built); shared by
+    every benchmark that builds ``MODELS``."""
+    p.add_argument(
+        "--flux-blocks",
+        default="2,4",
+        help="flux: double,single transformer blocks built at full width (released: 19,38)",
+    )
+    p.add_argument("--flux-t5-layers", type=int, default=2, help="flux: T5 encoder layers (released: 24)")
+    p.add_argument(
+        "--flux2-blocks",
+        default="2,8",
+        help="flux2-klein: double,single transformer blocks built at full width (released: 5,20)",
+    )
+    p.add_argument(
+        "--flux2-text-layers",
+        type=int,
+        default=3,
+        help="flux2-klein: Qwen3 text encoder layers (released: 36)",
+    )
+    p.add_argument(
+        "--qwen-blocks",
+        type=int,
+        default=4,
+        help="qwenimage: transformer blocks at full width (released: 60)",
+    )
+    p.add_argument(
+        "--qwen-text-layers", type=int, default=2, help="qwenimage: Qwen2.5-VL text layers (released: 28)"
+    )
+    p.add_argument(
+        "--sana-text-layers", type=int, default=2, help="sana: Gemma 2 text encoder layers (released: 26)"
+    )
 
 
 # ---- memory meters -----------------------------------------------------------------------------
@@ -318,7 +489,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced: bool, trace_fn) -> Run:
-    kwargs = dict(model.call_kwargs)
+    kwargs = model.kwargs(args)
     kwargs.update(
         num_inference_steps=steps,
         height=args.size,
@@ -339,14 +510,14 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
         t0 = time.perf_counter()
         if traced:
             with trace_fn(pipe) as tc:
-                out = pipe(args.prompt, **kwargs)
+                out = pipe(prompt=args.prompt, **kwargs)
                 _sync(device)
                 t1 = time.perf_counter()
                 maps = tc.heat_maps(0)
                 _ = maps.words
                 hm_seconds = time.perf_counter() - t1
         else:
-            out = pipe(args.prompt, **kwargs)
+            out = pipe(prompt=args.prompt, **kwargs)
         _sync(device)
         seconds = time.perf_counter() - t0
         cpu_seconds = time.process_time() - c0
@@ -436,12 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--untraced-only", action="store_true", help="skip the traced runs (e.g. before daamkit.trace exists)"
     )
-    p.add_argument(
-        "--flux-blocks",
-        default="2,4",
-        help="flux: double,single transformer blocks built at full width (released: 19,38)",
-    )
-    p.add_argument("--flux-t5-layers", type=int, default=2, help="flux: T5 encoder layers (released: 24)")
+    add_model_args(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the result JSON here")
     args = p.parse_args(argv)
 
@@ -467,7 +633,6 @@ def main(argv: list[str] | None = None) -> int:
             from daamkit import trace as trace_fn  # noqa: N813
         except ImportError as e:  # the tracing API is not there yet: measure the untraced path only
             trace_note = f"daamkit.trace unavailable ({e}); untraced only"
-    traced_modes = (False, True) if trace_fn is not None else (False,)
 
     model = MODELS[args.model]
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -493,6 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         f"built {args.model} on {device} ({dtype}) in {build_s:.1f} s: {weights_mib:.0f} MiB of weights",
         flush=True,
     )
+    if trace_fn is not None:
+        try:
+            trace_fn(pipe)  # hooks nothing until entered; raises if the family is not traced (yet)
+        except Exception as e:
+            trace_fn, trace_note = (
+                None,
+                f"daamkit cannot trace {args.model} ({type(e).__name__}: {e}); untraced only",
+            )
+    traced_modes = (False, True) if trace_fn is not None else (False,)
     if trace_note:
         print(trace_note, flush=True)
 
@@ -555,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             + ("" if args.no_trim else ", malloc_trim(0) before each call")
         ),
         "traced": trace_fn is not None,
+        "trace_note": trace_note,
         "main": main_sum,
     }
     if scaled_steps:

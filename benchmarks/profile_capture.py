@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import MODELS  # noqa: E402
+from overhead import MODELS, add_model_args  # noqa: E402
 
 # operator name -> part, inside the probability and accumulation ranges; the first match wins
 PROB_OPS = (
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untraced/traced pairs run first and discarded")
     p.add_argument("--prompt", default="a photograph of a dog sitting on a wooden bench in a park")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--flux-blocks", default="2,4")
-    p.add_argument("--flux-t5-layers", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
 
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     denoiser.register_forward_hook(close_range, with_kwargs=True, always_call=True)
 
     def call(traced: bool):
-        kw = dict(model.call_kwargs)
+        kw = model.kwargs(args)
         kw.update(
             num_inference_steps=1,
             height=args.size,
@@ -190,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             if traced:
                 with trace(pipe) as tc:
-                    pipe(args.prompt, **kw)
+                    pipe(prompt=args.prompt, **kw)
                     tc.heat_maps(0)
             else:
-                pipe(args.prompt, **kw)
+                pipe(prompt=args.prompt, **kw)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         # page faults and kernel time: the allocator's cost of extra tensors shows here, not in the ops
         usage = {

@@ -215,3 +215,124 @@ def test_fast_init_keeps_tied_weights():
     assert t5.encoder.embed_tokens.weight is t5.shared.weight
     meta = configs.build_model("flux", "text_encoder_2", device="meta", overrides=small)
     assert sum(p.numel() for p in t5.parameters()) == sum(p.numel() for p in meta.parameters())
+
+
+# ---- FLUX.2 [klein] 4B, Qwen-Image, Sana 1600M 1024px: released architectures on the meta device -----------
+# Exact counts are what these configs build (regression); each is also checked against the size the release
+# states, to the precision it is stated:
+# * Qwen3-4B 4.02B and Qwen2.5-VL-7B 8.29B, Gemma-2-2B 2.61B: the sizes on the models' Hub pages.
+# * FLUX.2 VAE 84,046,115: the released vae/diffusion_pytorch_model.safetensors (shared by FLUX.2 dev and klein).
+# * FLUX.2 [klein] 4B transformer ~3.9B ("4B" with its name), Qwen-Image transformer 20.43B (model card: a 20B
+#   MMDiT; 40.86 GB of bf16 weights in the released index), Sana 1600M 1.6B (model name).
+QWEN3_4B = 4_022_468_096
+FLUX2_KLEIN_PARAMS = {"transformer": 3_875_544_576, "text_encoder": QWEN3_4B, "vae": 84_046_115}
+QWENIMAGE_PARAMS = {"transformer": 20_430_401_088, "text_encoder": 8_292_166_656, "vae": 126_892_531}
+SANA_PARAMS = {"transformer": 1_604_462_752, "text_encoder": 2_614_341_888, "vae": 312_250_275}
+RELEASED = {  # (config, component): (stated size, half a unit of its last stated digit)
+    ("flux2-klein", "transformer"): (3.9e9, 0.05e9),
+    ("flux2-klein", "text_encoder"): (4.02e9, 0.005e9),
+    ("flux2-klein", "vae"): (84_046_115, 0),
+    ("qwenimage", "transformer"): (20.43e9, 0.005e9),
+    ("qwenimage", "text_encoder"): (8.29e9, 0.005e9),
+    ("sana", "transformer"): (1.6e9, 0.05e9),
+    ("sana", "text_encoder"): (2.61e9, 0.005e9),
+}
+
+
+def test_new_configs_are_listed():
+    assert {"flux2-klein", "qwenimage", "sana"} <= set(configs.available())
+    assert configs.components("flux2-klein")["transformer"] == ("diffusers", "Flux2Transformer2DModel")
+    assert configs.components("flux2-klein")["text_encoder"] == ("transformers", "Qwen3ForCausalLM")
+    assert configs.components("qwenimage")["transformer"] == ("diffusers", "QwenImageTransformer2DModel")
+    assert configs.components("qwenimage")["text_encoder"] == (
+        "transformers",
+        "Qwen2_5_VLForConditionalGeneration",
+    )
+    assert configs.components("sana")["transformer"] == ("diffusers", "SanaTransformer2DModel")
+    assert configs.components("sana")["vae"] == ("diffusers", "AutoencoderDC")
+    assert configs.model_index("flux2-klein")["is_distilled"] is True
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("flux2-klein", FLUX2_KLEIN_PARAMS), ("qwenimage", QWENIMAGE_PARAMS), ("sana", SANA_PARAMS)],
+)
+def test_new_parameter_counts(name, expected):
+    counts = configs.parameter_counts(name)
+    assert counts == expected
+    for (config, component), (stated, half_unit) in RELEASED.items():
+        if config == name:
+            assert abs(counts[component] - stated) <= half_unit, (config, component)
+
+
+def test_new_key_settings():
+    f = configs.load_config("flux2-klein", "transformer")
+    assert (f["num_layers"], f["num_single_layers"], f["num_attention_heads"], f["attention_head_dim"]) == (
+        5,
+        20,
+        24,
+        128,
+    )
+    # the joint context stacks three Qwen3-4B hidden states: 3 x 2560
+    assert (
+        f["joint_attention_dim"]
+        == 3 * configs.load_config("flux2-klein", "text_encoder")["hidden_size"]
+        == 7680
+    )
+    assert (f["in_channels"], f["guidance_embeds"], f["axes_dims_rope"]) == (128, False, [32, 32, 32, 32])
+    q = configs.load_config("qwenimage", "transformer")
+    assert (q["num_layers"], q["num_attention_heads"], q["attention_head_dim"], q["patch_size"]) == (
+        60,
+        24,
+        128,
+        2,
+    )
+    assert q["joint_attention_dim"] == configs.load_config("qwenimage", "text_encoder")["hidden_size"] == 3584
+    s = configs.load_config("sana", "transformer")
+    assert (s["num_layers"], s["num_attention_heads"], s["attention_head_dim"]) == (20, 70, 32)
+    assert (s["num_cross_attention_heads"], s["cross_attention_head_dim"], s["cross_attention_dim"]) == (
+        20,
+        112,
+        2240,
+    )
+    assert s["caption_channels"] == configs.load_config("sana", "text_encoder")["hidden_size"] == 2304
+    assert (s["in_channels"], s["sample_size"], s["mlp_ratio"]) == (32, 32, 2.5)
+    vae = configs.load_config("sana", "vae")
+    assert (vae["latent_channels"], vae["scaling_factor"], len(vae["encoder_block_out_channels"])) == (
+        32,
+        0.41407,
+        6,
+    )
+
+
+def test_reduced_text_encoders_keep_their_width():
+    # what benchmarks/overhead.py builds: few layers of the released width; a dotted key reaches a sub-config
+    qwen = configs.build_model(
+        "qwenimage",
+        "text_encoder",
+        device="meta",
+        overrides={"text_config.num_hidden_layers": 2, "vision_config.depth": 1},
+    )
+    assert (len(qwen.model.language_model.layers), len(qwen.model.visual.blocks)) == (2, 1)
+    assert qwen.config.text_config.hidden_size == 3584
+    gemma = configs.build_model("sana", "text_encoder", device="meta", overrides={"num_hidden_layers": 2})
+    # Gemma 2 alternates sliding-window and global layers: the first two keep one of each
+    assert gemma.config.layer_types == ["sliding_attention", "full_attention"] and len(gemma.layers) == 2
+    counts = configs.parameter_counts(
+        "flux2-klein",
+        {"transformer": {"num_layers": 2, "num_single_layers": 8}, "text_encoder": {"num_hidden_layers": 3}},
+    )
+    assert counts == {"transformer": 1_667_238_912, "text_encoder": 691_751_168, "vae": 84_046_115}
+    with pytest.raises(KeyError, match="text_config.no_such"):
+        configs.build_model("qwenimage", "text_encoder", device="meta", overrides={"text_config.no_such": 1})
+
+
+def test_pipeline_settings_of_the_model_index_reach_the_pipeline(monkeypatch):
+    # FLUX.2 [klein] 4B is step-distilled: the pipeline is told so by its model_index.json
+    monkeypatch.setitem(configs.TOKENIZER_FACTORIES, "flux2-klein/tokenizer", lambda: None)
+    small = {
+        "transformer": {"num_layers": 1, "num_single_layers": 1},
+        "text_encoder": {"num_hidden_layers": 1},
+    }
+    pipe = configs.build_random_pipeline("flux2-klein", device="meta", overrides=small)
+    assert type(pipe).__name__ == "Flux2KleinPipeline" and pipe.config.is_distilled is True

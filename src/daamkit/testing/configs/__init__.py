@@ -98,9 +98,18 @@ def _construct(name: str, component: str, overrides: dict[str, Any] | None = Non
     if library == "transformers":
         config = cls.config_class.from_pretrained(str(d))
         for key, value in overrides.items():
-            if not hasattr(config, key):
+            # a dotted key reaches into a sub-config ("text_config.num_hidden_layers" of a VLM)
+            *path, leaf = key.split(".")
+            target = config
+            for part in path:
+                target = getattr(target, part, None)
+            if target is None or not hasattr(target, leaf):
                 raise KeyError(f"{name}/{component}: {class_name} config has no {key!r}")
-            setattr(config, key, value)
+            setattr(target, leaf, value)
+            layer_types = getattr(target, "layer_types", None)
+            if leaf == "num_hidden_layers" and isinstance(layer_types, list) and len(layer_types) > value:
+                # per-layer attention kinds (Gemma 2's sliding/global alternation) keep their order
+                target.layer_types = layer_types[:value]
         return cls(config)
     config = cls.load_config(str(d))
     unknown = set(overrides) - set(config)
@@ -215,10 +224,26 @@ def _t5_tokenizer() -> Any:
         return t5_tokenizer(tmp)
 
 
-# Tokenizer factories, looked up by the tokenizer's class name first (T5 for SD3's tokenizer_3 and Flux's
+def _family_tokenizer(module: str, function: str) -> Callable[[], Any]:
+    """A tokenizer of :mod:`daamkit.testing.families` (small vocabulary trained offline, the family's real
+    special tokens and chat template), built in a temporary folder."""
+
+    def make():
+        builder = getattr(importlib.import_module(f"daamkit.testing.families.{module}"), function)
+        with tempfile.TemporaryDirectory() as tmp:
+            return builder(tmp)  # fast tokenizers: held in memory, the folder is not read again
+
+    return make
+
+
+# Tokenizer factories, looked up by "<config>/<component>" first (the families whose tokenizers share a
+# class name but not a vocabulary), then by the tokenizer's class name (T5 for SD3's tokenizer_3 and Flux's
 # tokenizer_2), then by component name: SD 1.x/2.x/SD3/Flux "tokenizer" and SDXL/SD3 "tokenizer_2" are
 # CLIP BPE with the real ids (pad "<|endoftext|>" / "!").
 TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
+    "flux2-klein/tokenizer": _family_tokenizer("flux2", "qwen3_tokenizer"),
+    "qwenimage/tokenizer": _family_tokenizer("qwenimage", "qwen2_5_vl_tokenizer"),
+    "sana/tokenizer": _family_tokenizer("sana", "gemma_tokenizer"),
     "T5TokenizerFast": _t5_tokenizer,
     "tokenizer": _clip_tokenizer("<|endoftext|>"),
     "tokenizer_2": _clip_tokenizer("!"),
@@ -280,17 +305,23 @@ def build_random_pipeline(
                 overrides=overrides.get(comp),
             )
         elif comp.startswith("tokenizer"):
-            factory = TOKENIZER_FACTORIES.get(class_name) or TOKENIZER_FACTORIES.get(comp)
+            factory = (
+                TOKENIZER_FACTORIES.get(f"{name}/{comp}")
+                or TOKENIZER_FACTORIES.get(class_name)
+                or TOKENIZER_FACTORIES.get(comp)
+            )
             if factory is None:
                 raise NotImplementedError(f"no offline tokenizer factory for {name}/{comp} ({class_name})")
             kwargs[comp] = factory()
         else:  # scheduler
             kwargs[comp] = cls.from_config(load_config(name, comp))
-    for key, value in index.items():  # components shipped as [null, null], e.g. safety_checker
-        if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is None:
-            kwargs[key] = None
-    if "requires_safety_checker" in index:
-        kwargs["requires_safety_checker"] = index["requires_safety_checker"]
+    for key, value in index.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, list) and len(value) == 2 and value[0] is None:
+            kwargs[key] = None  # components shipped as [null, null], e.g. safety_checker
+        elif not isinstance(value, list):
+            kwargs[key] = value  # pipeline settings: requires_safety_checker, FLUX.2 klein's is_distilled
     return pipe_cls(**kwargs)
 
 
