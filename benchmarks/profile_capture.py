@@ -66,9 +66,10 @@ WRAP = [
     ("daamkit.capture.base:ProjectionTap", "save_q", "hooks: q/k save"),
     ("daamkit.capture.base:ProjectionTap", "save_k", "hooks: q/k save"),
     ("daamkit.capture.unet:_LayerTap", "after", "after"),
-    ("daamkit.capture.joint:_Tap", "after", "after"),
+    ("daamkit.capture.sdpa:AttentionTap", "pre", "hooks: mode push"),
+    ("daamkit.capture.sdpa:AttentionTap", "post", "hooks: mode pop"),
+    ("daamkit.capture.sdpa", "text_probabilities", "probs"),
     ("daamkit.capture.unet", "attention_probs", "probs"),
-    ("daamkit.capture.joint", "attention_probs", "probs"),
     ("daamkit.aggregate:Accumulator", "add", "acc"),
     ("daamkit.aggregate:Accumulator", "flush", "acc"),
 ]

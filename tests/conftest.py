@@ -56,3 +56,10 @@ def flux(clip_tokenizer_dir, t5_tokenizer_dir):
     from daamkit.testing.pipelines import tiny_flux
 
     return tiny_flux(clip_tokenizer_dir, t5_tokenizer_dir)
+
+
+@pytest.fixture()
+def sdxl(clip_tokenizer_dir, clip_tokenizer_2_dir):
+    from daamkit.testing.pipelines import tiny_sdxl
+
+    return tiny_sdxl(clip_tokenizer_dir, clip_tokenizer_2_dir)

@@ -40,6 +40,11 @@ class AggregationConfig:
     mode: ``"daam"`` upsamples every call's head-averaged map bicubically to the grid, clamps at 0 and
         sums; ``"reference"`` reproduces PyPI ``daam`` 0.2.0 exactly (see ``reference()``).
     grid: (height, width) of the aggregation grid; ``None`` = the latent grid of the generation.
+    probabilities: for joint attention (text and image in one sequence), ``"text"`` softmaxes the
+        image queries' scores over the text keys only (the analogue of a UNet's cross-attention, and
+        DAAM's definition: where each word acts, whatever share of attention text gets there);
+        ``"model"`` keeps the model's own softmax over every key (a map then also shows how much each
+        position attends to text at all). Cross-attention families give the same maps either way.
     """
 
     steps: Sequence[int] | range | None = None
@@ -52,8 +57,11 @@ class AggregationConfig:
     negative: bool = False
     mode: Mode = "daam"
     grid: tuple[int, int] | None = None
+    probabilities: Literal["text", "model"] = "text"
 
     def __post_init__(self) -> None:
+        if self.probabilities not in ("text", "model"):
+            raise InputError(f"probabilities must be 'text' or 'model', got {self.probabilities!r}")
         if self.mode not in ("daam", "reference"):
             raise InputError(f"mode must be 'daam' or 'reference', got {self.mode!r}")
         if self.mode == "reference" and (self.keep_steps or self.keep_layers or self.keep_heads):

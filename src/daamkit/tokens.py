@@ -555,3 +555,70 @@ def concat_alignments(parts: Sequence[TokenAlignment], total: int | None = None)
         )
     prompt = next((p.prompt for p in parts if p.prompt), None)
     return TokenAlignment(tokens=tuple(tokens), words=tuple(words), max_length=len(tokens), prompt=prompt)
+
+
+def prompt_window(tokenizer: Any, input_ids: Sequence[int] | Iterable[int], after: str) -> tuple[int, int]:
+    """``(start, end)``: where the prompt's own tokens lie in ids that wrap it in a template.
+
+    Chat-template encoders (Qwen2.5-VL, Qwen3, Mistral, Gemma with an instruction prefix) put the
+    prompt after a fixed text (``after``: e.g. ``"<|im_start|>user\\n"``) and close it with a special
+    token. The prompt starts at the first token that reaches past the last occurrence of ``after`` in
+    the decoded ids, and ends at the next special token (end of turn, EOS, padding) or the end.
+    Raises ``ValueError`` when ``after`` is not in the ids (the pipeline used another template).
+    """
+    ids = _as_ids(input_ids)
+
+    def text(n: int) -> str:
+        return tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    full = text(len(ids))
+    at = full.rfind(after)
+    if at < 0:
+        at = full.rfind(after.strip())
+        if at < 0 or not after.strip():
+            raise ValueError(f"the template text {after!r} is not in the encoded prompt: cannot find the prompt's tokens")
+    target = at + len(after.rstrip()) if full.startswith(after, at) else at + len(after.strip())
+    lo, hi = 0, len(ids)  # smallest n with len(text(n + 1)) > target, by bisection (decoding is monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(text(mid + 1)) > target:
+            hi = mid
+        else:
+            lo = mid + 1
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    end = next((n for n in range(lo, len(ids)) if ids[n] in special), len(ids))
+    return lo, end
+
+
+def align_in_template(
+    tokenizer: Any,
+    input_ids: Sequence[int] | Iterable[int],
+    after: str,
+    prompt: str | None = None,
+    drop: int = 0,
+    length: int | None = None,
+) -> TokenAlignment:
+    """:func:`align` for ids that wrap the prompt in a chat template or instruction prefix.
+
+    The prompt is located in the whole ``input_ids`` (the template text ``after`` included); positions
+    then index the keys the denoiser sees: ``input_ids[drop:]`` cut to ``length``. Template tokens
+    belong to no word; words whose tokens fall past ``length`` are marked truncated. A ``prompt`` that
+    does not tokenize to the ids inside the template (tokenizers may merge the first token with the
+    text before it) is not trusted: the words are then read off the ids.
+    """
+    ids = _as_ids(input_ids)
+    start, end = prompt_window(tokenizer, ids, after)
+    inner = ids[start:end]
+    try:
+        part = align(tokenizer, inner, prompt, max_length=len(inner))
+    except ValueError:
+        part = align(tokenizer, inner, None, max_length=len(inner))
+    keys = ids[drop:] if length is None else ids[drop : drop + length]
+    words = []
+    for w in part.words:
+        shifted = [start + p - drop for p in w.positions]
+        kept = tuple(p for p in shifted if 0 <= p < len(keys))
+        words.append(Word(w.text, w.index, w.occurrence, kept, w.truncated or len(kept) < len(shifted), w.is_punctuation))
+    return TokenAlignment(
+        tokens=tuple(tokenizer.convert_ids_to_tokens(keys)), words=tuple(words), max_length=len(keys), prompt=part.prompt
+    )

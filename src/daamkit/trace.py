@@ -41,11 +41,11 @@ from daamkit.methods import (
 )
 
 if TYPE_CHECKING:
+    from daamkit.capture.families import TextPart
     from daamkit.heatmap import GlobalHeatMap
     from daamkit.tokens import TokenAlignment
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 _TRUNCATION_MARK = "was truncated because"
 
 
@@ -71,6 +71,7 @@ class _Generation:
     step: int = 0
     last_timestep: float = 0.0
     negative_call: bool = False  # the current denoiser call runs the negative prompt alone (Flux true CFG)
+    separate: bool = False  # the negative prompt has calls of its own: no call holds both halves
     timesteps: list[float] = field(default_factory=list)
 
     @property
@@ -100,6 +101,24 @@ class _TruncationLog(logging.Handler):
             self.pending = [str(r) for r in removed]
 
 
+def _guider_separates(pipe: Any) -> bool:
+    """Whether a modular pipeline's guider runs the negative prompt as its own denoiser call.
+
+    Modular pipelines call the denoiser once per condition of their guider, the conditional one
+    first: a second call at the same timestep is then the negative prompt's. Guiders that add more
+    predictions (perturbed or skipped layers) would make a third call the trace cannot name."""
+    guider = getattr(pipe, "guider", None)
+    if guider is None:
+        return False
+    predictions = list(getattr(guider, "_input_predictions", None) or [])
+    if predictions[:2] != ["pred_cond", "pred_uncond"] or len(predictions) > 2:
+        raise UnsupportedPipelineError(
+            f"the pipeline's guider {type(guider).__name__} predicts {predictions}: daamkit traces guiders that "
+            "run a conditional and an unconditional call (e.g. ClassifierFreeGuidance, AdaptiveProjectedGuidance)"
+        )
+    return True
+
+
 class Trace:
     """One traced session of a pipeline; created by :func:`trace`."""
 
@@ -116,7 +135,8 @@ class Trace:
         ``concepts`` builds; each name may occur once."""
         self.pipe = pipe
         self.config = config
-        self.capture = detect_capture(pipe)
+        self.capture = detect_capture(pipe, probabilities=config.probabilities)
+        self._separate_negative = self.capture.repeated_timestep_is_negative or _guider_separates(pipe)
         chosen: list[AttributionMethod] = [DaamMethod()]
         concept = ConceptMethod.from_options(concepts, concept_embeds, concept_softmax)
         if concept is not None:
@@ -217,12 +237,12 @@ class Trace:
         if (
             gen is not None
             and not self._text_since_denoiser
-            and self.capture.repeated_timestep_is_negative
+            and self._separate_negative
             and call.timestep == gen.last_timestep
             and call.batch == gen.call.batch
         ):
             gen.negative_call = True  # same step again: the negative prompt's own call
-            gen.cfg = True
+            gen.cfg = gen.separate = True
             return
         new = (
             gen is None
@@ -266,7 +286,7 @@ class Trace:
             return {}
         if gen.negative_call:
             return {"negative": slice(0, batch)} if self.config.negative else {}
-        if not gen.cfg:
+        if not gen.cfg or gen.separate:
             return {"cond": slice(0, batch)}
         n = batch // 2
         rows = {"cond": slice(n, 2 * n)}
@@ -367,30 +387,42 @@ class Trace:
 
         gen = self._require_gen()
         called = list(dict.fromkeys(c.encoder for c in gen.text_calls))
-        encoders = self.capture.context_encoders(called)
-        if not encoders:
-            encoders = self.capture.context_encoders(list(TEXT_ENCODERS))[:1] or ["text_encoder"]
+        text_parts = self.capture.text_parts(called)
         parts, used = [], 0
-        for k, enc in enumerate(encoders):
-            tok = getattr(self.pipe, _TOKENIZER_OF[enc], None)
-            length = total - used if k == len(encoders) - 1 else int(getattr(tok, "model_max_length", 77))
-            parts.append(self._encoder_alignment(gen, enc, i, prompt, branch, length))
+        for k, part in enumerate(text_parts):
+            tok = getattr(self.pipe, part.tokenizer, None)
+            if k == len(text_parts) - 1:
+                length = total - used
+            else:
+                length = part.length or int(getattr(tok, "model_max_length", 77))
+            parts.append(self._encoder_alignment(gen, part, i, prompt, branch, length))
             used += len(parts[-1].tokens)
         if len(parts) == 1 and len(parts[0].tokens) == total:
             return parts[0]
         return concat_alignments(parts, total=total)
 
     def _encoder_alignment(
-        self, gen: _Generation, encoder: str, i: int, prompt: str | None, branch: str, length: int
+        self, gen: _Generation, part: TextPart, i: int, prompt: str | None, branch: str, length: int
     ):
-        from daamkit.tokens import align, recover_prompt
+        from daamkit.tokens import align, align_in_template, recover_prompt
 
+        encoder = part.encoder
         own = [c for c in gen.text_calls if c.encoder == encoder]
         index = 0 if branch == "cond" else 1
         call = own[index] if len(own) > index else None
-        tokenizer = getattr(self.pipe, _TOKENIZER_OF[encoder], None)
+        tokenizer = getattr(self.pipe, part.tokenizer, None)
         if tokenizer is None:
-            raise TraceError(f"the pipeline has {encoder} but no {_TOKENIZER_OF[encoder]}: cannot name its tokens")
+            raise TraceError(f"the pipeline has {encoder} but no {part.tokenizer}: cannot name its tokens")
+        drop = int(getattr(self.pipe, part.drop, 0) or 0) if isinstance(part.drop, str) else int(part.drop)
+        if part.after is not None:
+            if call is None:
+                raise TraceError(
+                    "daamkit did not see the token ids of this prompt (the pipeline was given prompt_embeds): "
+                    "this family wraps the prompt in a template, so its positions are unknown without the ids"
+                )
+            rows = call.ids.shape[0]
+            row = min(i * rows // gen.num_images, rows - 1)
+            return align_in_template(tokenizer, call.ids[row].tolist(), part.after, prompt, drop=drop, length=length)
         if call is None:
             if prompt is None:
                 raise TraceError(
@@ -401,7 +433,7 @@ class Trace:
             return align(tokenizer, ids, prompt)
         rows = call.ids.shape[0]
         row = min(i * rows // gen.num_images, rows - 1)
-        ids = call.ids[row].tolist()
+        ids = call.ids[row].tolist()[drop:]
         if prompt is None and call.removed is not None and row < len(call.removed):
             # batch_decode keeps the EOS/pad tokens of shorter rows; a pad '!' (SDXL) may be real text
             eos = tokenizer.eos_token or "<|endoftext|>"
@@ -424,6 +456,7 @@ def trace(
     negative: bool = False,
     mode: str = "daam",
     grid: tuple[int, int] | None = None,
+    probabilities: str = "text",
     config: AggregationConfig | None = None,
     concepts: Sequence[str] | None = None,
     concept_embeds: torch.Tensor | None = None,
@@ -434,6 +467,8 @@ def trace(
     The options are those of :class:`~daamkit.aggregate.AggregationConfig`; ``mode="reference"``
     selects the preset that reproduces PyPI ``daam`` 0.2.0 (``AggregationConfig.reference()``).
 
+    probabilities: ``"text"`` (default) or ``"model"``: how joint attention is normalised, see
+        :class:`~daamkit.aggregate.AggregationConfig`.
     concepts: words (need not be in the prompt) for ConceptAttention-style maps on SD3/Flux, read with
         ``tc.heat_maps(i, method="concept")``; ``concept_embeds`` (concepts x context dim) overrides how
         they are encoded; ``concept_softmax`` normalises the maps over the concepts at each pixel.
@@ -445,6 +480,7 @@ def trace(
             )
             if layers is not None:
                 config = config.with_(layers=tuple(layers))
+            config = config.with_(probabilities=probabilities)
         else:
             config = AggregationConfig(
                 steps=steps,
@@ -457,5 +493,6 @@ def trace(
                 negative=negative,
                 mode=mode,  # type: ignore[arg-type]
                 grid=grid,
+                probabilities=probabilities,  # type: ignore[arg-type]
             )
     return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax)

@@ -107,7 +107,7 @@ def test_images_unchanged_processors_restored_and_maps_peak_in_the_hand_set_regi
     with trace(pipe) as tc:
         out = run(pipe)
         hm = tc.heat_maps(0)
-    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert np.array_equal(out, ref)
     assert_restored(pipe, before)
     assert hm.image_size == (32, 48)
     grid = hm.maps.shape[-2:]
@@ -200,6 +200,13 @@ def test_flux_batches_true_cfg_and_block_selection(flux):
         assert tc.num_steps == 1
         torch.testing.assert_close(tc.heat_maps(0).maps, plain)
         assert tc.heat_maps(0, branch="negative").words == ["a", "blurry", "photo"]
+    # over several steps each call keeps its own rows: the positive call is not split in halves
+    with trace(flux, negative=True) as tc:
+        run(flux, steps=2, true_cfg_scale=2.0, negative_prompt="a blurry photo")
+        assert tc.num_steps == 2
+        cond, neg = tc.heat_maps(0).maps, tc.heat_maps(0, branch="negative").maps
+        assert cond.sum() > 0 and neg.sum() > 0
+        assert not torch.allclose(cond[:4], neg[:4])
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -245,10 +252,95 @@ def test_sd35_layout_dual_attention_and_context_pre_only(clip_tokenizer_dir, cli
     assert last.maps.sum() > 0
 
 
-def test_fused_projections_are_refused_with_a_hint(flux):
+def test_fused_projections_give_the_same_maps(flux):
+    """Queries and keys are read at the attention call, so fused q/k/v projections change nothing."""
+    with trace(flux) as tc:
+        ref = run(flux, steps=1)
+        plain = tc.heat_maps(0).maps
     before = state(flux)
     flux.transformer.fuse_qkv_projections()
-    with pytest.raises(ValueError, match="unfuse_qkv_projections"), trace(flux):
-        pass
-    flux.transformer.unfuse_qkv_projections()
+    try:
+        with trace(flux) as tc:
+            out = run(flux, steps=1)
+            fused = tc.heat_maps(0).maps
+    finally:
+        flux.transformer.unfuse_qkv_projections()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
     assert state(flux)[1] == before[1]
+
+
+class ProjectionOracle:
+    """Recomputes one module's image-query x text-key probabilities from its projections, with its own
+    q/k norms and rotary embedding applied here, independently of where the capture reads them."""
+
+    def __init__(self, module, kind):
+        self.m, self.kind, self.out, self.rope = module, kind, {}, None
+        self.handles = [module.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        for attr in ("to_q", "to_k", "add_k_proj"):
+            proj = getattr(module, attr, None)
+            if proj is not None:
+                self.handles.append(proj.register_forward_hook(self._save(attr)))
+        self.calls = []
+        self.handles.append(module.register_forward_hook(self._post))
+
+    def _pre(self, mod, args, kwargs):
+        self.out, self.rope = {}, kwargs.get("image_rotary_emb")
+
+    def _save(self, attr):
+        def hook(mod, args, out):
+            self.out.setdefault(attr, out.detach())
+        return hook
+
+    def _post(self, mod, args, out):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        m, heads = self.m, self.m.heads
+        split = lambda x: x.unflatten(-1, (heads, -1))  # noqa: E731
+        q, k = m.norm_q(split(self.out["to_q"])), m.norm_k(split(self.out["to_k"]))
+        if self.kind == "single":  # one [text, image] sequence
+            t = self.text_len
+            keys, text = k, slice(0, t)
+            q = q
+        else:
+            kt = m.norm_added_k(split(self.out["add_k_proj"]))
+            t = kt.shape[1]
+            keys = torch.cat([kt, k], 1) if self.kind == "double" else torch.cat([k, kt], 1)
+            text = slice(0, t) if self.kind == "double" else slice(k.shape[1], k.shape[1] + t)
+            if self.kind == "double":
+                q = torch.cat([torch.zeros_like(kt), q], 1)  # placeholders keep the rotary positions
+        if self.rope is not None:
+            q, keys = (apply_rotary_emb(x, self.rope, sequence_dim=1) for x in (q, keys))
+        if self.kind != "sd3":
+            q = q[:, t:]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys.float()) * q.shape[-1] ** -0.5
+        self.calls.append({"text": scores[..., text].softmax(-1), "model": scores.softmax(-1)[..., text]})
+
+
+@pytest.mark.parametrize("family,layer,kind", [
+    ("sd3", "transformer_blocks.0.attn", "sd3"),
+    ("flux", "transformer_blocks.0.attn", "double"),
+    ("flux", "single_transformer_blocks.0.attn", "single"),
+])
+def test_text_and_model_probabilities_match_a_recomputation_from_the_projections(family, layer, kind, sd3, flux):
+    pipe = sd3 if family == "sd3" else flux
+    module = pipe.transformer.get_submodule(layer)
+    maps = {}
+    for probabilities in ("text", "model"):
+        oracle = ProjectionOracle(module, kind)
+        oracle.text_len = 16
+        try:
+            with trace(pipe, steps=[0], layers=[layer], probabilities=probabilities) as tc:
+                run(pipe, steps=1, h=32, w=48)
+                maps[probabilities] = tc.heat_maps(0).maps
+        finally:
+            for h in oracle.handles:
+                h.remove()
+        p = oracle.calls[0][probabilities]
+        cond = p[-1]  # no CFG here, one row; the last row is the conditional one either way
+        h, w = maps[probabilities].shape[-2:]
+        expected = cond.mean(0).T.reshape(-1, h, w)
+        torch.testing.assert_close(maps[probabilities], expected, rtol=1e-4, atol=1e-6)
+    # the model's probabilities leave part of the mass on the image keys; the text ones sum to one
+    assert (maps["model"].sum(0) < maps["text"].sum(0) - 1e-3).all()
+    torch.testing.assert_close(maps["text"].sum(0), torch.ones_like(maps["text"][0]), rtol=1e-4, atol=1e-4)

@@ -66,7 +66,7 @@ def test_unsupported_pipeline_folder_names_supported_families(tmp_path, capsys):
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
     assert main(["generate", "a dog", "--model", str(tmp_path / "ddpm")]) == 2
     err = capsys.readouterr().err
-    assert "DDPMPipeline" in err and "Stable Diffusion 1.x/2.x and SDXL" in err
+    assert "DDPMPipeline" in err and "Stable Diffusion 1.x/2.x, SDXL" in err and "daamkit families" in err
 
 
 def test_argument_parsing():

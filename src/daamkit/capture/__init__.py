@@ -1,10 +1,10 @@
-"""Where text meets image, one module per model family; hooks only, the pipeline's processors untouched.
+"""Where text meets image, one declarative entry per model family; hooks only, the pipeline's processors untouched.
 
-Every capture installs only PyTorch hooks (forward hooks on the projection layers and on the attention
-module), never replaces an attention processor: the pipeline keeps its own processors (SDPA, sliced,
-LoRA, IP-Adapter ...) and its images are bit-identical with and without tracing. :func:`detect_capture`
-picks the family of a pipeline's denoiser; :mod:`daamkit.capture.base` holds the protocol every
-family's capture follows.
+Every capture installs only PyTorch hooks, never replaces an attention processor: the pipeline keeps
+its own processors (SDPA, sliced, LoRA, IP-Adapter ...) and its images are bit-identical with and
+without tracing. :mod:`daamkit.capture.families` is the table of families; the transformer families
+read queries and keys at the attention call itself (:mod:`daamkit.capture.sdpa`), the UNet family at
+its projections (:mod:`daamkit.capture.unet`). :func:`detect_capture` picks the entry of a pipeline.
 """
 
 from __future__ import annotations
@@ -12,49 +12,49 @@ from __future__ import annotations
 from typing import Any
 
 from daamkit.capture.base import CaptureSink, DenoiserCall, LayerInfo
-from daamkit.capture.flux import FluxCapture
-from daamkit.capture.sd3 import SD3Capture
+from daamkit.capture.families import FAMILIES, Family, Site, TextPart, family_of
+from daamkit.capture.transformer import TransformerCapture
 from daamkit.capture.unet import UNetCapture
 from daamkit.errors import DaamkitError
 
 __all__ = [
+    "FAMILIES",
     "SUPPORTED_FAMILIES",
     "CaptureSink",
     "DenoiserCall",
-    "FluxCapture",
+    "Family",
     "LayerInfo",
-    "SD3Capture",
+    "Site",
+    "TextPart",
+    "TransformerCapture",
     "UNetCapture",
     "UnsupportedPipelineError",
     "detect_capture",
 ]
 
-SUPPORTED_FAMILIES = (
-    "Stable Diffusion 1.x/2.x and SDXL UNet pipelines (text-to-image, img2img, inpainting, ControlNet), "
-    "Stable Diffusion 3/3.5 (SD3Transformer2DModel) and Flux (FluxTransformer2DModel)"
-)
+SUPPORTED_FAMILIES = "; ".join(f.title for f in FAMILIES)
 
 
 class UnsupportedPipelineError(DaamkitError, TypeError):
     """The pipeline's denoiser is not one of the supported families."""
 
 
-def detect_capture(pipe: Any) -> UNetCapture | SD3Capture | FluxCapture:
-    """The capture for this pipeline's family, or a clear error naming the supported ones."""
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        from diffusers import UNet2DConditionModel
+def detect_capture(pipe: Any, probabilities: str = "text") -> UNetCapture | TransformerCapture:
+    """The capture for this pipeline's family, or a clear error naming the supported ones.
 
-        if isinstance(unet, UNet2DConditionModel):
-            return UNetCapture(unet)
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None:
-        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-        if isinstance(transformer, SD3Transformer2DModel):
-            return SD3Capture(transformer)
-        if isinstance(transformer, FluxTransformer2DModel):
-            return FluxCapture(transformer)
-    kind = type(transformer).__name__ if transformer is not None else type(unet).__name__ if unet is not None else None
-    what = f"{type(pipe).__name__}" + (f" with a {kind} denoiser" if kind else "")
-    raise UnsupportedPipelineError(f"daamkit cannot trace {what}. Supported: {SUPPORTED_FAMILIES}.")
+    probabilities: for joint attention, ``"text"`` (softmax over the text keys) or ``"model"`` (the
+    model's own softmax over every key), see :func:`daamkit.capture.sdpa.text_probabilities`.
+    """
+    found = family_of(pipe)
+    if found is None:
+        unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
+        denoiser = transformer if transformer is not None else unet
+        what = type(pipe).__name__ + (f" with a {type(denoiser).__name__} denoiser" if denoiser is not None else "")
+        raise UnsupportedPipelineError(
+            f"daamkit cannot trace {what}. Supported: {SUPPORTED_FAMILIES}. "
+            "`daamkit families` lists every denoiser of the installed diffusers and its status."
+        )
+    family, denoiser = found
+    if family.capture == "projections":
+        return UNetCapture(denoiser)
+    return TransformerCapture(family, denoiser, probabilities=probabilities)

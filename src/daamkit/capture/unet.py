@@ -22,6 +22,7 @@ from daamkit.capture.base import (
     ProjectionTap,
     attention_probs,
 )
+from daamkit.capture.families import TextPart
 
 
 def _block_of(name: str) -> str:
@@ -126,9 +127,11 @@ class UNetCapture:
         """Pixels per latent cell along each side."""
         return int(getattr(pipe, "vae_scale_factor", 8))
 
-    def context_encoders(self, called: list[str]) -> list[str]:
-        """Text encoders whose tokens make up the cross-attention keys, in key order.
+    def text_parts(self, called: list[str]) -> list[TextPart]:
+        """The text encoder whose tokens index the cross-attention keys.
 
-        SD/SDXL concatenate the encoders along features, not tokens: one encoder's ids index them all.
+        SD/SDXL concatenate the encoders along features, not tokens: one encoder's ids index them all
+        (the SDXL refiner has only the second).
         """
-        return called[:1]
+        enc = called[0] if called else "text_encoder"
+        return [TextPart(enc, enc.replace("text_encoder", "tokenizer"))]

@@ -71,6 +71,9 @@ def add_trace_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", nargs="+", type=at_least(0), help="attention heads to aggregate")
     g.add_argument("--mode", choices=["daam", "reference"], default="daam",
                    help="'reference' reproduces PyPI daam 0.2.0's aggregation")
+    g.add_argument("--probabilities", choices=["text", "model"], default="text",
+                   help="joint-attention models: softmax over the text keys only ('text', default) or the "
+                        "model's own softmax over every key ('model'); UNet cross-attention is the same either way")
     g.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD,
                    help=f"tau in [0, 1] for the binarised masks (default {DEFAULT_THRESHOLD})")
 
@@ -93,6 +96,8 @@ def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: flo
 
 def trace_kwargs(args: argparse.Namespace) -> dict:
     kw: dict = {"mode": args.mode}
+    if args.probabilities != "text":
+        kw["probabilities"] = args.probabilities
     if args.layers:
         kw["layers"] = tuple(args.layers)
     if args.factors:

@@ -1,0 +1,195 @@
+"""Reads the queries and keys a transformer's attention uses, at its call of scaled-dot-product attention.
+
+Diffusers' transformer processors build q and k in many ways (fused projections, q/k RMSNorm, several
+rotary conventions, text and image streams concatenated in either order, reference-image tokens)
+and then hand them to ``torch.nn.functional.scaled_dot_product_attention``, directly or through
+``diffusers.models.attention_dispatch.dispatch_attention_fn`` with its native backend. That call is
+the one place where q and k are exactly what the model attends with. While a traced module runs, a
+:class:`torch.overrides.TorchFunctionMode` watches for that call, computes the image-query x text-key
+probabilities from the very tensors it receives, and lets the call run unchanged: the processor, its
+kernel and the image stay as they are. The mode is pushed by a forward pre-hook on the attention
+module and popped by an ``always_call`` forward hook, so it is off outside traced modules and after an
+exception.
+
+A backend that bypasses PyTorch's attention (flash-attn, xformers, sage) hides q and k; the layers
+where that happened are listed in ``missed`` so the trace can say so instead of returning empty maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from daamkit.capture.base import CaptureSink, LayerInfo
+
+_SDPA = F.scaled_dot_product_attention
+
+#: How the text probabilities of a joint attention are normalised (``AggregationConfig.probabilities``).
+PROBABILITIES = ("text", "model")
+
+
+@dataclass(frozen=True)
+class Slices:
+    """Where the generated image's queries and the prompt's keys lie in one attention call."""
+
+    queries: slice
+    keys: slice
+
+
+def _mask_block(mask: torch.Tensor, rows: slice, queries: slice, keys: slice) -> torch.Tensor:
+    """The part of an SDPA mask (any shape that broadcasts to (B, H, Nq, Nk)) for these rows,
+    queries and keys, as (b, h|1, nq|1, nk)."""
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[0] != 1:
+        m = m[rows]
+    if m.shape[-2] != 1:
+        m = m[..., queries, :]
+    if m.shape[-1] != 1:
+        m = m[..., keys]
+    return m
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.float()
+
+
+def text_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    where: Slices,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    rows: slice = slice(None),
+    probabilities: str = "text",
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Attention probabilities of the image queries on the text keys, (b, heads, n_image, n_text), fp32.
+
+    q: (B, H, Nq, D) and k: (B, Hk, Nk, D) as scaled-dot-product attention receives them (Hk may divide
+    H: grouped-query attention). ``probabilities="text"`` softmaxes over the text keys only, the analogue
+    of a UNet's cross-attention; ``"model"`` softmaxes over every key the model attends to and then keeps
+    the text columns, i.e. the model's own probabilities. The model's mask holds in both: masked keys get
+    no probability; a query whose text keys are all masked gets zeros.
+    """
+    if probabilities not in PROBABILITIES:
+        raise ValueError(f"probabilities must be one of {PROBABILITIES}, got {probabilities!r}")
+    d = q.shape[-1]
+    scale = float(d**-0.5) if scale is None else float(scale)
+    qi = q[rows][:, :, where.queries].float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = k[rows]
+    if probabilities == "text":
+        kt = k[:, :, where.keys].float()
+        m = None if mask is None else _mask_block(mask, rows, where.queries, where.keys)
+        scores = _masked(torch.matmul(qi, kt.transpose(-1, -2)).mul_(scale), m)
+        return torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
+    # The model's softmax runs over all keys; its normaliser is taken in chunks of queries so that the
+    # full (queries x keys) block is never held at once.
+    kf = k.float()
+    n_text = len(range(*where.keys.indices(k.shape[2])))
+    out = qi.new_empty(qi.shape[0], qi.shape[1], qi.shape[2], n_text)
+    q_range = range(*where.queries.indices(q.shape[2]))
+    for start in range(0, qi.shape[2], chunk):
+        stop = min(start + chunk, qi.shape[2])
+        qs = slice(q_range.start + start * q_range.step, q_range.start + stop * q_range.step, q_range.step)
+        m = None if mask is None else _mask_block(mask, rows, qs, slice(None))
+        scores = _masked(torch.matmul(qi[:, :, start:stop], kf.transpose(-1, -2)).mul_(scale), m)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        out[:, :, start:stop] = torch.nan_to_num((scores[..., where.keys] - lse).exp_(), nan=0.0)
+    return out
+
+
+class _Watch(TorchFunctionMode):
+    """Calls ``tap.on_sdpa`` at every scaled-dot-product attention while a traced module runs."""
+
+    def __init__(self, tap: AttentionTap):
+        super().__init__()
+        self.tap = tap
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            self.tap.on_sdpa(args, kwargs)
+        return func(*args, **kwargs)
+
+
+class AttentionTap:
+    """The hooks of one traced attention module.
+
+    ``locate(tap, q_len, k_len)`` gives the :class:`Slices` of one call (or None to skip it); the tap
+    keeps what its pre-hook read off the module's inputs (``hidden_len``, ``text_len``) for it.
+    Only the first attention call of a module forward is read: later ones (IP-Adapter's image
+    attention, say) attend to other keys.
+    """
+
+    def __init__(self, layer: LayerInfo, module: nn.Module, sink: CaptureSink, capture: Any, locate: Any):
+        self.layer, self.module, self.sink, self.capture, self.locate = layer, module, sink, capture, locate
+        self.mode = _Watch(self)
+        self.entered = False
+        self.seen = True
+        self.rows: dict[str, slice] = {}
+        self.hidden_len = 0
+        self.text_len: int | None = None
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.seen = True
+        call = self.capture.current
+        if call is None:
+            return
+        rows = self.sink.branch_rows(call.batch)
+        n_image = call.latent_hw[0] * call.latent_hw[1]
+        if not rows or not self.sink.wants(self.layer, n_image):
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        self.hidden_len = int(hidden.shape[1]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 3 else 0
+        self.text_len = int(context.shape[1]) if isinstance(context, torch.Tensor) and context.dim() >= 3 else None
+        self.rows = rows
+        self.seen = False
+        self.mode.__enter__()
+        self.entered = True
+
+    def on_sdpa(self, args: tuple, kwargs: dict) -> None:
+        if self.seen:
+            return
+        self.seen = True
+        q = kwargs.get("query", args[0] if args else None)
+        k = kwargs.get("key", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4:
+            return
+        where = self.locate(self, int(q.shape[2]), int(k.shape[2]))
+        if where is None:
+            return
+        with torch.no_grad():
+            for branch, rows in self.rows.items():
+                probs = text_probabilities(
+                    q.detach(), k.detach(), where, scale=kwargs.get("scale"), mask=mask, rows=rows,
+                    probabilities=self.capture.probabilities,
+                )
+                self.sink.on_attention(self.layer, probs, branch)
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.entered:
+            self.entered = False
+            self.mode.__exit__(None, None, None)
+        if not self.seen:
+            self.capture.missed.add(self.layer.name)
+            self.seen = True
+
+    def install(self, hooks: Any) -> None:
+        hooks.add(self.module.register_forward_pre_hook(self.pre, with_kwargs=True))
+        hooks.add(self.module.register_forward_hook(self.post, with_kwargs=True, always_call=True))
