@@ -78,7 +78,7 @@ def tiny_kolors(tokenizer_dir: str, seed: int = 0, force_zeros_for_empty_prompt:
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
     from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
 
     tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_dir)
     hidden = 32
@@ -106,6 +106,10 @@ def tiny_kolors(tokenizer_dir: str, seed: int = 0, force_zeros_for_empty_prompt:
         ),
         empty_init=False,  # the default skips init and leaves the weights as uninitialised memory
     ).eval()
+    with torch.no_grad():  # ChatGLM's RMSNorm allocates its weight with torch.empty even then
+        for m in text_encoder.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.014, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
     )
