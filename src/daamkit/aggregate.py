@@ -20,7 +20,7 @@ from daamkit.capture.base import LayerInfo
 from daamkit.errors import InputError
 
 Mode = Literal["daam", "reference"]
-BLOCKS = ("down", "mid", "up", "single", "joint", "double")
+BLOCKS = ("down", "mid", "up", "single", "joint", "double", "cross")
 
 
 @dataclass(frozen=True)
@@ -317,3 +317,26 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     else:
         out = F.interpolate(flat, size=size, mode="bicubic", align_corners=False)
     return out.reshape(*lead, *size)
+
+
+def resize_and_crop_maps(maps: torch.Tensor, source: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The part of (..., gh, gw) maps of a ``source``-pixel image that a pipeline returns when it resizes
+    the image (keeping its aspect ratio) to cover ``size`` and crops the centre (diffusers'
+    ``resize_and_crop_tensor``, used by resolution binning), on a grid of about the same cell size.
+
+    Each output cell takes the bilinear value at its centre's place in the source grid, so a crop by
+    whole cells gives the maps' own values.
+    """
+    (sh, sw), (nh, nw) = source, size
+    ratio = max(nh / sh, nw / sw)
+    rh, rw = int(sh * ratio), int(sw * ratio)
+    top, left = (rh - nh) // 2, (rw - nw) // 2
+    gh, gw = maps.shape[-2:]
+    oh, ow = max(1, round(gh * nh / rh)), max(1, round(gw * nw / rw))
+    # output cell centres in the resized image's [0, 1] coordinates, then in grid_sample's [-1, 1]
+    ys = (top + (torch.arange(oh, dtype=torch.float64) + 0.5) * nh / oh) / rh * 2 - 1
+    xs = (left + (torch.arange(ow, dtype=torch.float64) + 0.5) * nw / ow) / rw * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).to(maps.dtype)
+    flat = maps.reshape(1, -1, gh, gw)
+    out = F.grid_sample(flat, grid.unsqueeze(0), mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(*maps.shape[:-2], oh, ow)

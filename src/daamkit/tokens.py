@@ -7,6 +7,10 @@ ask for *words*. This module maps one to the other for the tokenizers diffusers 
   lower-cased prompt into chunks (letter runs, single digits, punctuation runs, ``'s``-style
   contractions) and BPE splits each chunk into tokens; the last token of a chunk ends in ``</w>``.
 * T5 sentencepiece (SD3, Flux): a token starting with ``'▁'`` starts a whitespace-separated piece.
+* WordPiece (HunyuanDiT's BERT): a token starting with ``##`` continues the word before it.
+
+The special tokens a tokenizer wraps a prompt in (BOS/EOS, BERT's ``[CLS]``/``[SEP]``, ChatGLM's
+``[gMASK] sop``) and padding on either side (ChatGLM pads on the left) belong to no word.
 
 The unit of alignment -- a :class:`Word` -- is one CLIP pre-tokenizer chunk, whatever the tokenizer:
 for sentencepiece, a ``'▁'`` piece is further split wherever a token boundary coincides with a CLIP
@@ -57,6 +61,7 @@ _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _CLIP_END = "</w>"
 _SP_START = "\u2581"  # '▁'
 _BYTE_SPACE = "\u0120"  # 'Ġ': a leading space in byte-level BPE (GPT-2, Qwen)
+_WORDPIECE_CONT = "##"
 _PUNCT_SYMBOL_CATEGORIES = {"Sm", "Sc", "Sk"}
 # Unicode White_Space, what the tokenizers' regexes call \s. Python's str.isspace() also counts the
 # separators U+001C..U+001F, which CLIP keeps as (byte-level) tokens.
@@ -316,13 +321,18 @@ def _token_text(tokenizer: Any, tokens: Sequence[str]) -> str:
     return tokenizer.convert_tokens_to_string(list(tokens)).replace(_CLIP_END, " ").strip(_WHITESPACE).lower()
 
 
-def _group(tokens: Sequence[str]) -> list[list[int]]:
-    """Token indices grouped by the tokenizer's own word markers."""
+def _group(tokens: Sequence[str], wordpiece: bool = False) -> list[list[int]]:
+    """Token indices grouped by the tokenizer's own word markers (WordPiece: a ``##`` token continues
+    the word before it)."""
     clip = any(t.endswith(_CLIP_END) for t in tokens)
     groups: list[list[int]] = []
     cur: list[int] = []
     for k, t in enumerate(tokens):
-        if not clip and t.startswith((_SP_START, _BYTE_SPACE)) and cur:
+        if wordpiece:
+            starts = not t.startswith(_WORDPIECE_CONT)
+        else:
+            starts = not clip and t.startswith((_SP_START, _BYTE_SPACE))
+        if starts and cur:
             groups.append(cur)
             cur = []
         cur.append(k)
@@ -332,6 +342,14 @@ def _group(tokens: Sequence[str]) -> list[list[int]]:
     if cur:  # e.g. SDXL tokenizer_2's special '!' as the last token, or a sentencepiece tail
         groups.append(cur)
     return groups
+
+
+def _is_wordpiece(tokenizer: Any) -> bool:
+    """BERT-style WordPiece: words are not marked at their start but continued with ``##``."""
+    try:
+        return tokenizer.convert_tokens_to_string(["a", _WORDPIECE_CONT + "b"]).strip() == "ab"
+    except Exception:
+        return False
 
 
 def _refine(tokenizer: Any, tokens: Sequence[str], group: list[int]) -> list[tuple[list[int], str]]:
@@ -367,11 +385,40 @@ def _as_ids(input_ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a prompt's own tokens: CLIP's BOS/EOS, T5's EOS,
+    BERT's ``[CLS]``/``[SEP]``, ChatGLM's ``[gMASK] sop`` (which are not among its special tokens)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    fallback = ([bos] if bos is not None else [], [eos] if eos is not None else [])
+    try:
+        wrapped = [int(i) for i in tokenizer("a").input_ids]
+        bare = [int(i) for i in tokenizer("a", add_special_tokens=False).input_ids]
+    except Exception:
+        return fallback
+    n = len(bare)
+    at = next((i for i in range(len(wrapped) - n + 1) if n and wrapped[i : i + n] == bare), None)
+    if at is None:
+        return fallback
+    return wrapped[:at], wrapped[at + n :]
+
+
 def _content_span(tokenizer: Any, ids: list[int]) -> tuple[int, int, bool]:
-    """``(start, end, has_eos)``: ``ids[start:end]`` are the prompt's tokens (no BOS, EOS, padding)."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    start = 1 if ids and bos is not None and ids[0] == bos else 0
-    end = next((i for i in range(start, len(ids)) if ids[i] == eos), None)
+    """``(start, end, has_eos)``: ``ids[start:end]`` are the prompt's tokens (no special tokens around
+    them, no padding on either side)."""
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    prefix, suffix = _special_wrap(tokenizer)
+    start = 0
+    # Left padding (ChatGLM) comes before the prefix; a right-padding tokenizer's pad id may be a
+    # real first token (SDXL's second tokenizer pads with '!').
+    if getattr(tokenizer, "padding_side", "right") == "left" and pad is not None:
+        while start < len(ids) and ids[start] == pad:
+            start += 1
+    if prefix and ids[start : start + len(prefix)] == prefix:
+        start += len(prefix)
+    elif bos is not None and start < len(ids) and ids[start] == bos:
+        start += 1
+    stop = suffix[0] if suffix else tokenizer.eos_token_id
+    end = next((i for i in range(start, len(ids)) if ids[i] == stop), None) if stop is not None else None
     if end is not None:
         return start, end, True
     end = len(ids)
@@ -475,7 +522,7 @@ def align(
         text_tokens = list(tokenizer.convert_ids_to_tokens(content))
 
     pieces: list[tuple[list[int], str]] = []
-    for g in _group(text_tokens):
+    for g in _group(text_tokens, _is_wordpiece(tokenizer)):
         pieces.extend(_refine(tokenizer, text_tokens, g))
     # A piece with no text (a lone '▁' before an unknown token, say) joins the next one.
     merged: list[tuple[list[int], str]] = []

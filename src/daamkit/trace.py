@@ -7,8 +7,10 @@ with trace(pipe) as tc:
 ```
 
 The trace only adds PyTorch hooks (denoiser pre-hook, projection hooks on the text-image attention,
-text-encoder pre-hooks that read the token ids the model saw) and a logging handler that reads
-diffusers' own truncation warning; all of them are removed on exit, also after an exception.
+text-encoder pre-hooks that read the token ids the model saw), a logging handler that reads
+diffusers' own truncation warning and, on pipelines that resize and crop their decoded image
+(resolution binning), a wrapper that reads the returned size; all of them are removed on exit, also
+after an exception.
 
 The trace keeps the pipeline-level bookkeeping (steps, CFG rows, token ids) shared by every
 attribution method; the maps themselves come from the method objects of :mod:`daamkit.methods`
@@ -73,6 +75,8 @@ class _Generation:
     negative_call: bool = False  # the current denoiser call runs the negative prompt alone (Flux true CFG)
     separate: bool = False  # the negative prompt has calls of its own: no call holds both halves
     timesteps: list[float] = field(default_factory=list)
+    # (generated, returned) image sizes when the pipeline resized and cropped its decoded image
+    output_resize: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @property
     def accumulator(self) -> Accumulator:
@@ -80,6 +84,39 @@ class _Generation:
         acc = self.methods["daam"].accumulator  # type: ignore[attr-defined]
         assert acc is not None
         return acc
+
+
+_MISSING = object()
+
+
+class _OutputResize:
+    """Reads the size a pipeline resizes and crops its decoded image to.
+
+    Resolution binning (PixArt, Sana) generates at the closest aspect-ratio bin and returns the
+    requested size through the image processor's ``resize_and_crop_tensor``; the requested size is
+    seen nowhere else, so the method is wrapped, as an attribute of that one processor object, while
+    the trace is on. ``remove`` (a hook handle's interface) puts the processor back as it was.
+    """
+
+    name = "resize_and_crop_tensor"
+
+    def __init__(self, processor: Any, on_resize: Any):
+        self.processor = processor
+        self.saved = vars(processor).get(self.name, _MISSING)
+        original = getattr(processor, self.name)
+
+        def resize_and_crop_tensor(samples: torch.Tensor, new_width: int, new_height: int) -> torch.Tensor:
+            if isinstance(samples, torch.Tensor) and samples.dim() == 4:
+                on_resize((int(samples.shape[-2]), int(samples.shape[-1])), (int(new_height), int(new_width)))
+            return original(samples, new_width, new_height)
+
+        setattr(processor, self.name, resize_and_crop_tensor)
+
+    def remove(self) -> None:
+        if self.saved is _MISSING:
+            vars(self.processor).pop(self.name, None)
+        else:
+            setattr(self.processor, self.name, self.saved)
 
 
 class _TruncationLog(logging.Handler):
@@ -185,6 +222,9 @@ class Trace:
                 enc = getattr(self.pipe, attr, None)
                 if isinstance(enc, nn.Module):
                     self._hooks.add(enc.register_forward_pre_hook(self._text_hook(attr), with_kwargs=True))
+            processor = getattr(self.pipe, "image_processor", None)
+            if callable(getattr(processor, _OutputResize.name, None)):
+                self._hooks.add(_OutputResize(processor, self._on_output_resize))
             logging.getLogger("diffusers").addHandler(self._log)
         except BaseException:
             with contextlib.suppress(Exception):  # the error that stopped the attach is the one to report
@@ -231,6 +271,10 @@ class Trace:
             self._pending_text.append(_TextCall(attr, ids.detach().to("cpu"), removed))
 
         return hook
+
+    def _on_output_resize(self, generated: tuple[int, int], returned: tuple[int, int]) -> None:
+        if self._gen is not None and generated != returned:
+            self._gen.output_resize = (generated, returned)
 
     def on_denoiser_call(self, call: DenoiserCall) -> None:
         gen = self._gen
@@ -436,7 +480,8 @@ class Trace:
             return align(tokenizer, ids, prompt)
         rows = call.ids.shape[0]
         row = min(i * rows // gen.num_images, rows - 1)
-        ids = call.ids[row].tolist()[drop:]
+        ids = call.ids[row].tolist()
+        ids = part.select(ids, length) if part.select is not None else ids[drop:]
         if prompt is None and call.removed is not None and row < len(call.removed):
             # batch_decode keeps the EOS/pad tokens of shorter rows; a pad '!' (SDXL) may be real text
             eos = tokenizer.eos_token or "<|endoftext|>"

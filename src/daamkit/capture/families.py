@@ -54,6 +54,9 @@ class TextPart:
     after: the text that precedes the prompt in a chat template or instruction prefix; the words are
     looked for after its last occurrence in the ids, never in the template. Several texts (a tuple)
     when the pipelines of one family use different templates: the one ending last in the ids counts.
+    select: instead of ``drop``, for a pipeline that picks the key positions out of the encoder's
+        sequence: ``select(ids, n_keys)`` gives the ids of the keys, in key order, from the ids the
+        encoder received (Sana keeps ``<bos>`` and the last ``n_keys - 1`` positions).
     """
 
     encoder: str
@@ -61,6 +64,7 @@ class TextPart:
     length: int | None = None
     drop: int | str = 0
     after: str | tuple[str, ...] | None = None
+    select: Callable[[list[int], int], list[int]] | None = None
 
 
 def _encoder_hidden_states_len(args: tuple, kwargs: dict) -> int | None:
@@ -197,7 +201,6 @@ def _after_registers(tap: Any, q_len: int, k_len: int) -> Slices | None:
     return Slices(slice(start, start + h * w), slice(lead, start)) if q_len >= start + h * w else None
 
 
-
 def _caption_lengths(args: tuple, kwargs: dict) -> list[int]:
     mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
     if not isinstance(mask, torch.Tensor):
@@ -227,7 +230,16 @@ def _hidream_text_len(args: tuple, kwargs: dict) -> int | None:
         return None
     return int(t5.shape[1]) + 2 * int(llama[0].shape[-2])
 
+
 _UNET_TEXT = (TextPart("text_encoder", "tokenizer"),)
+
+
+def _sana_keys(ids: list[int], n_keys: int) -> list[int]:
+    """SanaPipeline keeps <bos> and the last ``n_keys - 1`` positions of the encoder's sequence, which
+    drops the complex human instruction before the prompt (a prompt encoded without one has just
+    ``n_keys`` ids)."""
+    return ids if len(ids) <= n_keys else ids[:1] + ids[len(ids) - n_keys + 1 :]
+
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -239,10 +251,14 @@ FAMILIES: tuple[Family, ...] = (
         text=_UNET_TEXT,
         pipelines=(
             "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-            "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline",
+            "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "KolorsPipeline",
+            "KolorsImg2ImgPipeline",
         ),
-        tests="tests/capture/test_trace.py",
-        notes="SDXL concatenates its encoders along features: one tokenizer's ids index the keys",
+        tests="tests/capture/test_trace.py",  # Kolors: tests/capture/test_family_kolors.py
+        notes=(
+            "SDXL concatenates its encoders along features: one tokenizer's ids index the keys; Kolors' "
+            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked"
+        ),
     ),
     Family(
         name="sd3",
@@ -345,6 +361,43 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline"),
         tests="tests/capture/test_family_zimage.py",
         notes="one sequence [image, caption] per sample, each padded to a multiple of 32 with unmasked pad tokens",
+    ),
+    # ---- sana, pixart, hunyuandit -------------------------------------------------------------
+    Family(
+        name="sana",
+        title="Sana (SanaTransformer2DModel)",
+        denoisers=("SanaTransformer2DModel",),
+        # attn1 is linear attention (no softmax, no attention call): only attn2 meets the text
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer", select=_sana_keys),),
+        pipelines=("SanaPipeline",),
+        tests="tests/capture/test_family_sana.py",
+        notes=(
+            "keys are <bos> + the prompt + padding (the complex human instruction is cut off); "
+            "resolution binning: the tokens cover the bin, maps are resized and cropped as the image"
+        ),
+    ),
+    Family(
+        name="pixart",
+        title="PixArt-α, PixArt-Σ",
+        denoisers=("PixArtTransformer2DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+        tests="tests/capture/test_family_pixart.py",
+        notes="T5 keys, padding masked; resolution binning as Sana",
+    ),
+    Family(
+        name="hunyuandit",
+        title="HunyuanDiT",
+        denoisers=("HunyuanDiT2DModel",),
+        sites=(Site(r"blocks\.\d+\.attn2", "cross", "cross"),),
+        # keys = [BERT (77) | mT5 (256)]; a word pools its positions in both
+        text=(TextPart("text_encoder", "tokenizer", length=77), TextPart("text_encoder_2", "tokenizer_2")),
+        timestep_position=1,
+        pipelines=("HunyuanDiTPipeline",),
+        tests="tests/capture/test_family_hunyuandit.py",
+        notes="padding keys hold a learned vector and are attended (no mask); queries carry the image RoPE",
     ),
     # ---- cogview4, auraflow, lumina2, hidream -------------------------------------------------------
     Family(

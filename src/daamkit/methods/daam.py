@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daamkit.aggregate import Accumulator
+from daamkit.aggregate import Accumulator, resize_and_crop_maps
 from daamkit.capture.base import LayerInfo
 from daamkit.methods.base import AttributionMethod, jsonable
 
@@ -80,4 +80,10 @@ class DaamMethod(AttributionMethod):
             "config": jsonable(asdict(trace.config)),
             "selection": jsonable({"steps": steps, "layers": layers, "heads": heads}),
         }
-        return GlobalHeatMap(maps.cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
+        image_size = (h * scale, w * scale)
+        if gen.output_resize is not None:
+            # resolution binning: the tokens cover the bin's image, the pipeline returned a crop of it
+            generated, image_size = gen.output_resize
+            maps = resize_and_crop_maps(maps, generated, image_size)
+            meta["generated_size"] = list(generated)
+        return GlobalHeatMap(maps.cpu(), alignment, image_size=image_size, meta=meta)
