@@ -10,7 +10,7 @@ from this table and :data:`NOT_SUPPORTED`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -137,7 +137,6 @@ class Family:
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
     tests: str = ""  # the test file
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def text_parts(self, called: Sequence[str]) -> list[TextPart]:
         """The parts whose encoders ran (all of them when none was seen: ``prompt_embeds``)."""
