@@ -250,8 +250,8 @@ FAMILIES: tuple[Family, ...] = (
         text=_UNET_TEXT,
         pipelines=(
             "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-            "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "KolorsPipeline",
-            "KolorsImg2ImgPipeline",
+            "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLModularPipeline",
+            "KolorsPipeline", "KolorsImg2ImgPipeline",
         ),
         tests="tests/capture/test_trace.py",  # Kolors: tests/capture/test_family_kolors.py
         notes=(
@@ -283,7 +283,7 @@ FAMILIES: tuple[Family, ...] = (
         patch=lambda denoiser: 2,  # latents are packed 2x2
         timestep_position=None,
         separate_negative=True,
-        pipelines=("FluxPipeline", "FluxKontextPipeline"),
+        pipelines=("FluxPipeline", "FluxKontextPipeline", "FluxModularPipeline"),
         tests="tests/capture/test_joint.py",
         notes="Kontext's reference image: tokens after the generated ones (img_ids first coordinate 1), not image queries",
     ),

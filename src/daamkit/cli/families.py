@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     rows = coverage()
+    total, traced = len(rows), sum(r.family is not None for r in rows)
     if args.supported:
         rows = [r for r in rows if r.family is not None]
     if args.markdown:
@@ -36,6 +37,5 @@ def main(args: argparse.Namespace) -> int:
         for r in rows:
             where = f"{r.family}: {', '.join(r.pipelines)} ({r.tests})" if r.family else r.status
             print(f"{r.denoiser:<{width}}  {'yes' if r.family else 'no '}  {where}")
-        n = sum(r.family is not None for r in rows)
-        print(f"{n} of {len(rows)} text-conditioned denoisers are traced")
+        print(f"{traced} of {total} text-conditioned denoisers of diffusers are traced")
     return 0
