@@ -421,6 +421,14 @@ class Trace:
             ``"concept"`` (ConceptAttention maps of the ``concepts`` given to :func:`trace`, which need
             not be in the prompt; the selection options do not apply to them).
         """
+        missed = sorted(getattr(self.capture, "missed", None) or ())
+        if missed:
+            raise TraceError(
+                f"{len(missed)} traced attention layer(s), e.g. {missed[0]}, ran without PyTorch's "
+                "scaled_dot_product_attention, so daamkit could not read their queries and keys (an attention "
+                "backend such as flash-attn, sage or xformers): trace with the native backend, e.g. "
+                "pipe.transformer.set_attention_backend('native')"
+            )
         return self.method(method).heat_maps(
             self, i, prompt=prompt, branch=branch, steps=steps, layers=layers, heads=heads
         )

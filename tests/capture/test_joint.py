@@ -344,3 +344,24 @@ def test_text_and_model_probabilities_match_a_recomputation_from_the_projections
     # the model's probabilities leave part of the mass on the image keys; the text ones sum to one
     assert (maps["model"].sum(0) < maps["text"].sum(0) - 1e-3).all()
     torch.testing.assert_close(maps["text"].sum(0), torch.ones_like(maps["text"][0]), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_that_bypasses_sdpa_is_reported_not_left_empty(flux, monkeypatch):
+    """A backend that never calls PyTorch's scaled_dot_product_attention hides q and k: heat_maps says so."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def other_kernel(*args, **kwargs):
+        with torch._C.DisableTorchFunction():  # a kernel the torch-function mode never sees
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", other_kernel)
+    with trace(flux) as tc:
+        run(flux, steps=1)
+        with pytest.raises(TraceError, match="set_attention_backend"):
+            tc.heat_maps(0)
+    monkeypatch.undo()
+    with trace(flux) as tc:
+        run(flux, steps=1)
+        assert tc.heat_maps(0).maps.sum() > 0
