@@ -46,19 +46,17 @@ class CaptureSink(Protocol):
 
 
 def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, norm_q=None, norm_k=None, head_first: bool = False
+    q: torch.Tensor, k: torch.Tensor, heads: int, scale: float, norm_q=None, norm_k=None
 ) -> torch.Tensor:
     """softmax(q k^T * scale) over the keys, per head, in fp32: (B, heads, Nq, Nk).
 
-    q: (B, Nq, heads*d) and k: (B, Nk, heads*d) as the projections return them, or already split as
-    (B, heads, N, d) when ``head_first``. ``norm_q``/``norm_k`` are the module's own q/k norms, applied
-    where its processor applies them (after the head split).
+    q: (B, Nq, heads*d) and k: (B, Nk, heads*d) as the projections return them. ``norm_q``/``norm_k``
+    are the module's own q/k norms, applied where its processor applies them (after the head split).
     """
-    if not head_first:
-        b, nq, c = q.shape
-        d = c // heads
-        q = q.view(b, nq, heads, d).transpose(1, 2)
-        k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
+    b, nq, c = q.shape
+    d = c // heads
+    q = q.view(b, nq, heads, d).transpose(1, 2)
+    k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
     if norm_q is not None:
         q = norm_q(q)
     if norm_k is not None:
