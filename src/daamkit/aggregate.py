@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from daamkit.capture.base import LayerInfo
+from daamkit.capture.base import LayerInfo, QueryChunk
 from daamkit.errors import InputError
 
 Mode = Literal["daam", "reference"]
@@ -40,6 +40,9 @@ class AggregationConfig:
     mode: ``"daam"`` upsamples every call's head-averaged map bicubically to the grid, clamps at 0 and
         sums; ``"reference"`` reproduces PyPI ``daam`` 0.2.0 exactly (see ``reference()``).
     grid: (height, width) of the aggregation grid; ``None`` = the latent grid of the generation.
+    chunk_mib: memory budget (MiB) for one block of image-query x text-key probabilities: a call
+        whose block is larger (a video's tens of thousands of queries) is computed in chunks of
+        queries that fit, so the extra memory of tracing does not grow with the frame count.
     probabilities: for joint attention (text and image in one sequence), ``"text"`` softmaxes the
         image queries' scores over the text keys only (the analogue of a UNet's cross-attention, and
         DAAM's definition: where each word acts, whatever share of attention text gets there);
@@ -58,8 +61,11 @@ class AggregationConfig:
     mode: Mode = "daam"
     grid: tuple[int, int] | None = None
     probabilities: Literal["text", "model"] = "text"
+    chunk_mib: float = 32.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.chunk_mib, int | float) or not self.chunk_mib > 0:
+            raise InputError(f"chunk_mib must be a positive number of MiB, got {self.chunk_mib!r}")
         if self.probabilities not in ("text", "model"):
             raise InputError(f"probabilities must be 'text' or 'model', got {self.probabilities!r}")
         if self.mode not in ("daam", "reference"):
@@ -162,23 +168,37 @@ def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int, int]:
     return h, w, factor
 
 
+def chunk_size(total: int, frame: int, bytes_per_query: int, mib: float) -> int:
+    """Image queries per chunk (``total``: no chunking) so that a chunk's probabilities fit in ``mib``
+    MiB; whole frames where a frame fits, since resizing works frame by frame."""
+    budget = int(mib * 2**20)
+    if total * bytes_per_query <= budget:
+        return total
+    per = max(1, budget // max(1, bytes_per_query))
+    return per - per % frame if frame > 0 and per >= frame else per
+
+
 @dataclass
 class _BranchSums:
     sums: dict[tuple[int | None, str | None], torch.Tensor] = field(default_factory=dict)
     layers_seen: set[str] = field(default_factory=set)
     steps_seen: set[int] = field(default_factory=set)
-    # reference mode: (layer) -> (B, heads, T, h, w) sums over steps at native resolution
+    # reference mode: (layer) -> (B, heads, T, F, h, w) sums over steps at native resolution
     native: dict[str, torch.Tensor] = field(default_factory=dict)
     # a separate negative call (true CFG) may see another text length than the positive one
     num_tokens: int | None = None
+    # chunked calls that resize: the frame under construction, per layer: (frame index, (B, heads, T, h*w))
+    partial: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
 class Accumulator:
     """Running sums of attention maps for one generation (one call of the pipeline)."""
 
-    def __init__(self, config: AggregationConfig, latent_hw: tuple[int, int], num_images: int):
+    def __init__(self, config: AggregationConfig, latent_hw: tuple[int, int], num_images: int, frames: int = 1):
+        """frames: the video's token frames (1 for an image); sums then hold (..., frames, h, w)."""
         self.config = config
         self.latent_hw = latent_hw
+        self.frames = int(frames)
         self.grid = tuple(config.grid) if config.grid is not None else tuple(latent_hw)
         self.num_images = num_images
         self.branches: dict[str, _BranchSums] = {}
@@ -193,15 +213,21 @@ class Accumulator:
             return True  # let add() raise its error with the probabilities at hand
         return self.config.selects_layer(layer, factor)
 
-    def add(self, layer: LayerInfo, step: int, probs: torch.Tensor, branch: str = "cond") -> None:
+    def add(self, layer: LayerInfo, step: int, probs: torch.Tensor, branch: str = "cond",
+            chunk: QueryChunk | None = None) -> None:
         """Fold one call's probabilities in.
 
         probs: (B, heads, N, T) softmax over the T text keys for the N image queries of the layer,
-        for the B images of ``branch``, in image order.
+        for the B images of ``branch``, in image order; a video's queries are frame-major. With
+        ``chunk``, probs hold only the queries ``chunk.start:chunk.stop``; the chunks of one call
+        come in order.
         """
         cfg = self.config
         b, heads, n, t = probs.shape
-        h, w, factor = layer_grid(self.latent_hw, n)
+        total = n if chunk is None else chunk.total
+        if total % self.frames:
+            raise ValueError(f"layer {layer.name} has {total} image positions, not a multiple of {self.frames} frames")
+        h, w, factor = layer_grid(self.latent_hw, total // self.frames)
         if not (cfg.selects_step(step) and cfg.selects_layer(layer, factor)):
             return
         sums = self.branches.setdefault(branch, _BranchSums())
@@ -222,8 +248,12 @@ class Accumulator:
             # The head average reads the (B, heads, N, T) layout the capture hands over in memory
             # order; on the (B, heads, T, h, w) view below the same sums cost 10-20x as much.
             probs = probs.mean(dim=1, keepdim=True)
-        # (B, heads, N, T) -> (B, heads, T, h, w), a view
-        maps = probs.permute(0, 1, 3, 2).reshape(b, probs.shape[1], t, h, w)
+        hp = probs.shape[1]
+        if chunk is not None and (chunk.start, chunk.stop) != (0, total):
+            self._add_chunk(sums, layer, step, probs, chunk, (h, w))
+            return
+        # (B, heads, N, T) -> (B, heads, T, F, h, w), a view
+        maps = probs.permute(0, 1, 3, 2).reshape(b, hp, t, self.frames, h, w)
 
         if cfg.mode == "reference":
             acc = sums.native.get(layer.name)
@@ -244,6 +274,50 @@ class Accumulator:
         else:
             acc.add_(up)
 
+    def _add_chunk(self, sums: _BranchSums, layer: LayerInfo, step: int, probs: torch.Tensor,
+                   chunk: QueryChunk, native: tuple[int, int]) -> None:
+        """Fold in the queries ``chunk`` of a call; the result equals folding the whole call at once."""
+        cfg = self.config
+        b, hp, _, t = probs.shape
+        h, w = native
+        cols = probs.permute(0, 1, 3, 2)  # (B, heads, T, n)
+        shape = (b, hp, t, self.frames)
+        if cfg.mode == "reference":
+            acc = sums.native.get(layer.name)
+            if acc is None:
+                acc = sums.native[layer.name] = probs.new_zeros(*shape, h, w)
+            acc.view(*shape[:3], -1)[..., chunk.start:chunk.stop].add_(cols)
+            return
+        key = (step if cfg.keep_steps else None, layer.name if cfg.keep_layers else None)
+        acc = sums.sums.get(key)
+        if acc is None:
+            acc = sums.sums[key] = probs.new_zeros(*shape, *self.grid)
+        if tuple(self.grid) == (h, w):
+            acc.view(*shape[:3], -1)[..., chunk.start:chunk.stop].add_(cols)
+            return
+        # Resizing works on whole frames: whole frames in the chunk go at once, a frame split between
+        # chunks is gathered first (the chunks of a call come in order).
+        frame = h * w
+        start, stop = chunk.start, chunk.stop
+        first, last = -(-start // frame), stop // frame  # whole frames first..last-1
+        if first < last:
+            block = cols[..., first * frame - start: last * frame - start].reshape(b, hp, t, last - first, h, w)
+            acc[:, :, :, first:last].add_(_upsample(block, self.grid).clamp_(min=0))
+        pieces = [(start, min(stop, first * frame))] if start < first * frame else []
+        if last * frame < stop and last >= first:
+            pieces.append((last * frame, stop))
+        for s0, s1 in pieces:
+            f = s0 // frame
+            held = sums.partial.get(layer.name)
+            if held is None or held[0] != f:
+                held = (f, probs.new_zeros(b, hp, t, frame))
+                sums.partial[layer.name] = held
+            held[1][..., s0 - f * frame: s1 - f * frame] = cols[..., s0 - start: s1 - start]
+            if s1 == (f + 1) * frame:
+                plane = held[1].reshape(b, hp, t, 1, h, w)
+                acc[:, :, :, f:f + 1].add_(_upsample(plane, self.grid).clamp_(min=0))
+                del sums.partial[layer.name]
+
     # ---- reading -----------------------------------------------------------------------------
     def result(
         self,
@@ -252,7 +326,18 @@ class Accumulator:
         layers: Sequence[str] | None = None,
         heads: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Aggregated maps (B, T, gh, gw): sum over steps of the mean over layers (and heads)."""
+        """Aggregated maps (B, T, gh, gw), (B, T, F, gh, gw) for a video: sum over steps of the mean
+        over layers (and heads)."""
+        out = self._result(branch, steps, layers, heads)
+        return out[:, :, 0] if self.frames == 1 else out
+
+    def _result(
+        self,
+        branch: str,
+        steps: Iterable[int] | None,
+        layers: Sequence[str] | None,
+        heads: Sequence[int] | None,
+    ) -> torch.Tensor:
         cfg = self.config
         if branch not in self.branches:
             if branch == "negative" and not cfg.negative:
@@ -265,9 +350,9 @@ class Accumulator:
                 raise ValueError("the 'reference' mode gives the reference aggregate only; select steps/layers/heads in trace()")
             total, count = None, 0
             for native in sums.native.values():  # one layer at a time keeps the peak small
-                b, hd, t, h, w = native.shape
-                up = _upsample(native.reshape(b, hd * t, h, w), self.grid).clamp_(min=0)
-                part = up.reshape(b, hd, t, *self.grid).sum(dim=1)
+                b, hd, t, f, h, w = native.shape
+                up = _upsample(native.reshape(b, hd * t * f, h, w), self.grid).clamp_(min=0)
+                part = up.reshape(b, hd, t, f, *self.grid).sum(dim=1)
                 total = part if total is None else total.add_(part)
                 count += hd
             return total / count

@@ -16,6 +16,13 @@ Conventions (the DAAM definition, see "How the maps are computed" in the README)
 * ``normalized`` divides by the maximum (an all-zero map stays all zero, never NaN).
 * ``mask(threshold)`` is ``normalized >= threshold``; thresholding and IoU / IoA (with their ``>=`` and
   empty-mask conventions) live in :mod:`daamkit.metrics`, re-exported here.
+
+Videos: maps gain a time axis, one plane per token frame: ``GlobalHeatMap.maps`` is (T, F, h, w) and
+a word's ``value`` (F, h, w). ``time`` (a :class:`~daamkit.frames.TimeAxis`, kept in ``meta["time"]``)
+says which plane lies on each frame of the returned video, so ``frame(i)`` is the 2-D map of video
+frame ``i`` (every image analysis applies to it), ``frames(start, stop)`` the mean over a range of
+video frames, ``expand()`` a (frames, H, W) map on the video and ``frame_scores()`` how much a word
+acts on each frame (the mean of its map over the frame).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from daamkit.frames import TimeAxis
 from daamkit.metrics import (
     DEFAULT_THRESHOLD,
     as_bool_mask,
@@ -79,34 +87,79 @@ class WordHeatMap:
         image_size: Sequence[int] | None = None,
         words: Sequence[Word] = (),
         occurrence: int | None = None,
+        time: TimeAxis | None = None,
     ) -> None:
-        if not isinstance(value, torch.Tensor) or value.ndim != 2:
+        want = 2 if time is None else 3
+        if not isinstance(value, torch.Tensor) or value.ndim != want:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"WordHeatMap value must be a 2-D (h, w) tensor, got {shape}")
+            what = "a 2-D (h, w)" if time is None else "a 3-D (frames, h, w)"
+            raise ValueError(f"WordHeatMap value must be {what} tensor, got {shape}")
+        if time is not None and value.shape[0] != time.frames:
+            raise ValueError(f"WordHeatMap value has {value.shape[0]} frames but its time axis {time.frames}")
         self.value: torch.Tensor = value.detach().to(torch.float32)
         self.word: str = word
         self.positions: tuple[int, ...] = tuple(int(p) for p in positions)
         # Default to the grid size so that maps built by hand (baselines, tests) work without an image.
         self.image_size: Size = _check_size(
-            image_size if image_size is not None else tuple(value.shape), "image_size"
+            image_size if image_size is not None else tuple(value.shape[-2:]), "image_size"
         )
         self.words: tuple[Word, ...] = tuple(words)
         self.occurrence: int | None = occurrence
+        self.time: TimeAxis | None = time
+
+    # -- time -----------------------------------------------------------------------------------------
+    @property
+    def is_video(self) -> bool:
+        return self.time is not None
+
+    @property
+    def num_frames(self) -> int:
+        """Frames of the video the map lies on (1 for an image)."""
+        return 1 if self.time is None else self.time.num_frames
+
+    def _video(self, what: str) -> TimeAxis:
+        if self.time is None:
+            raise ValueError(f"{what} needs a video's map; {self.word!r} is an image's")
+        return self.time
+
+    def frames(self, start: int, stop: int | None = None) -> WordHeatMap:
+        """The 2-D map of video frames ``start..stop-1`` (default: frame ``start`` alone), the mean of
+        the planes that lie on them, each frame counted once."""
+        time = self._video("frames()")
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start < stop <= time.num_frames:
+            raise IndexError(f"frames {start}:{stop} out of range: the video has {time.num_frames} frames, numbered "
+                             f"0..{time.num_frames - 1}")
+        planes = [time.token_frame(i) for i in range(start, stop)]
+        value = self.value[planes].mean(0)
+        return WordHeatMap(value, self.word, self.positions, self.image_size, self.words, self.occurrence)
+
+    def frame(self, i: int) -> WordHeatMap:
+        """The 2-D map that lies on video frame ``i``."""
+        return self.frames(i, i + 1)
+
+    def frame_scores(self) -> torch.Tensor:
+        """How much the word acts on each video frame: the mean of its map over the frame, (frames,)."""
+        time = self._video("frame_scores()")
+        per_plane = self.value.mean(dim=(-2, -1))
+        return per_plane[time.index()]
 
     # -- geometry -------------------------------------------------------------------------------------
     @property
     def grid_size(self) -> Size:
         """(h, w) of the aggregation grid."""
-        return int(self.value.shape[0]), int(self.value.shape[1])
+        return int(self.value.shape[-2]), int(self.value.shape[-1])
 
     def expand(self, size: Sequence[int] | None = None) -> torch.Tensor:
         """Bicubic upsampling to ``size`` = (H, W) (default: the image size), clamped at 0.
 
-        Returns a float32 (H, W) tensor on the map's device.
+        Returns a float32 (H, W) tensor on the map's device; a video's map gives (frames, H, W), frame
+        ``i`` on the video's frame ``i``.
         """
         h, w = _check_size(size, "size") if size is not None else self.image_size
-        out = F.interpolate(self.value[None, None], size=(h, w), mode="bicubic", align_corners=False)
-        return out[0, 0].clamp_(min=0)
+        planes = self.value[None] if self.time is None else self.value
+        out = F.interpolate(planes[:, None], size=(h, w), mode="bicubic", align_corners=False)[:, 0].clamp_(min=0)
+        return out[0] if self.time is None else out[self.time.index()]
 
     def normalized(self, size: Sequence[int] | None = None, method: NormMethod = "max") -> torch.Tensor:
         """The expanded map scaled to [0, 1].
@@ -136,6 +189,15 @@ class WordHeatMap:
         return threshold_mask(self.normalized(size), threshold)
 
     def _other_mask(self, other: WordHeatMap | Any, threshold: float) -> np.ndarray:
+        if isinstance(other, WordHeatMap) and (other.time is None) != (self.time is None):
+            raise ValueError(f"cannot compare {self.word!r} with {other.word!r}: one is a video's map, the other an "
+                             "image's (pick a frame with .frame(i))")
+        if self.time is not None and not isinstance(other, WordHeatMap):
+            other = np.asarray(other.cpu() if isinstance(other, torch.Tensor) else other)
+            if other.shape != (self.num_frames, *self.image_size):
+                raise ValueError(f"mask must be (frames, height, width) = {(self.num_frames, *self.image_size)} for "
+                                 f"this video's map, got {other.shape}")
+            return other.astype(bool)
         if isinstance(other, WordHeatMap):
             if other.image_size != self.image_size:
                 raise ValueError(
@@ -158,7 +220,7 @@ class WordHeatMap:
     # -- devices ----------------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> WordHeatMap:
         return WordHeatMap(
-            self.value.to(device), self.word, self.positions, self.image_size, self.words, self.occurrence
+            self.value.to(device), self.word, self.positions, self.image_size, self.words, self.occurrence, self.time
         )
 
     def cpu(self) -> WordHeatMap:
@@ -175,6 +237,9 @@ class WordHeatMap:
         """The normalised map, expanded to ``image``'s own size, blended over it (RGB PIL image)."""
         from daamkit import plot
 
+        if self.time is not None:
+            raise ValueError(f"{self.word!r} is a video's map: overlay one frame (.frame(i).overlay(frame_image)) or "
+                             "write overlay videos with daamkit.video")
         return plot.overlay(image, self.normalized((image.height, image.width)), alpha, cmap, weighted)
 
     def plot(
@@ -188,12 +253,15 @@ class WordHeatMap:
         :func:`daamkit.plot.plot_word` for the other options."""
         from daamkit import plot
 
+        if self.time is not None:
+            raise ValueError(f"{self.word!r} is a video's map: plot one frame (.frame(i).plot()) or its frame_scores()")
         return plot.plot_word(self, image=image, ax=ax, colorbar=colorbar, **kwargs)
 
     def __repr__(self) -> str:
         h, w = self.grid_size
+        frames = "" if self.time is None else f"frames={self.num_frames}, "
         return (
-            f"WordHeatMap({self.word!r}, positions={self.positions}, grid={h}x{w}, "
+            f"WordHeatMap({self.word!r}, positions={self.positions}, {frames}grid={h}x{w}, "
             f"image_size={self.image_size})"
         )
 
@@ -202,8 +270,9 @@ class GlobalHeatMap:
     """Heat maps of every token position of one image.
 
     ``maps`` is (T, h, w) on the aggregation grid, with T = ``len(alignment.tokens)`` (the key axis of the
-    attention, BOS/EOS/padding included). ``meta`` is a JSON-safe dict (settings, layer/step selection...)
-    that records keep next to the maps.
+    attention, BOS/EOS/padding included); a video's are (T, F, h, w), with its time axis in
+    ``meta["time"]``. ``meta`` is a JSON-safe dict (settings, layer/step selection...) that records keep
+    next to the maps.
     """
 
     def __init__(
@@ -213,9 +282,15 @@ class GlobalHeatMap:
         image_size: Sequence[int],
         meta: dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(maps, torch.Tensor) or maps.ndim != 3:
+        meta = dict(meta) if meta else {}
+        time = TimeAxis.from_json(meta["time"]) if meta.get("time") is not None else None
+        want = 3 if time is None else 4
+        if not isinstance(maps, torch.Tensor) or maps.ndim != want:
             shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
-            raise ValueError(f"maps must be a (tokens, h, w) tensor, got {shape}")
+            what = "(tokens, h, w)" if time is None else "(tokens, frames, h, w) (meta has a time axis)"
+            raise ValueError(f"maps must be a {what} tensor, got {shape}")
+        if time is not None and maps.shape[1] != time.frames:
+            raise ValueError(f"maps have {maps.shape[1]} frames but the time axis {time.frames}")
         n_tokens = len(alignment.tokens)
         if maps.shape[0] != n_tokens:
             # A mismatch means maps and alignment come from different tokenizations: word lookups
@@ -227,13 +302,49 @@ class GlobalHeatMap:
         self.maps: torch.Tensor = maps.detach().to(torch.float32)
         self.alignment: TokenAlignment = alignment
         self.image_size: Size = _check_size(image_size, "image_size")
-        self.meta: dict[str, Any] = dict(meta) if meta else {}
+        self.meta: dict[str, Any] = meta
+        self.time: TimeAxis | None = time
+
+    # -- time ---------------------------------------------------------------------------------------------
+    @property
+    def is_video(self) -> bool:
+        return self.time is not None
+
+    @property
+    def num_frames(self) -> int:
+        """Frames of the video the maps lie on (1 for an image)."""
+        return 1 if self.time is None else self.time.num_frames
+
+    def frames(self, start: int, stop: int | None = None) -> GlobalHeatMap:
+        """The image maps of video frames ``start..stop-1`` (default: frame ``start`` alone): each token's
+        mean over the planes that lie on those frames, each frame counted once."""
+        if self.time is None:
+            raise ValueError("frames() needs a video's maps; these are an image's")
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start < stop <= self.time.num_frames:
+            raise IndexError(f"frames {start}:{stop} out of range: the video has {self.time.num_frames} frames, "
+                             f"numbered 0..{self.time.num_frames - 1}")
+        planes = [self.time.token_frame(i) for i in range(start, stop)]
+        meta = {k: v for k, v in self.meta.items() if k != "time"}
+        meta["frames"] = [start, stop]
+        return GlobalHeatMap(self.maps[:, planes].mean(1), self.alignment, self.image_size, meta)
+
+    def frame(self, i: int) -> GlobalHeatMap:
+        """The image maps that lie on video frame ``i``."""
+        return self.frames(i, i + 1)
+
+    def frame_scores(self, words: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """``{word: (frames,) tensor}``: how much each word acts on each video frame (its map's mean
+        over the frame); default: every word."""
+        if self.time is None:
+            raise ValueError("frame_scores() needs a video's maps; these are an image's")
+        return {w: self.word(w).frame_scores() for w in (self.words if words is None else words)}
 
     # -- basic facts ----------------------------------------------------------------------------------------
     @property
     def grid_size(self) -> Size:
         """(h, w) of the aggregation grid (follows the latent grid; may be non-square)."""
-        return int(self.maps.shape[1]), int(self.maps.shape[2])
+        return int(self.maps.shape[-2]), int(self.maps.shape[-1])
 
     @property
     def num_tokens(self) -> int:
@@ -268,14 +379,14 @@ class GlobalHeatMap:
 
     # -- maps -----------------------------------------------------------------------------------------------
     def token_map(self, pos: int) -> torch.Tensor:
-        """The (h, w) grid map of token position ``pos``."""
+        """The (h, w) grid map of token position ``pos`` ((frames, h, w) for a video)."""
         if not 0 <= pos < self.num_tokens:
             raise IndexError(f"token position {pos} out of range 0..{self.num_tokens - 1}")
         return self.maps[pos]
 
     def token_heat_map(self, pos: int) -> WordHeatMap:
         """Token position ``pos`` as a WordHeatMap (labelled with the token string)."""
-        return WordHeatMap(self.token_map(pos), self.alignment.tokens[pos], (pos,), self.image_size)
+        return WordHeatMap(self.token_map(pos), self.alignment.tokens[pos], (pos,), self.image_size, time=self.time)
 
     def word(self, query: str, occurrence: int | None = None) -> WordHeatMap:
         """Map of ``query`` (one word or consecutive words), the mean over its token positions.
@@ -296,7 +407,7 @@ class GlobalHeatMap:
                 f"{label!r} maps to position {positions[-1]} but there are {self.num_tokens} maps"
             )
         value = self.maps[list(positions)].mean(0)
-        return WordHeatMap(value, label, positions, self.image_size, tuple(found), occurrence)
+        return WordHeatMap(value, label, positions, self.image_size, tuple(found), occurrence, self.time)
 
     def __getitem__(self, query: str) -> WordHeatMap:
         return self.word(query)
@@ -348,6 +459,9 @@ class GlobalHeatMap:
 
     def expand(self, size: Sequence[int] | None = None) -> torch.Tensor:
         """All token maps upsampled bicubically to (H, W) (default: image size), clamped at 0: (T, H, W)."""
+        if self.time is not None:
+            raise ValueError("a video's maps expand one frame or one word at a time: .frame(i).expand() or "
+                             ".word(w).expand()")
         h, w = _check_size(size, "size") if size is not None else self.image_size
         return F.interpolate(self.maps[:, None], size=(h, w), mode="bicubic", align_corners=False)[
             :, 0
@@ -380,11 +494,15 @@ class GlobalHeatMap:
         """A Figure with one panel per word; see :func:`daamkit.plot.plot_grid`."""
         from daamkit import plot
 
+        if self.time is not None:
+            raise ValueError("a video's maps plot one frame at a time (.frame(i).plot_grid(frame_image)) or as "
+                             "frame_scores (daamkit.plot.plot_frame_scores)")
         return plot.plot_grid(self, image=image, words=words, **kwargs)
 
     def __repr__(self) -> str:
         h, w = self.grid_size
+        frames = "" if self.time is None else f"frames={self.num_frames}, "
         return (
-            f"GlobalHeatMap(tokens={self.num_tokens}, grid={h}x{w}, image_size={self.image_size}, "
+            f"GlobalHeatMap(tokens={self.num_tokens}, {frames}grid={h}x{w}, image_size={self.image_size}, "
             f"words={self.words})"
         )

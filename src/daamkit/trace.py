@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from daamkit.aggregate import Accumulator, AggregationConfig
+from daamkit.aggregate import Accumulator, AggregationConfig, chunk_size
 from daamkit.capture import UnsupportedPipelineError, detect_capture
-from daamkit.capture.base import DenoiserCall, HookSet, LayerInfo, is_traced
+from daamkit.capture.base import DenoiserCall, HookSet, LayerInfo, QueryChunk, is_traced
 from daamkit.errors import InputError, TraceError
 from daamkit.methods import (
     CAPTURE_STREAMS,
@@ -292,6 +292,7 @@ class Trace:
             gen is None
             or self._text_since_denoiser
             or call.latent_hw != gen.call.latent_hw
+            or call.frames != gen.call.frames
             or call.batch != gen.call.batch
             or call.timestep > gen.last_timestep
         )
@@ -346,10 +347,18 @@ class Trace:
             return True  # on_attention's own checks say what is wrong
         return any(m.wants(self, layer, image_tokens) for m in self._attention_methods)
 
-    def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:
+    def query_chunk(self, total: int, frame: int, bytes_per_query: int) -> int:
+        if not all(m.chunks for m in self._attention_methods):
+            return total
+        return chunk_size(total, frame, bytes_per_query, self.config.chunk_mib)
+
+    def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None) -> None:
         assert self._gen is not None
         for m in self._attention_methods:
-            m.on_attention(self, layer, probs, branch)
+            if chunk is None:
+                m.on_attention(self, layer, probs, branch)
+            else:
+                m.on_attention(self, layer, probs, branch, chunk)
 
     # ---- results -----------------------------------------------------------------------------
     @property
@@ -513,6 +522,7 @@ def trace(
     mode: str = "daam",
     grid: tuple[int, int] | None = None,
     probabilities: str = "text",
+    chunk_mib: float = 32.0,
     config: AggregationConfig | None = None,
     concepts: Sequence[str] | None = None,
     concept_embeds: torch.Tensor | None = None,
@@ -525,6 +535,7 @@ def trace(
 
     probabilities: ``"text"`` (default) or ``"model"``: how joint attention is normalised, see
         :class:`~daamkit.aggregate.AggregationConfig`.
+    chunk_mib: memory budget of one block of probabilities; larger calls (videos) run in chunks.
     concepts: words (need not be in the prompt) for ConceptAttention-style maps on SD3/Flux, read with
         ``tc.heat_maps(i, method="concept")``; ``concept_embeds`` (concepts x context dim) overrides how
         they are encoded; ``concept_softmax`` normalises the maps over the concepts at each pixel.
@@ -536,7 +547,7 @@ def trace(
             )
             if layers is not None:
                 config = config.with_(layers=tuple(layers))
-            config = config.with_(probabilities=probabilities)
+            config = config.with_(probabilities=probabilities, chunk_mib=chunk_mib)
         else:
             config = AggregationConfig(
                 steps=steps,
@@ -550,5 +561,6 @@ def trace(
                 mode=mode,  # type: ignore[arg-type]
                 grid=grid,
                 probabilities=probabilities,  # type: ignore[arg-type]
+                chunk_mib=chunk_mib,
             )
     return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax)

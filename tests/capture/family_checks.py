@@ -69,13 +69,21 @@ def assert_maps_for_every_word(hm, words: Sequence[str]) -> None:
         assert torch.isfinite(m).all() and m.sum() > 0, f"no attention on {w!r}"
 
 
-def region_mask(grid: tuple[int, int], region=(0.0, 0.5, 0.5, 1.0)) -> torch.Tensor:
-    """Row-major (h*w,) mask of ``region`` = (row0, row1, col0, col1) as fractions of the grid."""
-    h, w = grid
+def region_mask(grid: tuple[int, ...], region=(0.0, 0.5, 0.5, 1.0), frames: tuple[int, int] | None = None) -> torch.Tensor:
+    """Row-major (h*w,) mask of ``region`` = (row0, row1, col0, col1) as fractions of the grid.
+
+    A video's grid is (frames, h, w): the mask is (frames*h*w,), frame-major, and holds the region
+    only in token frames ``frames`` = (first, stop) (default: all of them)."""
+    *lead, h, w = grid
     r0, r1, c0, c1 = region
     g = torch.zeros(h, w, dtype=torch.bool)
     g[int(r0 * h): int(math.ceil(r1 * h)), int(c0 * w): int(math.ceil(c1 * w))] = True
-    return g.flatten()
+    if not lead:
+        return g.flatten()
+    f0, f1 = frames if frames is not None else (0, lead[0])
+    v = torch.zeros(lead[0], h, w, dtype=torch.bool)
+    v[f0:f1] = g
+    return v.flatten()
 
 
 class HandSet:
@@ -91,11 +99,12 @@ class HandSet:
     rows: the batch rows whose keys are set (None: all); the other rows' keys are zero.
     """
 
-    def __init__(self, denoiser: nn.Module, grid: tuple[int, int], token: int, queries, keys,
+    def __init__(self, denoiser: nn.Module, grid: tuple[int, ...], token: int, queries, keys,
                  region=(0.0, 0.5, 0.5, 1.0), norms=("norm_q", "norm_k", "norm_added_q", "norm_added_k"),
                  gain: float = 6.0, heads_of: Callable[[nn.Module], int] = lambda m: int(m.heads),
-                 text_len: int = 0, others: float = 0.0, rows: Sequence[int] | None = None):
-        self.mask = region_mask(grid, region)
+                 text_len: int = 0, others: float = 0.0, rows: Sequence[int] | None = None,
+                 frames: tuple[int, int] | None = None):
+        self.mask = region_mask(grid, region, frames)
         self.grid, self.token = grid, token
         self.text_len, self.others, self.rows = text_len, others, rows
         self.handles = []
@@ -161,8 +170,10 @@ class HandSet:
 
 
 def assert_peaks_in_region(maps: torch.Tensor, position: int, mask: torch.Tensor) -> None:
-    """The map at text ``position`` is high inside ``mask`` and low outside; the others stay low there."""
-    grid = maps.shape[-2:]
+    """The map at text ``position`` is high inside ``mask`` and low outside; the others stay low there.
+    A video's maps are (T, F, h, w) and its mask frame-major (F*h*w,): outside includes the frames
+    where the region is not."""
+    grid = maps.shape[1:]
     inside = mask.reshape(tuple(grid))
     m = maps[position]
     assert m[inside].mean() > 10 * m[~inside].mean()
@@ -178,7 +189,7 @@ class RowHandSet(HandSet):
     by their position (Qwen-Image, Z-Image) put it on the slowest pair of the first axis instead, so
     that the query-key angle stays small."""
 
-    def __init__(self, denoiser: nn.Module, grid: tuple[int, int], token_of: Callable[[int, int], int], queries, keys,
+    def __init__(self, denoiser: nn.Module, grid: tuple[int, ...], token_of: Callable[[int, int], int], queries, keys,
                  dim: int = 0, **kw):
         self.token_of, self.dim = token_of, dim
         super().__init__(denoiser, grid, 0, queries, keys, **kw)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from daamkit.capture.base import CaptureSink, DenoiserCall, LayerInfo
 from daamkit.capture.families import FAMILIES, Family, Site, TextPart, family_of
 from daamkit.capture.transformer import TransformerCapture
@@ -57,4 +59,5 @@ def detect_capture(pipe: Any, probabilities: str = "text") -> UNetCapture | Tran
     family, denoiser = found
     if family.capture == "projections":
         return UNetCapture(denoiser)
-    return TransformerCapture(family, denoiser, probabilities=probabilities)
+    experts = [e for e in (getattr(pipe, a, None) for a in family.experts) if isinstance(e, nn.Module)]
+    return TransformerCapture(family, denoiser, probabilities=probabilities, experts=experts)

@@ -28,6 +28,21 @@ class DenoiserCall:
     batch: int  # rows in the denoiser batch (CFG halves included)
     latent_hw: tuple[int, int]  # latent grid (height, width) of the image tokens
     timestep: float  # falls from step to step (negated for a family whose time rises, e.g. Z-Image)
+    frames: int = 1  # frames of image tokens (a video's latent frames over the temporal patch); 1 for images
+
+
+@dataclass(frozen=True)
+class QueryChunk:
+    """Which image queries one delivery of probabilities holds: ``start:stop`` of ``total``.
+
+    The image queries of a call are numbered frame-major (frame, row, column), as every video
+    transformer flattens its tokens. Large calls (videos) are delivered in chunks so that the image
+    queries x text keys block is never held whole; a delivery without a chunk holds every query.
+    """
+
+    start: int
+    stop: int
+    total: int
 
 
 class CaptureSink(Protocol):
@@ -38,11 +53,18 @@ class CaptureSink(Protocol):
         ...
 
     def wants(self, layer: LayerInfo, image_tokens: int) -> bool:
-        """Whether any consumer uses this layer's probabilities when its image sequence has
-        ``image_tokens`` positions; when not, the capture skips computing them."""
+        """Whether any consumer uses this layer's probabilities when each frame of its image sequence
+        has ``image_tokens`` positions; when not, the capture skips computing them."""
         ...
 
-    def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None: ...
+    def query_chunk(self, total: int, frame: int, bytes_per_query: int) -> int:
+        """How many of ``total`` image queries (``frame`` per frame) to compute at once, when each
+        costs ``bytes_per_query`` of probabilities; ``total`` means no chunking."""
+        ...
+
+    def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None) -> None:
+        """probs: (b, heads, n, T) for the image queries ``chunk`` (all of them when None)."""
+        ...
 
 
 def attention_probs(
@@ -150,8 +172,13 @@ class DenoiserPreHook:
             timestep = float(timestep.flatten()[0].item()) if timestep.numel() else 0.0
         h, w = sample.shape[-2:]
         p = self.patch_size
+        # a motion UNet (AnimateDiff) takes (B, C, F, H, W) and runs its image layers per frame
+        frames = int(sample.shape[2]) if sample.dim() == 5 else 1
         self.sink.on_denoiser_call(
-            DenoiserCall(batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0))
+            DenoiserCall(
+                batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0),
+                frames=frames,
+            )
         )
 
 

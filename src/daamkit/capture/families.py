@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from daamkit.capture.sdpa import Slices
+from daamkit.frames import TimeAxis
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,32 @@ def _time_zero_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int
     return int(own[:, 1].max()) + 1, int(own[:, 2].max()) + 1
 
 
+# ---- videos ---------------------------------------------------------------------------------------
+def video_patch(denoiser: nn.Module) -> tuple[int, int]:
+    """(temporal, spatial) patch sizes from a video transformer's config: ``patch_size`` as an int
+    or a (t, h, w) tuple, ``patch_size_t`` where the config has one (None or absent: 1)."""
+    cfg = denoiser.config
+    p = getattr(cfg, "patch_size", 1) or 1
+    if isinstance(p, list | tuple):
+        return int(p[0]), int(p[-1])
+    return int(getattr(cfg, "patch_size_t", 1) or 1), int(p)
+
+
+def video_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Latents given as (B, C, F, H, W): (frames, h, w) of the token grid over the patch sizes."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"{type(denoiser).__name__} called without (B, C, F, H, W) latents: cannot place video tokens")
+    pt, p = video_patch(denoiser)
+    return -(-int(x.shape[2]) // pt), int(x.shape[-2]) // p, int(x.shape[-1]) // p
+
+
+def vae_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
+    """A causal video VAE whose temporal compression the pipeline states as ``vae_scale_factor_temporal``."""
+    r = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
+    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
+
 @dataclass(frozen=True)
 class Family:
     """One denoiser kind and how daamkit reads its text-image attention."""
@@ -134,6 +161,9 @@ class Family:
     separate_negative: bool = False  # true CFG: the negative prompt runs as its own call, after the positive
     cond_first: bool = False  # batched CFG rows are [cond, negative] (diffusers' usual order is [negative, cond])
     timestep_rises: bool = False  # the denoiser's time goes from 0 (noise) up to 1 (image): t = 1 - sigma
+    # video families: how token frames map onto the returned video's frames (None: an image family)
+    time: Callable[[Any, nn.Module, int], TimeAxis] | None = None
+    experts: tuple[str, ...] = ()  # further pipeline attributes holding denoisers that take turns (MoE)
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
     tests: str = ""  # the test file
     notes: str = ""

@@ -25,12 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from daamkit.capture.base import CaptureSink, LayerInfo
+from daamkit.capture.base import CaptureSink, LayerInfo, QueryChunk
 
 _SDPA = F.scaled_dot_product_attention
 
 #: How the text probabilities of a joint attention are normalised (``AggregationConfig.probabilities``).
 PROBABILITIES = ("text", "model")
+
+
+def _length(s: slice, n: int) -> int:
+    return len(range(*s.indices(n)))
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class Slices:
     queries: slice
     keys: slice
     valid: torch.Tensor | None = None
+
+    def part(self, start: int, stop: int, q_len: int) -> Slices:
+        """The same call restricted to image queries ``start:stop`` (counted from the first image query)."""
+        r = range(*self.queries.indices(q_len))[start:stop]
+        return Slices(slice(r.start, r.stop, r.step), self.keys, self.valid)
 
 
 def _mask_block(mask: torch.Tensor, rows: slice, queries: slice, keys: slice) -> torch.Tensor:
@@ -103,8 +112,8 @@ def text_probabilities(
         m = None if mask is None else _mask_block(mask, rows, where.queries, where.keys)
         scores = _masked(torch.matmul(qi, kt.transpose(-1, -2)).mul_(scale), m)
         if valid is not None:
-            scores = scores.masked_fill(~valid, float("-inf"))
-        return torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
+            scores = scores.masked_fill_(~valid, float("-inf"))
+        return torch.nan_to_num_(scores.softmax(dim=-1), nan=0.0)
     # The model's softmax runs over all keys; its normaliser is taken in chunks of queries so that the
     # full (queries x keys) block is never held at once.
     kf = k.float()
@@ -187,22 +196,34 @@ class AttentionTap:
         if where is None:
             return
         q, k = q.detach(), k.detach()
+        parts = [where] if isinstance(where, Slices) else list(where)
+        q_len = int(q.shape[2])
+        total = _length(parts[0].queries, q_len)
+        frames = max(1, self.capture.current.frames)
+        n_text = _length(parts[0].keys, int(k.shape[2]))
         with torch.no_grad():
             for branch, rows in self.rows.items():
-                if isinstance(where, Slices):
-                    probs = text_probabilities(
-                        q, k, where, scale=kwargs.get("scale"), mask=mask, rows=rows,
-                        probabilities=self.capture.probabilities,
-                    )
-                else:  # one Slices per batch row: rows packed with their own text length (Lumina 2)
-                    probs = torch.cat([
-                        text_probabilities(
-                            q, k, where[r], scale=kwargs.get("scale"), mask=mask, rows=slice(r, r + 1),
+                n_rows = _length(rows, int(q.shape[0]))
+                size = max(1, self.sink.query_chunk(total, total // frames, n_rows * int(q.shape[1]) * n_text * 4))
+                # chunks of image queries bound the memory of the (queries x text keys) block for videos
+                for start in range(0, total, size):
+                    stop = min(total, start + size)
+                    chunk = None if size >= total else QueryChunk(start, stop, total)
+                    these = parts if chunk is None else [p.part(start, stop, q_len) for p in parts]
+                    if isinstance(where, Slices):
+                        probs = text_probabilities(
+                            q, k, these[0], scale=kwargs.get("scale"), mask=mask, rows=rows,
                             probabilities=self.capture.probabilities,
                         )
-                        for r in range(*rows.indices(q.shape[0]))
-                    ])
-                self.sink.on_attention(self.layer, probs, branch)
+                    else:  # one Slices per batch row: rows packed with their own text length (Lumina 2)
+                        probs = torch.cat([
+                            text_probabilities(
+                                q, k, these[r], scale=kwargs.get("scale"), mask=mask, rows=slice(r, r + 1),
+                                probabilities=self.capture.probabilities,
+                            )
+                            for r in range(*rows.indices(q.shape[0]))
+                        ])
+                    self.sink.on_attention(self.layer, probs, branch, chunk)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.entered:

@@ -16,6 +16,7 @@ from torch import nn
 
 from daamkit.capture.base import CaptureSink, DenoiserCall, DenoiserPreHook, HookSet, LayerInfo
 from daamkit.capture.sdpa import AttentionTap, Slices
+from daamkit.frames import TimeAxis
 
 if TYPE_CHECKING:
     from daamkit.capture.families import Family, Site, TextPart
@@ -47,9 +48,11 @@ class _PreHook(DenoiserPreHook):
         self.capture.text_len = family.denoiser_text_len(args, kwargs)
         # Z-Image takes its latents as a list of per-sample tensors
         batch = len(x) if isinstance(x, list | tuple) else int(x.shape[0])
+        grid = family.grid(module, args, kwargs)  # (h, w), or (frames, h, w) for a video
+        frames, hw = (int(grid[0]), tuple(grid[1:])) if len(grid) == 3 else (1, tuple(grid))
         # the trace counts steps by a falling timestep
         call = DenoiserCall(
-            batch=batch, latent_hw=family.grid(module, args, kwargs), timestep=-t if family.timestep_rises else t
+            batch=batch, latent_hw=hw, timestep=-t if family.timestep_rises else t, frames=frames
         )
         self.capture.current = call
         self.sink.on_denoiser_call(call)
@@ -62,7 +65,7 @@ def locate(tap: AttentionTap, q_len: int, k_len: int) -> Slices | Sequence[Slice
     if site.locate is not None:
         return site.locate(tap, q_len, k_len)
     h, w = capture.current.latent_hw
-    n_image = h * w
+    n_image = capture.current.frames * h * w  # a video's tokens, frame-major
     text = tap.text_len if site.text_from == "module" else capture.text_len
     if site.layout == "cross":
         t = k_len if text is None else min(text, k_len)
@@ -82,10 +85,14 @@ class TransformerCapture:
     repeated_timestep_is_negative = False
     cond_first = False
 
-    def __init__(self, spec: Family, denoiser: nn.Module, probabilities: str = "text"):
+    def __init__(self, spec: Family, denoiser: nn.Module, probabilities: str = "text",
+                 experts: Sequence[nn.Module] = ()):
+        """experts: further denoisers of the pipeline that take turns with ``denoiser`` (Wan 2.2's
+        high- and low-noise transformers); their modules of the same path count as the same layer."""
         self.spec = spec
         self.family = spec.name
         self.denoiser = denoiser
+        self.denoisers = [denoiser, *experts]
         self.probabilities = probabilities
         self.repeated_timestep_is_negative = spec.separate_negative
         self.cond_first = spec.cond_first
@@ -107,14 +114,23 @@ class TransformerCapture:
             LayerInfo(name=name, block=self.site_of[name].block, index=i, heads=int(getattr(m, "heads", 0) or 0))
             for i, (name, m) in enumerate(self.modules)
         ]
+        # (layer, module) of every denoiser: an expert's module at the same path is the same layer
+        self.taps: list[tuple[nn.Module, LayerInfo, nn.Module]] = []
+        for d in self.denoisers:
+            mods = dict(d.named_modules())
+            for layer in self.layers:
+                if layer.name not in mods:
+                    raise ValueError(f"{type(d).__name__} has no module {layer.name}: its experts differ in layout")
+                self.taps.append((d, layer, mods[layer.name]))
         self.hooks = HookSet()
 
     def attach(self, sink: CaptureSink) -> None:
         self.missed = set()
         self.current = None
         try:
-            self.hooks.add(self.denoiser.register_forward_pre_hook(_PreHook(sink, self), with_kwargs=True))
-            for layer, (_, m) in zip(self.layers, self.modules, strict=True):
+            for d in self.denoisers:
+                self.hooks.add(d.register_forward_pre_hook(_PreHook(sink, self), with_kwargs=True))
+            for _, layer, m in self.taps:
                 AttentionTap(layer, m, sink, self, locate).install(self.hooks)
         except BaseException:
             self.hooks.remove()
@@ -127,6 +143,12 @@ class TransformerCapture:
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
         return int(getattr(pipe, "vae_scale_factor", 8)) * self.spec.patch(self.denoiser)
+
+    def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
+        """How the ``frames`` token frames lie on the returned video (None for an image family)."""
+        if self.spec.time is not None:
+            return self.spec.time(pipe, self.denoiser, frames)
+        return TimeAxis(frames) if frames > 1 else None
 
     def text_parts(self, called: list[str]) -> list[TextPart]:
         """The text encoders' parts of the text keys, in key order."""

@@ -23,6 +23,7 @@ from daamkit.capture.base import (
     attention_probs,
 )
 from daamkit.capture.families import TextPart
+from daamkit.frames import TimeAxis
 
 
 def _block_of(name: str) -> str:
@@ -127,6 +128,10 @@ class UNetCapture:
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per latent cell along each side."""
         return int(getattr(pipe, "vae_scale_factor", 8))
+
+    def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
+        """A motion UNet denoises every frame of the video at once; its VAE decodes frame by frame."""
+        return TimeAxis(frames) if frames > 1 else None
 
     def text_parts(self, called: list[str]) -> list[TextPart]:
         """The text encoder whose tokens index the cross-attention keys.

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from daamkit.capture.base import HookSet, LayerInfo
+from daamkit.capture.base import HookSet, LayerInfo, QueryChunk
 
 if TYPE_CHECKING:
     from daamkit.heatmap import GlobalHeatMap
@@ -72,6 +72,9 @@ class AttributionMethod(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     #: Which of ``CAPTURE_STREAMS`` the trace should route to this method.
     captures: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``on_attention`` takes a call's image queries in chunks (``chunk``); the trace chunks
+    #: large calls (videos) only when every attention method does.
+    chunks: ClassVar[bool] = False
     #: Model families (``trace.capture.family``) the method works on; None: all of them.
     families: ClassVar[tuple[str, ...] | None] = None
     #: What the method needs, said when the pipeline's family is not in ``families``.
@@ -98,9 +101,13 @@ class AttributionMethod(ABC):
         and the capture then skips their probabilities unless another method wants them."""
         return True
 
-    def on_attention(self, trace: Trace, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:  # noqa: B027
+    def on_attention(  # noqa: B027
+        self, trace: Trace, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None
+    ) -> None:
         """probs: (B, heads, N image queries, T text keys) of ``layer`` for the images of ``branch``,
-        at step ``trace.generation.step``; only called when ``"cross_attention"`` is in ``captures``."""
+        at step ``trace.generation.step``; only called when ``"cross_attention"`` is in ``captures``.
+        A video's queries are frame-major; ``chunk`` (only for methods with ``chunks``) says which
+        of them ``probs`` holds."""
 
     @abstractmethod
     def heat_maps(self, trace: Trace, i: int, **options: Any) -> GlobalHeatMap:

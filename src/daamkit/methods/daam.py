@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from daamkit.aggregate import Accumulator, resize_and_crop_maps
-from daamkit.capture.base import LayerInfo
+from daamkit.capture.base import LayerInfo, QueryChunk
 from daamkit.methods.base import AttributionMethod, jsonable
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ class DaamMethod(AttributionMethod):
     name = "daam"
     aliases = ("cross",)
     captures = frozenset({"cross_attention"})
+    chunks = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,15 +34,17 @@ class DaamMethod(AttributionMethod):
 
     def start_generation(self, trace: Trace) -> None:
         gen = trace.generation
-        self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images)
+        self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images, frames=gen.call.frames)
 
     def wants(self, trace: Trace, layer: LayerInfo, image_tokens: int) -> bool:
         assert self.accumulator is not None
         return self.accumulator.wants(layer, image_tokens)
 
-    def on_attention(self, trace: Trace, layer: LayerInfo, probs: torch.Tensor, branch: str) -> None:
+    def on_attention(
+        self, trace: Trace, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None
+    ) -> None:
         assert self.accumulator is not None
-        self.accumulator.add(layer, trace.generation.step, probs, branch)
+        self.accumulator.add(layer, trace.generation.step, probs, branch, chunk)
 
     def heat_maps(
         self,
@@ -80,6 +83,9 @@ class DaamMethod(AttributionMethod):
             "config": jsonable(asdict(trace.config)),
             "selection": jsonable({"steps": steps, "layers": layers, "heads": heads}),
         }
+        time = trace.capture.time_axis(trace.pipe, gen.call.frames)
+        if time is not None:
+            meta["time"] = time.to_json()
         image_size = (h * scale, w * scale)
         if gen.output_resize is not None:
             # resolution binning: the tokens cover the bin's image, the pipeline returned a crop of it
