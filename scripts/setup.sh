@@ -13,5 +13,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
-pip install -q -c constraints.txt -e ".[dev,ui,e2e,syntax]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -c constraints.txt -e ".[dev,ui,e2e,syntax,video]" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import daamkit, torch; print('daamkit', daamkit.__version__, 'torch', torch.__version__)"
