@@ -26,12 +26,12 @@ _AUDIO = "audio, not images"
 NOT_SUPPORTED: dict[str, str] = {
     **{name: _VIDEO for name in (
         "AllegroTransformer3DModel", "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel",
-        "ChronoEditTransformer3DModel", "CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel",
+        "ChronoEditTransformer3DModel", "ConsisIDTransformer3DModel",
         "CosmosTransformer3DModel", "Cosmos3OmniTransformer", "EasyAnimateTransformer3DModel",
         "HeliosTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
         "HunyuanVideoTransformer3DModel", "I2VGenXLUNet", "Kandinsky5Transformer3DModel",
         "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "LTXVideoTransformer3DModel",
-        "LatteTransformer3DModel", "MiniMaxH3Transformer3DModel", "MochiTransformer3DModel",
+        "LatteTransformer3DModel", "MiniMaxH3Transformer3DModel",
         "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
         "SanaWMTransformer3DModel", "SkyReelsV2Transformer3DModel", "TransformerTemporalModel",
         "UNet3DConditionModel", "UNetMotionModel", "UNetSpatioTemporalConditionModel",

@@ -37,6 +37,8 @@ class Site:
         ``Slices``, one per batch row, when each sample is packed with its own text length.
     skip: ``skip(module) -> int``, the attention calls of the module's forward that come before the
         text-image one and are let pass (a cross-attention that first attends to image-context keys).
+    per_row: the module calls attention once per batch row (batch 1), in row order, each call with
+        that row's own text length; its text keys are the first tokens of the module's text.
     """
 
     pattern: str
@@ -46,6 +48,7 @@ class Site:
     needs: tuple[str, ...] = ()
     locate: Callable[..., Any] | None = None
     skip: Callable[[nn.Module], int] | None = None
+    per_row: bool = False  # one attention call per batch row (see AttentionTap)
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,27 @@ def _wan_image_context(module: nn.Module) -> int:
     """Wan 2.1 I2V's cross-attention attends to the CLIP image tokens (``add_k_proj``) in a call of its
     own before the text one."""
     return int(getattr(module, "add_k_proj", None) is not None)
+# ---- cogvideox, mochi (video) ------------------------------------------------------------------
+def _frames_first_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """CogVideoX takes its latents as (B, F, C, H, W)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"{type(denoiser).__name__} called without (B, F, C, H, W) latents: cannot place video tokens")
+    pt, p = video_patch(denoiser)
+    return -(-int(x.shape[1]) // pt), int(x.shape[-2]) // p, int(x.shape[-1]) // p
+
+
+def _mochi_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
+    """Mochi's VAE decodes each latent frame to 6 frames and drops the first 5 (causal)."""
+    r = int(getattr(pipe, "vae_temporal_scale_factor", 6) or 6)
+    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
+
+def _video_then_row_text(tap: Any, q_len: int, k_len: int) -> Slices | None:
+    """Mochi calls attention per batch row on [video, that row's valid text tokens]."""
+    call = tap.capture.current
+    n = call.frames * call.latent_hw[0] * call.latent_hw[1]
+    return Slices(slice(0, n), slice(n, k_len)) if q_len >= n and k_len > n else None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -524,6 +548,37 @@ FAMILIES: tuple[Family, ...] = (
             "(latent frame, row, column); causal VAE, 4x in time; A14B: transformer for t >= boundary, "
             "transformer_2 after"
         ),
+    ),
+    # ---- cogvideox (video)
+    Family(
+        name="cogvideox",
+        title="CogVideoX 1.0 (2b, 5b, 5b-I2V), CogVideoX 1.5 (5b, 5b-I2V)",
+        denoisers=("CogVideoXTransformer3DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn1", "joint", "text_image"),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=_frames_first_grid,
+        time=vae_time,
+        pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
+        tests="tests/capture/test_family_cogvideox.py",
+        notes=(
+            "keys are [T5 (226, padding attended), video frame-major]; latents (B, F, C, H, W), an I2V image "
+            "on channels; 1.5 pads latent frames at the start to its temporal patch 2 and drops them"
+        ),
+    ),
+    # ---- mochi (video)
+    Family(
+        name="mochi",
+        title="Mochi 1",
+        denoisers=("MochiTransformer3DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn1", "joint", "image_text", locate=_video_then_row_text,
+                    per_row=True),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=video_grid,
+        time=_mochi_time,
+        timestep_rises=True,
+        pipelines=("MochiPipeline",),
+        tests="tests/capture/test_family_mochi.py",
+        notes="each batch row attends over [video, its valid T5 tokens] in a call of its own; VAE time 6x, causal",
     ),
 )
 

@@ -134,7 +134,8 @@ class TransformerCapture:
             for d in self.denoisers:
                 self.hooks.add(d.register_forward_pre_hook(_PreHook(sink, self), with_kwargs=True))
             for _, layer, m in self.taps:
-                AttentionTap(layer, m, sink, self, locate, skip=self.site_of[layer.name].skip).install(self.hooks)
+                site = self.site_of[layer.name]
+                AttentionTap(layer, m, sink, self, locate, skip=site.skip, per_row=site.per_row).install(self.hooks)
         except BaseException:
             self.hooks.remove()
             raise
@@ -145,9 +146,12 @@ class TransformerCapture:
 
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
-        # video pipelines (Wan) name the VAE's spatial factor apart from its temporal one
-        factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8
-        return int(factor) * self.spec.patch(self.denoiser)
+        # video pipelines name the VAE's spatial factor apart from its temporal one
+        for name in ("vae_scale_factor", "vae_scale_factor_spatial", "vae_spatial_scale_factor"):
+            factor = getattr(pipe, name, None)
+            if isinstance(factor, int):
+                return factor * self.spec.patch(self.denoiser)
+        return 8 * self.spec.patch(self.denoiser)
 
     def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
         """How the ``frames`` token frames lie on the returned video (None for an image family)."""
