@@ -273,20 +273,23 @@ def _sana_keys(ids: list[int], n_keys: int) -> list[int]:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="unet",
-        title="Stable Diffusion 1.x/2.x, SDXL, Kolors (UNet cross-attention)",
-        denoisers=("UNet2DConditionModel",),
+        title="Stable Diffusion 1.x/2.x, SDXL, Kolors, AnimateDiff (UNet cross-attention)",
+        # AnimateDiff's motion UNet: the SD UNet's layers run per frame, its motion modules attend over time
+        denoisers=("UNet2DConditionModel", "UNetMotionModel"),
         attr="unet",
         capture="projections",
         text=_UNET_TEXT,
         pipelines=(
             "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
             "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLModularPipeline",
-            "KolorsPipeline", "KolorsImg2ImgPipeline",
+            "KolorsPipeline", "KolorsImg2ImgPipeline", "AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline",
         ),
-        tests="tests/capture/test_trace.py",  # Kolors: tests/capture/test_family_kolors.py
+        # Kolors: tests/capture/test_family_kolors.py; AnimateDiff: tests/capture/test_family_animatediff.py
+        tests="tests/capture/test_trace.py",
         notes=(
             "SDXL concatenates its encoders along features: one tokenizer's ids index the keys; Kolors' "
-            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked"
+            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked; AnimateDiff: "
+            "one token frame per video frame (the VAE decodes frame by frame), frames run as batch rows"
         ),
     ),
     Family(
