@@ -17,9 +17,9 @@ from torch import nn
 
 from daamkit.capture.base import (
     CaptureSink,
+    DenoiserCall,
     DenoiserPreHook,
     HookSet,
-    DenoiserCall,
     LayerInfo,
     ProjectionTap,
     QueryChunk,
