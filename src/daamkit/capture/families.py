@@ -496,8 +496,26 @@ FAMILIES: tuple[Family, ...] = (
         tests="tests/capture/test_family_hidream.py",
         notes="keys are [image, T5, Llama last layer, Llama layer of the block]: the last part differs per block",
     ),
+    # ---- sana_video (video)
+    Family(
+        name="sana_video",
+        title="Sana-Video (text and image to video)",
+        denoisers=("SanaVideoTransformer3DModel",),
+        # attn1 is linear attention (no softmax, no attention call): only attn2 meets the text
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer", select=_sana_keys),),
+        grid=video_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=vae_time,
+        pipelines=("SanaVideoPipeline", "SanaImageToVideoPipeline"),
+        tests="tests/capture/test_family_sana_video.py",
+        notes=(
+            "keys as Sana's (<bos> + the prompt + padding, the instruction cut off); queries are the (1, 2, 2) "
+            "patches frame-major; causal Wan VAE: 1 + 4 (n - 1) frames; image to video: latent frame 0 is the "
+            "image (timestep 0), the returned video's frame 0"
+        ),
+    ),
 )
-
 
 def family_of(pipe: Any) -> tuple[Family, nn.Module] | None:
     """The family entry of a pipeline's denoiser and the denoiser, or None."""
