@@ -30,8 +30,9 @@ def sana_video_tokenizer(out_dir: str | Path):
 
 def tiny_sana_video(tokenizer_dir: str, seed: int = 0, image_to_video: bool = False):
     """A ``SanaVideoPipeline`` (or ``SanaImageToVideoPipeline``) at test size, fp32 CPU: 2 blocks, patch
-    (1, 2, 2), q/k RMSNorm across heads as released, a 3-level Wan VAE (temporal downsampling in the last
-    two), 2-layer Gemma-2, DPM-Solver++ on flow sigmas (Sana-Video's scheduler)."""
+    (1, 2, 2), q/k RMSNorm across heads and the 480p sample size (it picks the resolution bins) as
+    released, a 3-level Wan VAE (temporal downsampling in the last two), 2-layer Gemma-2, DPM-Solver++
+    on flow sigmas (Sana-Video's scheduler)."""
     from diffusers import (
         AutoencoderKLWan,
         DPMSolverMultistepScheduler,
@@ -46,7 +47,7 @@ def tiny_sana_video(tokenizer_dir: str, seed: int = 0, image_to_video: bool = Fa
     transformer = SanaVideoTransformer3DModel(
         in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=12, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=32,
-        mlp_ratio=2.5, attention_bias=False, sample_size=8, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads",
+        mlp_ratio=2.5, attention_bias=False, sample_size=30, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
     torch.manual_seed(seed + 1)
