@@ -94,8 +94,8 @@ _MISSING = object()
 class _OutputResize:
     """Reads the size a pipeline resizes and crops its decoded image to.
 
-    Resolution binning (PixArt, Sana) generates at the closest aspect-ratio bin and returns the
-    requested size through the image processor's ``resize_and_crop_tensor``; the requested size is
+    Resolution binning (PixArt, Sana, Sana-Video) generates at the closest aspect-ratio bin and returns the
+    requested size through the image (or video) processor's ``resize_and_crop_tensor``; the requested size is
     seen nowhere else, so the method is wrapped, as an attribute of that one processor object, while
     the trace is on. ``remove`` (a hook handle's interface) puts the processor back as it was.
     """
@@ -108,7 +108,7 @@ class _OutputResize:
         original = getattr(processor, self.name)
 
         def resize_and_crop_tensor(samples: torch.Tensor, new_width: int, new_height: int) -> torch.Tensor:
-            if isinstance(samples, torch.Tensor) and samples.dim() == 4:
+            if isinstance(samples, torch.Tensor) and samples.dim() in (4, 5):  # images, or videos (B, C, F, H, W)
                 on_resize((int(samples.shape[-2]), int(samples.shape[-1])), (int(new_height), int(new_width)))
             return original(samples, new_width, new_height)
 
@@ -258,9 +258,10 @@ class Trace:
                 enc = getattr(self.pipe, attr, None)
                 if isinstance(enc, nn.Module):
                     self._hooks.add(enc.register_forward_pre_hook(self._text_hook(attr), with_kwargs=True))
-            processor = getattr(self.pipe, "image_processor", None)
-            if callable(getattr(processor, _OutputResize.name, None)):
-                self._hooks.add(_OutputResize(processor, self._on_output_resize))
+            for name in ("image_processor", "video_processor"):
+                processor = getattr(self.pipe, name, None)
+                if callable(getattr(processor, _OutputResize.name, None)):
+                    self._hooks.add(_OutputResize(processor, self._on_output_resize))
             vae = getattr(self.pipe, "vae", None)
             if isinstance(vae, nn.Module) and callable(getattr(vae, _VideoDecode.name, None)):
                 self._hooks.add(_VideoDecode(vae, self._on_video_decode))

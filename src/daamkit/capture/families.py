@@ -307,20 +307,23 @@ def _video_then_row_text(tap: Any, q_len: int, k_len: int) -> Slices | None:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="unet",
-        title="Stable Diffusion 1.x/2.x, SDXL, Kolors (UNet cross-attention)",
-        denoisers=("UNet2DConditionModel",),
+        title="Stable Diffusion 1.x/2.x, SDXL, Kolors, AnimateDiff (UNet cross-attention)",
+        # AnimateDiff's motion UNet: the SD UNet's layers run per frame, its motion modules attend over time
+        denoisers=("UNet2DConditionModel", "UNetMotionModel"),
         attr="unet",
         capture="projections",
         text=_UNET_TEXT,
         pipelines=(
             "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
             "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLModularPipeline",
-            "KolorsPipeline", "KolorsImg2ImgPipeline",
+            "KolorsPipeline", "KolorsImg2ImgPipeline", "AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline",
         ),
-        tests="tests/capture/test_trace.py",  # Kolors: tests/capture/test_family_kolors.py
+        # Kolors: tests/capture/test_family_kolors.py; AnimateDiff: tests/capture/test_family_animatediff.py
+        tests="tests/capture/test_trace.py",
         notes=(
             "SDXL concatenates its encoders along features: one tokenizer's ids index the keys; Kolors' "
-            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked"
+            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked; AnimateDiff: "
+            "one token frame per video frame (the VAE decodes frame by frame), frames run as batch rows"
         ),
     ),
     Family(
@@ -580,8 +583,26 @@ FAMILIES: tuple[Family, ...] = (
         tests="tests/capture/test_family_mochi.py",
         notes="each batch row attends over [video, its valid T5 tokens] in a call of its own; VAE time 6x, causal",
     ),
+    # ---- sana_video (video)
+    Family(
+        name="sana_video",
+        title="Sana-Video (text and image to video)",
+        denoisers=("SanaVideoTransformer3DModel",),
+        # attn1 is linear attention (no softmax, no attention call): only attn2 meets the text
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer", select=_sana_keys),),
+        grid=video_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=vae_time,
+        pipelines=("SanaVideoPipeline", "SanaImageToVideoPipeline"),
+        tests="tests/capture/test_family_sana_video.py",
+        notes=(
+            "keys as Sana's (<bos> + the prompt + padding, the instruction cut off); queries are the (1, 2, 2) "
+            "patches frame-major; causal Wan VAE: 1 + 4 (n - 1) frames; image to video: latent frame 0 is the "
+            "image (timestep 0), the returned video's frame 0"
+        ),
+    ),
 )
-
 
 def family_of(pipe: Any) -> tuple[Family, nn.Module] | None:
     """The family entry of a pipeline's denoiser and the denoiser, or None."""

@@ -41,16 +41,17 @@ class _PreHook(DenoiserPreHook):
         family = self.capture.spec
         x = _arg(args, kwargs, "hidden_states", 0)
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
-        if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            # a timestep per token (Wan 2.2 TI2V): conditioning tokens sit at 0, the generated ones at the step's
-            t = float(t[0].max().item()) if t.numel() else 0.0
-        elif isinstance(t, torch.Tensor):
-            t = float(t.flatten()[0].item()) if t.numel() else 0.0
-        t = float(t or 0.0)
         self.capture.inputs = (args, kwargs)
         self.capture.text_len = family.denoiser_text_len(args, kwargs)
         # Z-Image takes its latents as a list of per-sample tensors
         batch = len(x) if isinstance(x, list | tuple) else int(x.shape[0])
+        if isinstance(t, torch.Tensor):
+            if t.numel() > batch:
+                # per-token timesteps (image to video: the conditioning frame's tokens are clean): the
+                # step's noise level is that of the noisiest token
+                t = t.min() if family.timestep_rises else t.max()
+            t = float(t.flatten()[0].item()) if t.numel() else 0.0
+        t = float(t or 0.0)
         grid = family.grid(module, args, kwargs)  # (h, w), or (frames, h, w) for a video
         frames, hw = (int(grid[0]), tuple(grid[1:])) if len(grid) == 3 else (1, tuple(grid))
         # the trace counts steps by a falling timestep
