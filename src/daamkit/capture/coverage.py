@@ -30,7 +30,7 @@ NOT_SUPPORTED: dict[str, str] = {
         "CosmosTransformer3DModel", "Cosmos3OmniTransformer", "EasyAnimateTransformer3DModel",
         "HeliosTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
         "HunyuanVideoTransformer3DModel", "I2VGenXLUNet", "Kandinsky5Transformer3DModel",
-        "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "LTXVideoTransformer3DModel",
+        "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel",
         "LatteTransformer3DModel", "MiniMaxH3Transformer3DModel", "MochiTransformer3DModel",
         "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
         "SanaWMTransformer3DModel", "SkyReelsV2Transformer3DModel", "TransformerTemporalModel",

@@ -269,6 +269,54 @@ def _sana_keys(ids: list[int], n_keys: int) -> list[int]:
     ``n_keys`` ids)."""
     return ids if len(ids) <= n_keys else ids[:1] + ids[len(ids) - n_keys + 1 :]
 
+# ---- ltx (video) ----------------------------------------------------------------------------------
+def _ltx_arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    return kwargs[name] if name in kwargs else args[position] if len(args) > position else None
+
+
+def _ltx_video_tokens(coords: torch.Tensor) -> tuple[int, int, int, int]:
+    """(start, frames, h, w) of the generated video in LTX's ``video_coords`` (B, 3, N): (frame, row, column)
+    per token, frame-major. LTXConditionPipeline puts the tokens of conditions at later frames first; their
+    frame coordinate is that frame, never 0, so the video starts at the last token at (0, 0, 0)."""
+    c = coords[0]
+    origin = (c == 0).all(dim=0).nonzero()
+    if not len(origin):
+        raise ValueError("LTXVideoTransformer3DModel video_coords without the origin: cannot place video tokens")
+    start = int(origin[-1])
+    own = c[:, start:]
+    h, w = len(own[1].unique()), len(own[2].unique())
+    return start, own.shape[1] // (h * w), h, w
+
+
+def _ltx_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Packed (B, N, C) latents: the token grid comes as ``num_frames``/``height``/``width`` (in tokens),
+    or, from LTXConditionPipeline, as ``video_coords``."""
+    f, h, w = (_ltx_arg(args, kwargs, k, i) for k, i in (("num_frames", 4), ("height", 5), ("width", 6)))
+    if f and h and w:
+        return int(f), int(h), int(w)
+    coords = _ltx_arg(args, kwargs, "video_coords", 8)
+    if not isinstance(coords, torch.Tensor):
+        raise ValueError("LTXVideoTransformer3DModel called without num_frames/height/width or video_coords")
+    return _ltx_video_tokens(coords)[1:]
+
+
+def _ltx_locate(tap: Any, q_len: int, k_len: int) -> Slices | None:
+    """The generated video is the last frames*h*w queries (LTXConditionPipeline's condition tokens come
+    first); the keys are the T5 tokens."""
+    call = tap.capture.current
+    n = call.frames * call.latent_hw[0] * call.latent_hw[1]
+    if q_len < n:
+        return None
+    text = k_len if tap.text_len is None else min(tap.text_len, k_len)
+    return Slices(slice(q_len - n, q_len), slice(0, text))
+
+
+def _ltx_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
+    """LTX's VAE: temporal compression ``vae_temporal_compression_ratio`` (8), the first latent frame decoded to
+    one frame (its decoder drops the leading frames of every temporal upsampling)."""
+    r = int(getattr(pipe, "vae_temporal_compression_ratio", 8) or 8)
+    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -492,6 +540,25 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("HiDreamImagePipeline",),
         tests="tests/capture/test_family_hidream.py",
         notes="keys are [image, T5, Llama last layer, Llama layer of the block]: the last part differs per block",
+    ),
+    # ---- ltx (video)
+    Family(
+        name="ltx",
+        title="LTX-Video (0.9.x)",
+        denoisers=("LTXVideoTransformer3DModel",),
+        # attn1 is the video's self-attention; attn2 attends from the video tokens to the T5 tokens
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross", locate=_ltx_locate),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=_ltx_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=_ltx_time,
+        pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+        tests="tests/capture/test_family_ltx.py",
+        notes=(
+            "packed tokens frame-major; T5 keys, padding masked (bias -10000); image-to-video: the image is the "
+            "first latent frame (its tokens are queries, at timestep 0); condition tokens at later frames precede "
+            "the video's and are not queries"
+        ),
     ),
 )
 

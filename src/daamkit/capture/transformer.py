@@ -30,6 +30,16 @@ def _arg(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
     return None
 
 
+def _vae_spatial_factor(pipe: Any) -> int:
+    """Pixels per latent cell side: the pipeline's ``vae_scale_factor``, else its video or image processor's
+    (video pipelines name their own attribute differently, e.g. ``vae_spatial_compression_ratio``)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    for name in ("video_processor", "image_processor"):
+        if factor is None:
+            factor = getattr(getattr(getattr(pipe, name, None), "config", None), "vae_scale_factor", None)
+    return int(factor or 8)
+
+
 class _PreHook(DenoiserPreHook):
     """Reads the batch, the latent grid, the timestep and the text length off the denoiser's inputs."""
 
@@ -42,7 +52,8 @@ class _PreHook(DenoiserPreHook):
         x = _arg(args, kwargs, "hidden_states", 0)
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
         if isinstance(t, torch.Tensor):
-            t = float(t.flatten()[0].item()) if t.numel() else 0.0
+            # per-token timesteps (image-to-video) hold 0 at clean conditioning tokens: the step's is the largest
+            t = float(t.max().item()) if t.numel() else 0.0
         t = float(t or 0.0)
         self.capture.inputs = (args, kwargs)
         self.capture.text_len = family.denoiser_text_len(args, kwargs)
@@ -142,7 +153,7 @@ class TransformerCapture:
 
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
-        return int(getattr(pipe, "vae_scale_factor", 8)) * self.spec.patch(self.denoiser)
+        return _vae_spatial_factor(pipe) * self.spec.patch(self.denoiser)
 
     def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
         """How the ``frames`` token frames lie on the returned video (None for an image family)."""
