@@ -164,6 +164,9 @@ class Family:
     # video families: how token frames map onto the returned video's frames (None: an image family)
     time: Callable[[Any, nn.Module, int], TimeAxis] | None = None
     experts: tuple[str, ...] = ()  # further pipeline attributes holding denoisers that take turns (MoE)
+    # denoiser calls that are guidance passes of another kind (perturbed layers, modalities cut apart),
+    # given the call's (args, kwargs): not a step, nothing traced
+    skip_call: Callable[[tuple, dict], bool] | None = None
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
     tests: str = ""  # the test file
     notes: str = ""
@@ -316,6 +319,29 @@ def _ltx_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
     one frame (its decoder drops the leading frames of every temporal upsampling)."""
     r = int(getattr(pipe, "vae_temporal_compression_ratio", 8) or 8)
     return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
+# ---- ltx2 (video) ---------------------------------------------------------------------------------
+def _ltx2_keys(ids: list[int], n_keys: int) -> list[int]:
+    """LTX2TextConnectors move the prompt's tokens (Gemma, left-padded) to the front in their order and put
+    learnt registers where the padding was: the keys are the ids without their left padding, then as many
+    pads (the registers, no words)."""
+    pad = 0  # Gemma's <pad>
+    lead = next((i for i, t in enumerate(ids) if t != pad), len(ids))
+    return (ids[lead:] + ids[:lead])[:n_keys]
+
+
+def _ltx2_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Packed (B, N, C) video latents; LTX-2's pipelines give the token grid as ``num_frames``/``height``/``width``."""
+    f, h, w = (kwargs.get(k) for k in ("num_frames", "height", "width"))
+    if not (f and h and w):
+        raise ValueError("LTX2VideoTransformer3DModel called without num_frames/height/width: cannot place video tokens")
+    return int(f), int(h), int(w)
+
+
+def _ltx2_guidance_pass(args: tuple, kwargs: dict) -> bool:
+    """LTX2Pipeline's spatio-temporal guidance call (self-attention of some blocks skipped) and its modality
+    guidance call (audio-video attention off) follow the CFG call of each step with the prompt alone."""
+    return bool(kwargs.get("spatio_temporal_guidance_blocks")) or bool(kwargs.get("isolate_modalities"))
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -558,6 +584,27 @@ FAMILIES: tuple[Family, ...] = (
             "packed tokens frame-major; T5 keys, padding masked (bias -10000); image-to-video: the image is the "
             "first latent frame (its tokens are queries, at timestep 0); condition tokens at later frames precede "
             "the video's and are not queries"
+        ),
+    ),
+    # ---- ltx2 (video)
+    Family(
+        name="ltx2",
+        title="LTX-2 (video stream; audio not traced)",
+        denoisers=("LTX2VideoTransformer3DModel",),
+        # attn2: video queries, text keys; audio_attn2 (audio to text) and the audio-video attentions are not traced
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer", select=_ltx2_keys),),
+        grid=_ltx2_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        denoiser_text_len=lambda args, kwargs: _encoder_hidden_states_len((), kwargs),
+        timestep_position=4,
+        time=_ltx_time,
+        skip_call=_ltx2_guidance_pass,
+        pipelines=("LTX2Pipeline",),
+        tests="tests/capture/test_family_ltx2.py",
+        notes=(
+            "keys are the connector's output: the Gemma-3 prompt tokens (left padding removed) then learnt "
+            "registers (unmasked, no words); the STG and modality-guidance calls are skipped"
         ),
     ),
 )

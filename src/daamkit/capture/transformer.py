@@ -49,6 +49,9 @@ class _PreHook(DenoiserPreHook):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         family = self.capture.spec
+        if family.skip_call is not None and family.skip_call(args, kwargs):
+            self.capture.current = None  # the taps trace nothing in this call
+            return
         x = _arg(args, kwargs, "hidden_states", 0)
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
         if isinstance(t, torch.Tensor):
