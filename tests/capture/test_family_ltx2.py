@@ -164,3 +164,33 @@ def test_probabilities_match_a_recomputation(ltx2):
     assert probs.shape[0] == 2 and len(oracle.calls) == 6
     f, h, w = GRID
     torch.testing.assert_close(maps, probs[1].mean(0)[:N].T.reshape(-1, f, h, w), rtol=1e-4, atol=1e-7)
+
+
+def test_image_to_video(gemma_dir):
+    import numpy as np
+    from PIL import Image
+
+    from daamkit.testing.families.ltx2 import tiny_ltx2_i2v
+
+    pipe = tiny_ltx2_i2v(gemma_dir)  # image_crf=0: no H.264 re-compression of the image (needs PyAV)
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 64, 3) * 255).astype("uint8"))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"]), with_kwargs=True)
+    try:
+        tc = traced_equals_untraced(pipe, lambda: run(pipe, image=image, image_crf=0))
+    finally:
+        handle.remove()
+    # per-token timesteps: the image's first latent frame stays at 0; the step's timestep is the video's
+    assert seen[0].shape == (2, N) and seen[0][:, : N // 3].abs().max() == 0
+    assert tc.num_steps == 2 and tc.generation.timesteps == [1000.0, 500.0]
+    hm = tc.heat_maps(0)
+    assert tuple(hm.maps.shape) == (KEYS, *GRID) and hm.time == TIME and hm.num_frames == 17
+    assert_maps_for_every_word(hm, WORDS)
+    hand = _hand(pipe, 3, frames=(2, 3))
+    try:
+        with trace(pipe) as tc:
+            run(pipe, image=image, image_crf=0)
+            hm = tc.heat_maps(0)
+    finally:
+        hand.remove()
+    assert_peaks_in_region(hm.maps, 3, hand.mask)

@@ -600,7 +600,7 @@ FAMILIES: tuple[Family, ...] = (
         timestep_position=4,
         time=_ltx_time,
         skip_call=_ltx2_guidance_pass,
-        pipelines=("LTX2Pipeline",),
+        pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
         tests="tests/capture/test_family_ltx2.py",
         notes=(
             "keys are the connector's output: the Gemma-3 prompt tokens (left padding removed) then learnt "

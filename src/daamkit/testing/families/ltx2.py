@@ -94,3 +94,12 @@ def tiny_ltx2(tokenizer_dir: str, seed: int = 0, registers: int | None = 128):
     pipe = LTX2Pipeline(**tiny_ltx2_components(tokenizer_dir, seed, registers))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_ltx2_i2v(tokenizer_dir: str, seed: int = 0, registers: int | None = 128):
+    """``LTX2ImageToVideoPipeline``: the image is encoded into the first latent frame, which keeps timestep 0."""
+    from diffusers import LTX2ImageToVideoPipeline
+
+    pipe = LTX2ImageToVideoPipeline(**tiny_ltx2_components(tokenizer_dir, seed, registers))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
