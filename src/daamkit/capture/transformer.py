@@ -30,6 +30,20 @@ def _arg(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
     return None
 
 
+def _vae_spatial_factor(pipe: Any) -> int:
+    """Pixels per latent cell side: the pipeline's ``vae_scale_factor``, else its video or image processor's
+    (video pipelines name their own attribute differently, e.g. ``vae_spatial_compression_ratio``)."""
+    for name in ("vae_scale_factor", "vae_scale_factor_spatial", "vae_spatial_scale_factor"):
+        factor = getattr(pipe, name, None)
+        if isinstance(factor, int):
+            return factor
+    for name in ("video_processor", "image_processor"):
+        factor = getattr(getattr(getattr(pipe, name, None), "config", None), "vae_scale_factor", None)
+        if isinstance(factor, int):
+            return factor
+    return 8
+
+
 class _PreHook(DenoiserPreHook):
     """Reads the batch, the latent grid, the timestep and the text length off the denoiser's inputs."""
 
@@ -39,6 +53,9 @@ class _PreHook(DenoiserPreHook):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         family = self.capture.spec
+        if family.skip_call is not None and family.skip_call(args, kwargs):
+            self.capture.current = None  # the taps trace nothing in this call
+            return
         x = _arg(args, kwargs, "hidden_states", 0)
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
         self.capture.inputs = (args, kwargs)
@@ -147,12 +164,7 @@ class TransformerCapture:
 
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
-        # video pipelines name the VAE's spatial factor apart from its temporal one
-        for name in ("vae_scale_factor", "vae_scale_factor_spatial", "vae_spatial_scale_factor"):
-            factor = getattr(pipe, name, None)
-            if isinstance(factor, int):
-                return factor * self.spec.patch(self.denoiser)
-        return 8 * self.spec.patch(self.denoiser)
+        return _vae_spatial_factor(pipe) * self.spec.patch(self.denoiser)
 
     def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
         """How the ``frames`` token frames lie on the returned video (None for an image family)."""
