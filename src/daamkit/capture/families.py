@@ -674,6 +674,8 @@ FAMILIES: tuple[Family, ...] = (
             "keys as Sana's (<bos> + the prompt + padding, the instruction cut off); queries are the (1, 2, 2) "
             "patches frame-major; causal Wan VAE: 1 + 4 (n - 1) frames; image to video: latent frame 0 is the "
             "image (timestep 0), the returned video's frame 0"
+        ),
+    ),
     # ---- ltx (video)
     Family(
         name="ltx",
@@ -715,6 +717,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
 )
+
 
 def family_of(pipe: Any) -> tuple[Family, nn.Module] | None:
     """The family entry of a pipeline's denoiser and the denoiser, or None."""
