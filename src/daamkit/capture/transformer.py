@@ -142,7 +142,9 @@ class TransformerCapture:
 
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
-        return int(getattr(pipe, "vae_scale_factor", 8)) * self.spec.patch(self.denoiser)
+        # video pipelines state the VAE's spatial factor apart from its temporal one
+        vae = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8
+        return int(vae) * self.spec.patch(self.denoiser)
 
     def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
         """How the ``frames`` token frames lie on the returned video (None for an image family)."""
