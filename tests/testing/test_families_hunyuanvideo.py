@@ -4,7 +4,11 @@
 import pytest
 import torch
 
-from daamkit.testing.families.hunyuanvideo import hunyuan_llama_tokenizer, hunyuan_video_template, tiny_hunyuan_video
+from daamkit.testing.families.hunyuanvideo import (
+    hunyuan_llama_tokenizer,
+    hunyuan_video_template,
+    tiny_hunyuan_video,
+)
 
 
 @pytest.fixture(scope="module")
