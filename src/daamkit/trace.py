@@ -521,7 +521,12 @@ class Trace:
         tokenizer = getattr(self.pipe, part.tokenizer, None)
         if tokenizer is None:
             raise TraceError(f"the pipeline has {encoder} but no {part.tokenizer}: cannot name its tokens")
-        drop = int(getattr(self.pipe, part.drop, 0) or 0) if isinstance(part.drop, str) else int(part.drop)
+        if isinstance(part.drop, str):
+            drop = int(getattr(self.pipe, part.drop, 0) or 0)
+        elif callable(part.drop):
+            drop = 0 if call is None else int(part.drop(call.ids[0].tolist(), length))
+        else:
+            drop = int(part.drop)
         if part.after is not None:
             if call is None:
                 raise TraceError(

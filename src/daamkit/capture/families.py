@@ -57,7 +57,8 @@ class TextPart:
 
     encoder / tokenizer: pipeline attributes. length: key positions this part takes when another part
     follows it (None: the tokenizer's ``model_max_length``). drop: leading ids the pipeline cuts from
-    the encoder's output before the denoiser sees it (an int, or the name of a pipeline attribute).
+    the encoder's output before the denoiser sees it (an int, the name of a pipeline attribute, or
+    ``drop(ids, n_keys) -> int`` when the count is a call argument, e.g. a template's ``crop_start``).
     after: the text that precedes the prompt in a chat template or instruction prefix; the words are
     looked for after its last occurrence in the ids, never in the template. Several texts (a tuple)
     when the pipelines of one family use different templates: the one ending last in the ids counts.
@@ -69,7 +70,7 @@ class TextPart:
     encoder: str
     tokenizer: str
     length: int | None = None
-    drop: int | str = 0
+    drop: int | str | Callable[[list[int], int], int] = 0
     after: str | tuple[str, ...] | None = None
     select: Callable[[list[int], int], list[int]] | None = None
 
@@ -376,6 +377,43 @@ def _video_then_row_text(tap: Any, q_len: int, k_len: int) -> Slices | None:
     call = tap.capture.current
     n = call.frames * call.latent_hw[0] * call.latent_hw[1]
     return Slices(slice(0, n), slice(n, k_len)) if q_len >= n and k_len > n else None
+
+
+# ---- hunyuanvideo, hunyuanvideo15 (video) ------------------------------------------------------------
+def _keep_last(ids: list[int], n_keys: int) -> int:
+    """HunyuanVideo cuts ``crop_start`` ids (a call argument: the prompt template's) off the front of a
+    sequence padded to ``max_sequence_length + crop_start``: the keys are the last ``n_keys`` ids."""
+    return max(0, len(ids) - n_keys)
+
+
+def _hunyuanvideo15_input(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    return kwargs[name] if name in kwargs else args[position] if len(args) > position else None
+
+
+def _hunyuanvideo15_locate(tap: Any, q_len: int, k_len: int) -> list[Slices] | None:
+    """HunyuanVideo 1.5 packs each sample's keys as [video, valid image tokens (I2V's vision encoder),
+    valid ByT5 glyph tokens, valid Qwen tokens, the invalid (masked) ones of each]: the Qwen part
+    starts after that row's valid image and ByT5 tokens. Key slices run over the Qwen length; past a
+    row's valid Qwen tokens they are other (masked) tokens, not text. The ByT5 tokens spell the
+    prompt's quoted text again, character by character, as ``Text "..."``: they are not the prompt's
+    tokens and stay out of the text keys, like the image tokens."""
+    capture = tap.capture
+    h, w = capture.current.latent_hw
+    n = capture.current.frames * h * w
+    args, kwargs = capture.inputs
+    mask = _hunyuanvideo15_input(args, kwargs, "encoder_attention_mask", 3)
+    mask_2 = _hunyuanvideo15_input(args, kwargs, "encoder_attention_mask_2", 6)
+    image = _hunyuanvideo15_input(args, kwargs, "image_embeds", 7)
+    if not isinstance(mask, torch.Tensor) or not isinstance(mask_2, torch.Tensor) or not isinstance(image, torch.Tensor):
+        raise ValueError("HunyuanVideo15Transformer3DModel called without its masks and image_embeds: cannot find the text")
+    # the model takes all-zero image embeddings for text to video and then masks every image token
+    images = 0 if bool(torch.all(image == 0)) else int(image.shape[1])
+    length = int(mask.shape[1])
+    if q_len < n or k_len < n + int(image.shape[1]) + int(mask_2.shape[1]) + length:
+        return None
+    valid = torch.arange(length)[None, :] < mask.bool().sum(1).cpu()[:, None]
+    starts = [n + images + int(b) for b in mask_2.bool().sum(1).tolist()]
+    return [Slices(slice(0, n), slice(s, s + length), valid) for s in starts]
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -714,6 +752,52 @@ FAMILIES: tuple[Family, ...] = (
         notes=(
             "keys are the connector's output: the Gemma-3 prompt tokens (left padding removed) then learnt "
             "registers (unmasked, no words); the STG and modality-guidance calls are skipped"
+        ),
+    ),
+    # ---- hunyuanvideo (video)
+    Family(
+        name="hunyuanvideo",
+        title="HunyuanVideo",
+        denoisers=("HunyuanVideoTransformer3DModel",),
+        # both block kinds get the text as the module's encoder_hidden_states and attend over [video, text]
+        sites=(
+            Site(r"transformer_blocks\.\d+\.attn", "double", "image_text"),
+            Site(r"single_transformer_blocks\.\d+\.attn", "single", "image_text"),
+        ),
+        # CLIP only gives a pooled vector; the Llama keys start inside the template, crop_start ids in
+        text=(
+            TextPart(
+                "text_encoder", "tokenizer", drop=_keep_last, after="<|start_header_id|>user<|end_header_id|>\n\n",
+            ),
+        ),
+        grid=video_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=vae_time,
+        separate_negative=True,  # true CFG (true_cfg_scale, negative_prompt): cond call, then the negative one
+        pipelines=("HunyuanVideoPipeline",),
+        tests="tests/capture/test_family_hunyuanvideo.py",
+        notes=(
+            "keys are [video, Llama (max_sequence_length, padding masked)]; the prompt follows the template's "
+            "user header, <|eot_id|> closes it; causal VAE: 4 video frames per latent frame after the first"
+        ),
+    ),
+    # ---- hunyuanvideo15 (video)
+    Family(
+        name="hunyuanvideo15",
+        title="HunyuanVideo 1.5",
+        denoisers=("HunyuanVideo15Transformer3DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn", "double", "image_text", locate=_hunyuanvideo15_locate),),
+        # Qwen2.5-VL in its chat template, the system part (108 tokens) cut by count
+        text=(TextPart("text_encoder", "tokenizer", drop="prompt_template_encode_start_idx", after="<|im_start|>user\n"),),
+        grid=video_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=vae_time,
+        separate_negative=True,  # the guider runs the cond batch, then the uncond one
+        pipelines=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
+        tests="tests/capture/test_family_hunyuanvideo15.py",
+        notes=(
+            "each sample's keys are [video, valid image tokens (I2V), valid ByT5 glyph tokens, valid Qwen tokens, "
+            "masked rest]; only the Qwen tokens are text keys (ByT5 re-spells quoted text)"
         ),
     ),
 )

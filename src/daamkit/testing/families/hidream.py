@@ -7,6 +7,7 @@ with Llama 3.1's special tokens (``<|begin_of_text|>`` prefix; the pipeline pads
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,13 +38,24 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def llama3_tokenizer(out_dir: str | Path, model_max_length: int = 131072):
+def llama3_tokenizer(
+    out_dir: str | Path,
+    model_max_length: int = 131072,
+    extra: Sequence[str] = (),
+    added_tokens: Sequence[str] = (),
+    pad_token: str | None = None,
+    vocab_size: int = 500,
+):
     """A Llama-3.1-Instruct-style fast tokenizer (byte-level BPE, ``<|begin_of_text|>`` prefix, EOS
-    ``<|eot_id|>``, no pad token, as released), saved to ``out_dir``."""
+    ``<|eot_id|>``, no pad token, as released), saved to ``out_dir``.
+
+    extra: fixed texts a pipeline always adds (a prompt template), learnt as whole tokens. added_tokens:
+    special tokens after Llama 3.1's (a derived model's ``<image>``, ``<pad>``); pad_token: one of them.
+    """
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = byte_level_bpe(training_sentences(), LLAMA3_SPECIAL_TOKENS)
+    tok = byte_level_bpe(training_sentences(extra), (*LLAMA3_SPECIAL_TOKENS, *added_tokens), vocab_size=vocab_size)
     bos = ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))
     tok.post_processor = processors.Sequence(
         [
@@ -57,6 +69,7 @@ def llama3_tokenizer(out_dir: str | Path, model_max_length: int = 131072):
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
+        pad_token=pad_token,
         clean_up_tokenization_spaces=True,
         model_max_length=model_max_length,
         chat_template=LLAMA3_CHAT_TEMPLATE,
