@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_FPS",
     "VIDEO_SUFFIXES",
     "as_frames",
+    "default_fps",
     "ffmpeg_available",
     "frame_grid",
     "frame_indices",
@@ -52,6 +53,16 @@ __all__ = [
 DEFAULT_FPS = 16.0  # Wan's and most recent video models' rate
 MAX_FPS = 240.0
 VIDEO_SUFFIXES = (".mp4", ".gif")
+# The rate each family's examples export at (diffusers' docs, export_to_video(..., fps=N)), by the start
+# of the pipeline's class name; longest prefix wins.
+_FAMILY_FPS = {"Wan": 16.0, "CogVideoX": 8.0, "HunyuanVideo": 15.0, "LTX": 24.0, "AnimateDiff": 8.0,
+               "SanaVideo": 16.0, "Mochi": 30.0, "Allegro": 15.0}
+
+
+def default_fps(pipeline: str) -> float:
+    """The frame rate a pipeline class's videos are meant to play at (:data:`DEFAULT_FPS` if unknown)."""
+    hits = [k for k in _FAMILY_FPS if pipeline.startswith(k)]
+    return _FAMILY_FPS[max(hits, key=len)] if hits else DEFAULT_FPS
 
 
 # -- reading a pipeline's frames ------------------------------------------------------------------------------
@@ -221,16 +232,21 @@ def overlay_frames(
     The map is expanded to the frames' own size and normalised by its maximum over the whole video, so
     colours compare across frames. ``alpha``/``cmap``/``weighted`` as in :func:`daamkit.plot.overlay`.
     """
-    from daamkit import plot
-
     arr = as_frames(frames)
     _video_map(word_map, arr)
+    return _overlays(word_map, arr, range(arr.shape[0]), alpha, cmap, weighted)
+
+
+def _overlays(word_map: WordHeatMap, arr: np.ndarray, picks: Sequence[int], alpha: float,
+              cmap: str | Colormap, weighted: bool) -> np.ndarray:
+    from daamkit import plot
+
     h, w = arr.shape[1:3]
+    # normalised over every frame, whichever frames are drawn
     heat = word_map.normalized((h, w)).cpu().numpy()
-    out = np.empty_like(arr)
-    for i, frame in enumerate(arr):
-        out[i] = np.asarray(plot.overlay(PIL.Image.fromarray(frame), heat[i], alpha, cmap, weighted))
-    return out
+    return np.stack([
+        np.asarray(plot.overlay(PIL.Image.fromarray(arr[i]), heat[i], alpha, cmap, weighted)) for i in picks
+    ])
 
 
 def frame_indices(num_frames: int, n: int) -> list[int]:
@@ -271,7 +287,7 @@ def frame_grid(
     arr = as_frames(frames)
     _video_map(word_map, arr)
     picks = frame_indices(arr.shape[0], n)
-    over = overlay_frames(word_map, arr, alpha=alpha, cmap=cmap)
+    over = _overlays(word_map, arr, picks, alpha, cmap, False)
     h, w = arr.shape[1:3]
     k = max(1, math.ceil(min_side / max(1, min(h, w))))
     H, W = h * k, w * k
@@ -282,7 +298,7 @@ def frame_grid(
     for col, i in enumerate(picks):
         x = col * W
         grid.paste(PIL.Image.fromarray(arr[i]).resize((W, H), PIL.Image.NEAREST), (x, band))
-        grid.paste(PIL.Image.fromarray(over[i]).resize((W, H), PIL.Image.NEAREST), (x, band + H))
+        grid.paste(PIL.Image.fromarray(over[col]).resize((W, H), PIL.Image.NEAREST), (x, band + H))
         label = f"{word_map.word}: frame {i}" if col == 0 else f"frame {i}"
         top, bottom = draw.textbbox((0, 0), label, font=font)[1::2]
         draw.text((x + 4, (band - (bottom + top)) // 2), label, fill="black", font=font)
