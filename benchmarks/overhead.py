@@ -21,6 +21,8 @@ downloaded), warms up, then alternates untraced and traced calls (ABBA order) an
     python benchmarks/overhead.py --model flux2-klein --size 256 --steps 2  # FLUX.2 klein 4B width, 2+8 blocks
     python benchmarks/overhead.py --model qwenimage --size 256 --steps 2    # Qwen-Image width, 4 of 60 blocks
     python benchmarks/overhead.py --model sana --size 512 --steps 2         # Sana 1600M, 2-layer Gemma 2
+    python benchmarks/overhead.py --model wan --size 832x480 --frames 81 --steps 1 --repeats 1 --warmup 0 \
+        --step-factor 0                                                    # Wan 2.1 1.3B width, 81 frames
 
 Targets: time ratio <= 1.03 (SD3/Flux: <= 1.05), extra peak memory <= 2 % of the
 untraced run, extra memory independent of the number of steps. A model is one builder function in
@@ -72,6 +74,9 @@ class Model:
     reduced: Callable[[argparse.Namespace], str] = lambda args: ""
     # call kwargs that follow the build options (argparse args -> kwargs), e.g. which text-encoder layers
     extra_kwargs: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
+    # a video model: calls pass --frames and return latents (the VAE's decode of a long video would
+    # dominate time and memory and is not traced), compared bit for bit like images
+    video: bool = False
 
     def kwargs(self, args: argparse.Namespace) -> dict[str, Any]:
         """What each call passes besides prompt, steps, size, generator and output type."""
@@ -239,6 +244,31 @@ def _sana_reduced(args: argparse.Namespace) -> str:
     )
 
 
+def wan_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {
+        "transformer": {"num_layers": args.wan_blocks},
+        "text_encoder": {"num_layers": args.wan_text_layers, "vocab_size": 32128},
+    }
+
+
+def build_wan(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
+    """Wan 2.1 T2V 1.3B at full width (1536 = 12 heads x 128, FFN 8960, text dim 4096, patch 1x2x2) with
+    fewer of its 30 blocks, a UMT5-XXL-width encoder with few layers, and the Wan VAE as released."""
+    from daamkit.testing.configs import build_random_pipeline
+
+    return build_random_pipeline("wan", dtype=dtype, device=device, seed=seed, overrides=wan_overrides(args))
+
+
+def _wan_reduced(args: argparse.Namespace) -> str:
+    return (
+        f"transformer: {args.wan_blocks} of 30 blocks at full width (everything else as released); UMT5-XXL "
+        f"encoder: {args.wan_text_layers} of 24 layers at full width (d_model 4096, 64 heads, d_ff 10240) with a "
+        "32128-entry vocabulary (not 256384) driven by a small T5 tokenizer trained offline, 512 text positions "
+        "as released; the call returns latents (output_type='latent'): the VAE decode of the video is left "
+        "out of the timing; guidance_scale 1 (one transformer call per step: the ratio per call is the same)"
+    )
+
+
 MODELS: dict[str, Model] = {
     "sd15": Model(
         build_sd15, {"guidance_scale": 7.5}, "Stable Diffusion 1.5 (UNet 859.5M, CLIP ViT-L/14 text, VAE)"
@@ -282,6 +312,15 @@ MODELS: dict[str, Model] = {
         time_target=1.05,
         reduced=_sana_reduced,
     ),
+    "wan": Model(
+        build_wan,
+        {"guidance_scale": 1.0},
+        "Wan 2.1 T2V 1.3B architecture (DiT 1.42B at full width, fewer blocks; UMT5-XXL-width encoder with few "
+        "layers; Wan VAE)",
+        time_target=1.05,
+        reduced=_wan_reduced,
+        video=True,
+    ),
     # a new model: one builder here, its configs under daamkit/testing/configs/<name>/
 }
 
@@ -318,6 +357,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sana-text-layers", type=int, default=2, help="sana: Gemma 2 text encoder layers (released: 26)"
     )
+    p.add_argument("--wan-blocks", type=int, default=2, help="wan: transformer blocks at full width (released: 30)")
+    p.add_argument("--wan-text-layers", type=int, default=1, help="wan: UMT5 encoder layers (released: 24)")
+    p.add_argument("--frames", type=int, default=81, help="video models: frames generated (Wan: 4k+1)")
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'512' -> (512, 512); '832x480' -> height 480, width 832 (as WIDTHxHEIGHT)."""
+    if text is None:
+        return None
+    w, _, h = text.lower().partition("x")
+    return (int(h or w), int(w))
 
 
 # ---- memory meters -----------------------------------------------------------------------------
@@ -492,11 +542,13 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
     kwargs = model.kwargs(args)
     kwargs.update(
         num_inference_steps=steps,
-        height=args.size,
-        width=args.size,
+        height=args.height,
+        width=args.width,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        output_type="np",
+        output_type="latent" if model.video else "np",
     )
+    if model.video:
+        kwargs["num_frames"] = args.frames
     meter = (
         CudaMeter(device)
         if device.type == "cuda"
@@ -523,7 +575,7 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
         cpu_seconds = time.process_time() - c0
     if traced:
         state = tensor_bytes({k: v for k, v in vars(tc).items() if k != "pipe"})
-    image = np.asarray(out.images[0])
+    image = out.frames[0].float().cpu().numpy() if model.video else np.asarray(out.images[0])
     del out
     return Run(traced, steps, seconds, cpu_seconds, hm_seconds, meter.sample, image, state)  # type: ignore[arg-type]
 
@@ -587,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: float32 on CPU, float16 on CUDA",
     )
     p.add_argument(
-        "--size", type=int, default=None, help="image side in px (default 256 on CPU, 512 on CUDA)"
+        "--size", default=None, help="image side in px, or WIDTHxHEIGHT (default 256 on CPU, 512 on CUDA)"
     )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 3 on CPU, 30 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="untraced/traced pairs measured (ABBA order)")
@@ -621,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype != "auto"
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
-    args.size = args.size or (512 if device.type == "cuda" else 256)
+    args.height, args.width = parse_size(args.size) or ((512, 512) if device.type == "cuda" else (256, 256))
+    args.size = args.width if args.height == args.width else f"{args.width}x{args.height}"
     args.steps = args.steps or (30 if device.type == "cuda" else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -705,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         else platform.processor() or platform.machine(),
         "dtype": str(dtype).replace("torch.", ""),
         "size": args.size,
+        "frames": args.frames if model.video else None,
         "steps": args.steps,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
@@ -757,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         *([("reduced from the released model", model.reduced(args))] if model.reduced(args) else []),
         (
             "image, steps",
-            f"{args.size}x{args.size} px, {args.steps} steps, guidance {model.call_kwargs.get('guidance_scale', '-')}",
+            f"{args.width}x{args.height} px{(' x ' + str(args.frames) + ' frames') if model.video else ''}, {args.steps} steps, guidance {model.call_kwargs.get('guidance_scale', '-')}",
         ),
         (
             "threads, load avg",

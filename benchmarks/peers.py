@@ -91,6 +91,7 @@ from overhead import (  # noqa: E402
     _fmt_table,
     _median,
     add_model_args,
+    parse_size,
     tensor_bytes,
 )
 
@@ -160,11 +161,13 @@ def _call_kwargs(args, model, device: torch.device) -> dict[str, Any]:
     kwargs = model.kwargs(args)
     kwargs.update(
         num_inference_steps=args.steps,
-        height=args.size,
-        width=args.size,
+        height=args.height,
+        width=args.width,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        output_type="np",
+        output_type="latent" if model.video else "np",
     )
+    if model.video:
+        kwargs["num_frames"] = args.frames
     return kwargs
 
 
@@ -242,7 +245,7 @@ def run_call(
     changed = state.differences(pipe) if state is not None else []
     if changed:
         state.put_back()  # later calls must run on the pipeline as it was built
-    image = np.asarray(out.images[0])
+    image = out.frames[0].float().cpu().numpy() if model.video else np.asarray(out.images[0])
     del out
     return Call(arm, seconds, cpu_seconds, post, meter.sample, image, held, changed, result)  # type: ignore[arg-type]
 
@@ -259,17 +262,20 @@ def _layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
 
 
 def peer_aggregate(
-    rows: list[tuple[str, float | None, torch.Tensor]], latent_hw, grid
+    rows: list[tuple[str, float | None, torch.Tensor]], latent_hw, grid, frames: int | None = None
 ) -> tuple[torch.Tensor, int, int]:
-    """DAAM's aggregate of the peer's maps: (T, gh, gw), and the numbers of layers and steps in it."""
+    """DAAM's aggregate of the peer's maps: (T, gh, gw), or (T, F, gh, gw) for a video's ``frames``
+    frame-major token frames, and the numbers of layers and steps in it."""
     total = None
     layers, steps = set(), set()
+    f = frames or 1
     for name, timestep, m in rows:
         n, t = m.shape
-        h, w = _layer_grid(latent_hw, n)
-        x = m.T.reshape(1, t, h, w)
+        h, w = _layer_grid(latent_hw, n // f)
+        x = m.T.reshape(1, t * f, h, w)
         if (h, w) != tuple(grid):
             x = F.interpolate(x, size=tuple(grid), mode="bicubic", align_corners=False).clamp_(min=0)
+        x = x.reshape(1, t, f, *grid) if frames else x
         total = x[0].clone() if total is None else total.add_(x[0])
         layers.add(name)
         steps.add(timestep)
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: float32 on CPU, float16 on CUDA",
     )
     p.add_argument(
-        "--size", type=int, default=None, help="image side in px (default 256 on CPU, 512 on CUDA)"
+        "--size", default=None, help="image side in px, or WIDTHxHEIGHT (default 256 on CPU, 512 on CUDA)"
     )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 3 on CPU, 30 on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="calls of each arm measured (ABBA order)")
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dtype != "auto"
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
-    args.size = args.size or (512 if device.type == "cuda" else 256)
+    args.height, args.width = parse_size(args.size) or ((512, 512) if device.type == "cuda" else (256, 256))
+    args.size = args.width if args.height == args.width else f"{args.width}x{args.height}"
     args.steps = args.steps or (30 if device.type == "cuda" else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -520,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         hm = last["daamkit"].result
         latent_hw = tuple(hm.meta["latent_hw"])
         try:
-            peer_map, n_layers, n_steps = peer_aggregate(last["peer"].result, latent_hw, hm.grid_size)
+            peer_map, n_layers, n_steps = peer_aggregate(
+                last["peer"].result, latent_hw, hm.grid_size, hm.time.frames if hm.is_video else None
+            )
         except ValueError as e:
             errors["agreement"] = str(e)
         else:
@@ -545,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         else platform.processor() or platform.machine(),
         "dtype": str(dtype).replace("torch.", ""),
         "size": args.size,
+        "frames": args.frames if MODELS[args.model].video else None,
         "steps": args.steps,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
@@ -579,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("model / device / dtype", f"{args.model} / {result['device_name']} ({device}) / {result['dtype']}"),
         *([("reduced from the released model", result["reduced"])] if result["reduced"] else []),
-        ("image, steps", f"{args.size}x{args.size} px, {args.steps} steps"),
+        ("image, steps", f"{args.width}x{args.height} px{f' x {args.frames} frames' if model.video else ''}, "
+                         f"{args.steps} steps"),
         ("load avg", f"{load0} -> {load1}, {result['torch_threads']} torch threads"),
         (
             "peer",

@@ -47,6 +47,6 @@ def test_readme_table_is_generated_from_the_table():
 def test_families_command(capsys):
     assert main(["families", "--supported"]) == 0
     out = capsys.readouterr().out
-    assert "FluxTransformer2DModel" in out and "WanTransformer3DModel" not in out
+    assert "FluxTransformer2DModel" in out and "WanVACETransformer3DModel" not in out
     assert main(["families", "--json"]) == 0
     assert '"denoiser": "WanTransformer3DModel"' in capsys.readouterr().out

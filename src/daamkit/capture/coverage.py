@@ -35,7 +35,7 @@ NOT_SUPPORTED: dict[str, str] = {
         "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
         "SanaWMTransformer3DModel", "SkyReelsV2Transformer3DModel", "TransformerTemporalModel",
         "UNet3DConditionModel", "UNetMotionModel", "UNetSpatioTemporalConditionModel",
-        "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel", "WanTransformer3DModel",
+        "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel",
         "WanVACETransformer3DModel", "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel",
     )},
     **{name: _AUDIO for name in (

@@ -35,6 +35,8 @@ class Site:
     needs: attributes the module must have (not None) to be text-image attention.
     locate: overrides the layout: ``locate(tap, q_len, k_len) -> Slices | None``, or a sequence of
         ``Slices``, one per batch row, when each sample is packed with its own text length.
+    skip: ``skip(module) -> int``, the attention calls of the module's forward that come before the
+        text-image one and are let pass (a cross-attention that first attends to image-context keys).
     """
 
     pattern: str
@@ -43,6 +45,7 @@ class Site:
     text_from: str = "module"
     needs: tuple[str, ...] = ()
     locate: Callable[..., Any] | None = None
+    skip: Callable[[nn.Module], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,13 @@ def _sana_keys(ids: list[int], n_keys: int) -> list[int]:
     return ids if len(ids) <= n_keys else ids[:1] + ids[len(ids) - n_keys + 1 :]
 
 
+# ---- wan (video)
+def _wan_image_context(module: nn.Module) -> int:
+    """Wan 2.1 I2V's cross-attention attends to the CLIP image tokens (``add_k_proj``) in a call of its
+    own before the text one."""
+    return int(getattr(module, "add_k_proj", None) is not None)
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="unet",
@@ -492,6 +502,28 @@ FAMILIES: tuple[Family, ...] = (
         pipelines=("HiDreamImagePipeline",),
         tests="tests/capture/test_family_hidream.py",
         notes="keys are [image, T5, Llama last layer, Llama layer of the block]: the last part differs per block",
+    ),
+    # ---- wan (video)
+    Family(
+        name="wan",
+        title="Wan 2.1, Wan 2.2 (T2V, I2V, TI2V-5B, A14B's two experts)",
+        denoisers=("WanTransformer3DModel",),
+        # attn1 is the video's self-attention; attn2 reads the text (and 2.1 I2V's image context first)
+        sites=(Site(r"blocks\.\d+\.attn2", "cross", "cross", skip=_wan_image_context),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=video_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        timestep_position=1,
+        separate_negative=True,
+        time=vae_time,
+        experts=("transformer_2",),
+        pipelines=("WanPipeline", "WanImageToVideoPipeline"),
+        tests="tests/capture/test_family_wan.py",
+        notes=(
+            "UMT5 keys padded to 512 with zero embeddings, attended unmasked; tokens frame-major over "
+            "(latent frame, row, column); causal VAE, 4x in time; A14B: transformer for t >= boundary, "
+            "transformer_2 after"
+        ),
     ),
 )
 

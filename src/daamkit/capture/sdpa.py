@@ -17,6 +17,7 @@ where that happened are listed in ``missed`` so the trace can say so instead of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,11 +154,15 @@ class AttentionTap:
     image]), ``locate`` gives one ``Slices`` per batch row, all with key slices of one length and
     ``valid`` marking the keys that are not text in a row with a shorter caption.
     Only the first attention call of a module forward is read: later ones (IP-Adapter's image
-    attention, say) attend to other keys.
+    attention, say) attend to other keys. ``skip(module)``, if given, is the number of calls to let pass
+    before it (a cross-attention that attends to image-context keys first, then to the text).
     """
 
-    def __init__(self, layer: LayerInfo, module: nn.Module, sink: CaptureSink, capture: Any, locate: Any):
+    def __init__(self, layer: LayerInfo, module: nn.Module, sink: CaptureSink, capture: Any, locate: Any,
+                 skip: Callable[[nn.Module], int] | None = None):
         self.layer, self.module, self.sink, self.capture, self.locate = layer, module, sink, capture, locate
+        self.skip = skip
+        self.pending = 0
         self.mode = _Watch(self)
         self.entered = False
         self.seen = True
@@ -179,12 +184,16 @@ class AttentionTap:
         self.hidden_len = int(hidden.shape[1]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 3 else 0
         self.text_len = int(context.shape[1]) if isinstance(context, torch.Tensor) and context.dim() >= 3 else None
         self.rows = rows
+        self.pending = self.skip(module) if self.skip is not None else 0
         self.seen = False
         self.mode.__enter__()
         self.entered = True
 
     def on_sdpa(self, args: tuple, kwargs: dict) -> None:
         if self.seen:
+            return
+        if self.pending > 0:
+            self.pending -= 1
             return
         self.seen = True
         q = kwargs.get("query", args[0] if args else None)

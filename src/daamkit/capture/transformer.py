@@ -41,7 +41,10 @@ class _PreHook(DenoiserPreHook):
         family = self.capture.spec
         x = _arg(args, kwargs, "hidden_states", 0)
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            # a timestep per token (Wan 2.2 TI2V): conditioning tokens sit at 0, the generated ones at the step's
+            t = float(t[0].max().item()) if t.numel() else 0.0
+        elif isinstance(t, torch.Tensor):
             t = float(t.flatten()[0].item()) if t.numel() else 0.0
         t = float(t or 0.0)
         self.capture.inputs = (args, kwargs)
@@ -131,7 +134,7 @@ class TransformerCapture:
             for d in self.denoisers:
                 self.hooks.add(d.register_forward_pre_hook(_PreHook(sink, self), with_kwargs=True))
             for _, layer, m in self.taps:
-                AttentionTap(layer, m, sink, self, locate).install(self.hooks)
+                AttentionTap(layer, m, sink, self, locate, skip=self.site_of[layer.name].skip).install(self.hooks)
         except BaseException:
             self.hooks.remove()
             raise
@@ -142,7 +145,9 @@ class TransformerCapture:
 
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
-        return int(getattr(pipe, "vae_scale_factor", 8)) * self.spec.patch(self.denoiser)
+        # video pipelines (Wan) name the VAE's spatial factor apart from its temporal one
+        factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8
+        return int(factor) * self.spec.patch(self.denoiser)
 
     def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
         """How the ``frames`` token frames lie on the returned video (None for an image family)."""
