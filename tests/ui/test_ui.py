@@ -249,3 +249,21 @@ def test_app_switches_to_the_video_view_for_a_video_record(tmp_path):
     assert fns["opacity"](run, "dog", 0.9)[2] not in (ov, None)
     assert fns["threshold"](run, "dog", 0.7) == (gr.skip(), gr.skip())
     s.close()
+
+
+def test_generate_with_a_video_model_gives_a_video_run(tmp_path):
+    pytest.importorskip("imageio.v3")
+    from daamkit.testing.families.wan import tiny_wan, wan_tokenizer
+
+    wan_tokenizer(tmp_path / "tok")
+    wan = tiny_wan(tmp_path / "tok")
+    s = UISession("unused-path", work_dir=tmp_path / "work", loader=lambda *a, **k: wan, num_frames=5, fps=12)
+    run = _gen(s, "a red dog", width=64, height=48)
+    assert run.is_video and run.record.frames.shape == (5, 48, 64, 3)
+    assert run.record.settings["num_frames"] == 5 and run.fps == 12
+    assert run.video.is_file() and run.frame_scores_png.is_file()
+    assert s.overlay_video(run, "dog").is_file()
+    assert "5 frames" in s.summary(run)
+    with pytest.raises(UIError, match="num_frames"):
+        UISession(work_dir=tmp_path / "w2", num_frames=0)
+    s.close()
