@@ -14,7 +14,7 @@ given frame of the returned video, so that frame ``i`` of an overlay lies on fra
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -72,6 +72,24 @@ class TimeAxis:
     def token_frame(self, i: int) -> int:
         """The maps' plane that lies on video frame ``i``."""
         return (self.latent_frame(i) + self.skip) // self.patch
+
+    def decoded(self, latent_frames: int, frames: int) -> TimeAxis:
+        """This axis as the VAE's decode showed it: ``latent_frames`` decoded into ``frames``.
+
+        Fewer latent frames than the token frames cover: the pipeline padded the difference at the
+        start and dropped it (CogVideoX 1.5). ``frames`` tells whether the first latent frame decoded
+        to one frame of its own (CogVideoX's VAE does only for an odd count). Counts that fit neither
+        reading leave the axis as it is.
+        """
+        pad = self.frames * self.patch - latent_frames
+        if not 0 <= pad < self.frames * self.patch:
+            return self
+        causal = self.causal
+        if latent_frames > 1 and frames == latent_frames * self.compression:
+            causal = False
+        elif frames == 1 + (latent_frames - 1) * self.compression:
+            causal = True
+        return replace(self, skip=pad, causal=causal)
 
     def index(self) -> list[int]:
         """``token_frame(i)`` for every video frame."""

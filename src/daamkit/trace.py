@@ -77,6 +77,8 @@ class _Generation:
     timesteps: list[float] = field(default_factory=list)
     # (generated, returned) image sizes when the pipeline resized and cropped its decoded image
     output_resize: tuple[tuple[int, int], tuple[int, int]] | None = None
+    # (latent frames in, video frames out) of the VAE's decode of a video
+    decoded: tuple[int, int] | None = None
 
     @property
     def accumulator(self) -> Accumulator:
@@ -92,8 +94,8 @@ _MISSING = object()
 class _OutputResize:
     """Reads the size a pipeline resizes and crops its decoded image to.
 
-    Resolution binning (PixArt, Sana) generates at the closest aspect-ratio bin and returns the
-    requested size through the image processor's ``resize_and_crop_tensor``; the requested size is
+    Resolution binning (PixArt, Sana, Sana-Video) generates at the closest aspect-ratio bin and returns the
+    requested size through the image (or video) processor's ``resize_and_crop_tensor``; the requested size is
     seen nowhere else, so the method is wrapped, as an attribute of that one processor object, while
     the trace is on. ``remove`` (a hook handle's interface) puts the processor back as it was.
     """
@@ -106,7 +108,7 @@ class _OutputResize:
         original = getattr(processor, self.name)
 
         def resize_and_crop_tensor(samples: torch.Tensor, new_width: int, new_height: int) -> torch.Tensor:
-            if isinstance(samples, torch.Tensor) and samples.dim() == 4:
+            if isinstance(samples, torch.Tensor) and samples.dim() in (4, 5):  # images, or videos (B, C, F, H, W)
                 on_resize((int(samples.shape[-2]), int(samples.shape[-1])), (int(new_height), int(new_width)))
             return original(samples, new_width, new_height)
 
@@ -117,6 +119,40 @@ class _OutputResize:
             vars(self.processor).pop(self.name, None)
         else:
             setattr(self.processor, self.name, self.saved)
+
+
+class _VideoDecode:
+    """Reads how many latent frames a video pipeline's VAE decodes and how many frames it gives.
+
+    A pipeline may pad latent frames at the start for the temporal patch and drop them before decoding
+    (CogVideoX 1.5), and a VAE may decode its first latent frame alone or not depending on the count
+    (CogVideoX's decodes in pairs of latent frames): neither is seen at the denoiser. ``decode`` is
+    wrapped, as an attribute of that one VAE object, while the trace is on; ``remove`` puts it back.
+    """
+
+    name = "decode"
+
+    def __init__(self, vae: Any, on_decode: Any):
+        self.vae = vae
+        self.saved = vars(vae).get(self.name, _MISSING)
+        original = getattr(vae, self.name)
+
+        def decode(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = original(z, *args, **kwargs)
+            sample = getattr(out, "sample", None)
+            if sample is None and isinstance(out, tuple | list) and out:
+                sample = out[0]
+            if isinstance(z, torch.Tensor) and z.dim() == 5 and isinstance(sample, torch.Tensor) and sample.dim() == 5:
+                on_decode(int(z.shape[2]), int(sample.shape[2]))  # (B, C, F, H, W) in and out
+            return out
+
+        setattr(vae, self.name, decode)
+
+    def remove(self) -> None:
+        if self.saved is _MISSING:
+            vars(self.vae).pop(self.name, None)
+        else:
+            setattr(self.vae, self.name, self.saved)
 
 
 class _TruncationLog(logging.Handler):
@@ -222,9 +258,13 @@ class Trace:
                 enc = getattr(self.pipe, attr, None)
                 if isinstance(enc, nn.Module):
                     self._hooks.add(enc.register_forward_pre_hook(self._text_hook(attr), with_kwargs=True))
-            processor = getattr(self.pipe, "image_processor", None)
-            if callable(getattr(processor, _OutputResize.name, None)):
-                self._hooks.add(_OutputResize(processor, self._on_output_resize))
+            for name in ("image_processor", "video_processor"):
+                processor = getattr(self.pipe, name, None)
+                if callable(getattr(processor, _OutputResize.name, None)):
+                    self._hooks.add(_OutputResize(processor, self._on_output_resize))
+            vae = getattr(self.pipe, "vae", None)
+            if isinstance(vae, nn.Module) and callable(getattr(vae, _VideoDecode.name, None)):
+                self._hooks.add(_VideoDecode(vae, self._on_video_decode))
             logging.getLogger("diffusers").addHandler(self._log)
         except BaseException:
             with contextlib.suppress(Exception):  # the error that stopped the attach is the one to report
@@ -275,6 +315,10 @@ class Trace:
     def _on_output_resize(self, generated: tuple[int, int], returned: tuple[int, int]) -> None:
         if self._gen is not None and generated != returned:
             self._gen.output_resize = (generated, returned)
+
+    def _on_video_decode(self, latent_frames: int, frames: int) -> None:
+        if self._gen is not None:
+            self._gen.decoded = (latent_frames, frames)
 
     def on_denoiser_call(self, call: DenoiserCall) -> None:
         gen = self._gen

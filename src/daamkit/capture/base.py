@@ -161,9 +161,11 @@ class DenoiserPreHook:
     Its class doubles as the marker that a trace is attached (see ``is_traced``).
     """
 
-    def __init__(self, sink: CaptureSink, patch_size: int = 1):
+    def __init__(self, sink: CaptureSink, patch_size: int = 1, capture: Any = None):
+        """capture: an object whose ``current`` is set to each call (the taps read the frames off it)."""
         self.sink = sink
         self.patch_size = patch_size
+        self.capture = capture
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
@@ -174,12 +176,13 @@ class DenoiserPreHook:
         p = self.patch_size
         # a motion UNet (AnimateDiff) takes (B, C, F, H, W) and runs its image layers per frame
         frames = int(sample.shape[2]) if sample.dim() == 5 else 1
-        self.sink.on_denoiser_call(
-            DenoiserCall(
-                batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0),
-                frames=frames,
-            )
+        call = DenoiserCall(
+            batch=int(sample.shape[0]), latent_hw=(int(h) // p, int(w) // p), timestep=float(timestep or 0.0),
+            frames=frames,
         )
+        if self.capture is not None:
+            self.capture.current = call
+        self.sink.on_denoiser_call(call)
 
 
 def is_traced(module: nn.Module) -> bool:

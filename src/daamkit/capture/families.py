@@ -37,6 +37,8 @@ class Site:
         ``Slices``, one per batch row, when each sample is packed with its own text length.
     skip: ``skip(module) -> int``, the attention calls of the module's forward that come before the
         text-image one and are let pass (a cross-attention that first attends to image-context keys).
+    per_row: the module calls attention once per batch row (batch 1), in row order, each call with
+        that row's own text length; its text keys are the first tokens of the module's text.
     """
 
     pattern: str
@@ -46,6 +48,7 @@ class Site:
     needs: tuple[str, ...] = ()
     locate: Callable[..., Any] | None = None
     skip: Callable[[nn.Module], int] | None = None
+    per_row: bool = False  # one attention call per batch row (see AttentionTap)
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class Family:
     # video families: how token frames map onto the returned video's frames (None: an image family)
     time: Callable[[Any, nn.Module, int], TimeAxis] | None = None
     experts: tuple[str, ...] = ()  # further pipeline attributes holding denoisers that take turns (MoE)
+    # denoiser calls that are guidance passes of another kind (perturbed layers, modalities cut apart),
+    # given the call's (args, kwargs): not a step, nothing traced
+    skip_call: Callable[[tuple, dict], bool] | None = None
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
     tests: str = ""  # the test file
     notes: str = ""
@@ -272,31 +278,126 @@ def _sana_keys(ids: list[int], n_keys: int) -> list[int]:
     ``n_keys`` ids)."""
     return ids if len(ids) <= n_keys else ids[:1] + ids[len(ids) - n_keys + 1 :]
 
+# ---- ltx (video) ----------------------------------------------------------------------------------
+def _ltx_arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    return kwargs[name] if name in kwargs else args[position] if len(args) > position else None
+
+
+def _ltx_video_tokens(coords: torch.Tensor) -> tuple[int, int, int, int]:
+    """(start, frames, h, w) of the generated video in LTX's ``video_coords`` (B, 3, N): (frame, row, column)
+    per token, frame-major. LTXConditionPipeline puts the tokens of conditions at later frames first; their
+    frame coordinate is that frame, never 0, so the video starts at the last token at (0, 0, 0)."""
+    c = coords[0]
+    origin = (c == 0).all(dim=0).nonzero()
+    if not len(origin):
+        raise ValueError("LTXVideoTransformer3DModel video_coords without the origin: cannot place video tokens")
+    start = int(origin[-1])
+    own = c[:, start:]
+    h, w = len(own[1].unique()), len(own[2].unique())
+    return start, own.shape[1] // (h * w), h, w
+
+
+def _ltx_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Packed (B, N, C) latents: the token grid comes as ``num_frames``/``height``/``width`` (in tokens),
+    or, from LTXConditionPipeline, as ``video_coords``."""
+    f, h, w = (_ltx_arg(args, kwargs, k, i) for k, i in (("num_frames", 4), ("height", 5), ("width", 6)))
+    if f and h and w:
+        return int(f), int(h), int(w)
+    coords = _ltx_arg(args, kwargs, "video_coords", 8)
+    if not isinstance(coords, torch.Tensor):
+        raise ValueError("LTXVideoTransformer3DModel called without num_frames/height/width or video_coords")
+    return _ltx_video_tokens(coords)[1:]
+
+
+def _ltx_locate(tap: Any, q_len: int, k_len: int) -> Slices | None:
+    """The generated video is the last frames*h*w queries (LTXConditionPipeline's condition tokens come
+    first); the keys are the T5 tokens."""
+    call = tap.capture.current
+    n = call.frames * call.latent_hw[0] * call.latent_hw[1]
+    if q_len < n:
+        return None
+    text = k_len if tap.text_len is None else min(tap.text_len, k_len)
+    return Slices(slice(q_len - n, q_len), slice(0, text))
+
+
+def _ltx_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
+    """LTX's VAE: temporal compression ``vae_temporal_compression_ratio`` (8), the first latent frame decoded to
+    one frame (its decoder drops the leading frames of every temporal upsampling)."""
+    r = int(getattr(pipe, "vae_temporal_compression_ratio", 8) or 8)
+    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
+# ---- ltx2 (video) ---------------------------------------------------------------------------------
+def _ltx2_keys(ids: list[int], n_keys: int) -> list[int]:
+    """LTX2TextConnectors move the prompt's tokens (Gemma, left-padded) to the front in their order and put
+    learnt registers where the padding was: the keys are the ids without their left padding, then as many
+    pads (the registers, no words)."""
+    pad = 0  # Gemma's <pad>
+    lead = next((i for i, t in enumerate(ids) if t != pad), len(ids))
+    return (ids[lead:] + ids[:lead])[:n_keys]
+
+
+def _ltx2_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Packed (B, N, C) video latents; LTX-2's pipelines give the token grid as ``num_frames``/``height``/``width``."""
+    f, h, w = (kwargs.get(k) for k in ("num_frames", "height", "width"))
+    if not (f and h and w):
+        raise ValueError("LTX2VideoTransformer3DModel called without num_frames/height/width: cannot place video tokens")
+    return int(f), int(h), int(w)
+
+
+def _ltx2_guidance_pass(args: tuple, kwargs: dict) -> bool:
+    """LTX2Pipeline's spatio-temporal guidance call (self-attention of some blocks skipped) and its modality
+    guidance call (audio-video attention off) follow the CFG call of each step with the prompt alone."""
+    return bool(kwargs.get("spatio_temporal_guidance_blocks")) or bool(kwargs.get("isolate_modalities"))
+
 
 # ---- wan (video)
 def _wan_image_context(module: nn.Module) -> int:
     """Wan 2.1 I2V's cross-attention attends to the CLIP image tokens (``add_k_proj``) in a call of its
     own before the text one."""
     return int(getattr(module, "add_k_proj", None) is not None)
+# ---- cogvideox, mochi (video) ------------------------------------------------------------------
+def _frames_first_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """CogVideoX takes its latents as (B, F, C, H, W)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"{type(denoiser).__name__} called without (B, F, C, H, W) latents: cannot place video tokens")
+    pt, p = video_patch(denoiser)
+    return -(-int(x.shape[1]) // pt), int(x.shape[-2]) // p, int(x.shape[-1]) // p
+
+
+def _mochi_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
+    """Mochi's VAE decodes each latent frame to 6 frames and drops the first 5 (causal)."""
+    r = int(getattr(pipe, "vae_temporal_scale_factor", 6) or 6)
+    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
+
+def _video_then_row_text(tap: Any, q_len: int, k_len: int) -> Slices | None:
+    """Mochi calls attention per batch row on [video, that row's valid text tokens]."""
+    call = tap.capture.current
+    n = call.frames * call.latent_hw[0] * call.latent_hw[1]
+    return Slices(slice(0, n), slice(n, k_len)) if q_len >= n and k_len > n else None
 
 
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="unet",
-        title="Stable Diffusion 1.x/2.x, SDXL, Kolors (UNet cross-attention)",
-        denoisers=("UNet2DConditionModel",),
+        title="Stable Diffusion 1.x/2.x, SDXL, Kolors, AnimateDiff (UNet cross-attention)",
+        # AnimateDiff's motion UNet: the SD UNet's layers run per frame, its motion modules attend over time
+        denoisers=("UNet2DConditionModel", "UNetMotionModel"),
         attr="unet",
         capture="projections",
         text=_UNET_TEXT,
         pipelines=(
             "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
             "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLModularPipeline",
-            "KolorsPipeline", "KolorsImg2ImgPipeline",
+            "KolorsPipeline", "KolorsImg2ImgPipeline", "AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline",
         ),
-        tests="tests/capture/test_trace.py",  # Kolors: tests/capture/test_family_kolors.py
+        # Kolors: tests/capture/test_family_kolors.py; AnimateDiff: tests/capture/test_family_animatediff.py
+        tests="tests/capture/test_trace.py",
         notes=(
             "SDXL concatenates its encoders along features: one tokenizer's ids index the keys; Kolors' "
-            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked"
+            "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked; AnimateDiff: "
+            "one token frame per video frame (the VAE decodes frame by frame), frames run as batch rows"
         ),
     ),
     Family(
@@ -523,6 +624,96 @@ FAMILIES: tuple[Family, ...] = (
             "UMT5 keys padded to 512 with zero embeddings, attended unmasked; tokens frame-major over "
             "(latent frame, row, column); causal VAE, 4x in time; A14B: transformer for t >= boundary, "
             "transformer_2 after"
+        ),
+    ),
+    # ---- cogvideox (video)
+    Family(
+        name="cogvideox",
+        title="CogVideoX 1.0 (2b, 5b, 5b-I2V), CogVideoX 1.5 (5b, 5b-I2V)",
+        denoisers=("CogVideoXTransformer3DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn1", "joint", "text_image"),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=_frames_first_grid,
+        time=vae_time,
+        pipelines=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline"),
+        tests="tests/capture/test_family_cogvideox.py",
+        notes=(
+            "keys are [T5 (226, padding attended), video frame-major]; latents (B, F, C, H, W), an I2V image "
+            "on channels; 1.5 pads latent frames at the start to its temporal patch 2 and drops them"
+        ),
+    ),
+    # ---- mochi (video)
+    Family(
+        name="mochi",
+        title="Mochi 1",
+        denoisers=("MochiTransformer3DModel",),
+        sites=(Site(r"transformer_blocks\.\d+\.attn1", "joint", "image_text", locate=_video_then_row_text,
+                    per_row=True),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=video_grid,
+        time=_mochi_time,
+        timestep_rises=True,
+        pipelines=("MochiPipeline",),
+        tests="tests/capture/test_family_mochi.py",
+        notes="each batch row attends over [video, its valid T5 tokens] in a call of its own; VAE time 6x, causal",
+    ),
+    # ---- sana_video (video)
+    Family(
+        name="sana_video",
+        title="Sana-Video (text and image to video)",
+        denoisers=("SanaVideoTransformer3DModel",),
+        # attn1 is linear attention (no softmax, no attention call): only attn2 meets the text
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer", select=_sana_keys),),
+        grid=video_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=vae_time,
+        pipelines=("SanaVideoPipeline", "SanaImageToVideoPipeline"),
+        tests="tests/capture/test_family_sana_video.py",
+        notes=(
+            "keys as Sana's (<bos> + the prompt + padding, the instruction cut off); queries are the (1, 2, 2) "
+            "patches frame-major; causal Wan VAE: 1 + 4 (n - 1) frames; image to video: latent frame 0 is the "
+            "image (timestep 0), the returned video's frame 0"
+        ),
+    ),
+    # ---- ltx (video)
+    Family(
+        name="ltx",
+        title="LTX-Video (0.9.x)",
+        denoisers=("LTXVideoTransformer3DModel",),
+        # attn1 is the video's self-attention; attn2 attends from the video tokens to the T5 tokens
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross", locate=_ltx_locate),),
+        text=(TextPart("text_encoder", "tokenizer"),),
+        grid=_ltx_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        time=_ltx_time,
+        pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+        tests="tests/capture/test_family_ltx.py",
+        notes=(
+            "packed tokens frame-major; T5 keys, padding masked (bias -10000); image-to-video: the image is the "
+            "first latent frame (its tokens are queries, at timestep 0); condition tokens at later frames precede "
+            "the video's and are not queries"
+        ),
+    ),
+    # ---- ltx2 (video)
+    Family(
+        name="ltx2",
+        title="LTX-2 (video stream; audio not traced)",
+        denoisers=("LTX2VideoTransformer3DModel",),
+        # attn2: video queries, text keys; audio_attn2 (audio to text) and the audio-video attentions are not traced
+        sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
+        text=(TextPart("text_encoder", "tokenizer", select=_ltx2_keys),),
+        grid=_ltx2_grid,
+        patch=lambda denoiser: video_patch(denoiser)[1],
+        denoiser_text_len=lambda args, kwargs: _encoder_hidden_states_len((), kwargs),
+        timestep_position=4,
+        time=_ltx_time,
+        skip_call=_ltx2_guidance_pass,
+        pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
+        tests="tests/capture/test_family_ltx2.py",
+        notes=(
+            "keys are the connector's output: the Gemma-3 prompt tokens (left padding removed) then learnt "
+            "registers (unmasked, no words); the STG and modality-guidance calls are skipped"
         ),
     ),
 )

@@ -158,11 +158,19 @@ class AttentionTap:
     before it (a cross-attention that attends to image-context keys first, then to the text).
     """
 
-    def __init__(self, layer: LayerInfo, module: nn.Module, sink: CaptureSink, capture: Any, locate: Any,
-                 skip: Callable[[nn.Module], int] | None = None):
+    def __init__(
+        self, layer: LayerInfo, module: nn.Module, sink: CaptureSink, capture: Any, locate: Any,
+        skip: Callable[[nn.Module], int] | None = None, per_row: bool = False,
+    ):
+        """per_row: the module calls attention once per batch row, in row order (Mochi leaves out each
+        row's masked text tokens): the calls are gathered and delivered together, each row's text
+        probabilities padded with zeros to the module's text length (a row's keys are its first text
+        tokens)."""
         self.layer, self.module, self.sink, self.capture, self.locate = layer, module, sink, capture, locate
         self.skip = skip
         self.pending = 0
+        self.per_row = per_row
+        self.row_calls: list[tuple[torch.Tensor, torch.Tensor, Any, Any, Slices]] = []
         self.mode = _Watch(self)
         self.entered = False
         self.seen = True
@@ -185,12 +193,13 @@ class AttentionTap:
         self.text_len = int(context.shape[1]) if isinstance(context, torch.Tensor) and context.dim() >= 3 else None
         self.rows = rows
         self.pending = self.skip(module) if self.skip is not None else 0
+        self.row_calls = []
         self.seen = False
         self.mode.__enter__()
         self.entered = True
 
     def on_sdpa(self, args: tuple, kwargs: dict) -> None:
-        if self.seen:
+        if self.seen and not (self.per_row and self.row_calls):
             return
         if self.pending > 0:
             self.pending -= 1
@@ -205,6 +214,14 @@ class AttentionTap:
         if where is None:
             return
         q, k = q.detach(), k.detach()
+        if self.per_row:
+            if not isinstance(where, Slices):
+                raise ValueError(f"{self.layer.name}: a per-row attention call takes one Slices")
+            self.row_calls.append((q, k, mask, kwargs.get("scale"), where))
+            if len(self.row_calls) >= self.capture.current.batch:
+                calls, self.row_calls = self.row_calls, []
+                self._deliver_rows(calls)
+            return
         parts = [where] if isinstance(where, Slices) else list(where)
         q_len = int(q.shape[2])
         total = _length(parts[0].queries, q_len)
@@ -234,10 +251,34 @@ class AttentionTap:
                         ])
                     self.sink.on_attention(self.layer, probs, branch, chunk)
 
+    def _deliver_rows(self, calls: list[tuple[torch.Tensor, torch.Tensor, Any, Any, Slices]]) -> None:
+        """One delivery per branch (and query chunk) from the per-row calls of one module forward."""
+        q0, k0, _, _, where0 = calls[0]
+        q_len = int(q0.shape[2])
+        total = _length(where0.queries, q_len)
+        frames = max(1, self.capture.current.frames)
+        width = max([self.text_len or 0] + [_length(c[4].keys, int(c[1].shape[2])) for c in calls])
+        with torch.no_grad():
+            for branch, rows in self.rows.items():
+                idx = range(*rows.indices(len(calls)))
+                size = max(1, self.sink.query_chunk(total, total // frames, len(idx) * int(q0.shape[1]) * width * 4))
+                for start in range(0, total, size):
+                    stop = min(total, start + size)
+                    chunk = None if size >= total else QueryChunk(start, stop, total)
+                    probs = []
+                    for r in idx:
+                        q, k, mask, scale, where = calls[r]
+                        part = where if chunk is None else where.part(start, stop, int(q.shape[2]))
+                        p = text_probabilities(q, k, part, scale=scale, mask=mask,
+                                               probabilities=self.capture.probabilities)
+                        probs.append(F.pad(p, (0, width - int(p.shape[-1]))))
+                    self.sink.on_attention(self.layer, torch.cat(probs), branch, chunk)
+
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.entered:
             self.entered = False
             self.mode.__exit__(None, None, None)
+        self.row_calls = []
         if not self.seen:
             self.capture.missed.add(self.layer.name)
             self.seen = True

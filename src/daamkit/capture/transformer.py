@@ -30,6 +30,20 @@ def _arg(args: tuple, kwargs: dict, name: str, position: int | None) -> Any:
     return None
 
 
+def _vae_spatial_factor(pipe: Any) -> int:
+    """Pixels per latent cell side: the pipeline's ``vae_scale_factor``, else its video or image processor's
+    (video pipelines name their own attribute differently, e.g. ``vae_spatial_compression_ratio``)."""
+    for name in ("vae_scale_factor", "vae_scale_factor_spatial", "vae_spatial_scale_factor"):
+        factor = getattr(pipe, name, None)
+        if isinstance(factor, int):
+            return factor
+    for name in ("video_processor", "image_processor"):
+        factor = getattr(getattr(getattr(pipe, name, None), "config", None), "vae_scale_factor", None)
+        if isinstance(factor, int):
+            return factor
+    return 8
+
+
 class _PreHook(DenoiserPreHook):
     """Reads the batch, the latent grid, the timestep and the text length off the denoiser's inputs."""
 
@@ -39,18 +53,22 @@ class _PreHook(DenoiserPreHook):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         family = self.capture.spec
+        if family.skip_call is not None and family.skip_call(args, kwargs):
+            self.capture.current = None  # the taps trace nothing in this call
+            return
         x = _arg(args, kwargs, "hidden_states", 0)
         t = _arg(args, kwargs, family.timestep_kwarg, family.timestep_position)
-        if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            # a timestep per token (Wan 2.2 TI2V): conditioning tokens sit at 0, the generated ones at the step's
-            t = float(t[0].max().item()) if t.numel() else 0.0
-        elif isinstance(t, torch.Tensor):
-            t = float(t.flatten()[0].item()) if t.numel() else 0.0
-        t = float(t or 0.0)
         self.capture.inputs = (args, kwargs)
         self.capture.text_len = family.denoiser_text_len(args, kwargs)
         # Z-Image takes its latents as a list of per-sample tensors
         batch = len(x) if isinstance(x, list | tuple) else int(x.shape[0])
+        if isinstance(t, torch.Tensor):
+            if t.numel() > batch:
+                # per-token timesteps (image to video: the conditioning frame's tokens are clean): the
+                # step's noise level is that of the noisiest token
+                t = t.min() if family.timestep_rises else t.max()
+            t = float(t.flatten()[0].item()) if t.numel() else 0.0
+        t = float(t or 0.0)
         grid = family.grid(module, args, kwargs)  # (h, w), or (frames, h, w) for a video
         frames, hw = (int(grid[0]), tuple(grid[1:])) if len(grid) == 3 else (1, tuple(grid))
         # the trace counts steps by a falling timestep
@@ -134,7 +152,8 @@ class TransformerCapture:
             for d in self.denoisers:
                 self.hooks.add(d.register_forward_pre_hook(_PreHook(sink, self), with_kwargs=True))
             for _, layer, m in self.taps:
-                AttentionTap(layer, m, sink, self, locate, skip=self.site_of[layer.name].skip).install(self.hooks)
+                site = self.site_of[layer.name]
+                AttentionTap(layer, m, sink, self, locate, skip=site.skip, per_row=site.per_row).install(self.hooks)
         except BaseException:
             self.hooks.remove()
             raise
@@ -145,9 +164,7 @@ class TransformerCapture:
 
     def cell_pixels(self, pipe: Any) -> int:
         """Pixels per image token along each side."""
-        # video pipelines (Wan) name the VAE's spatial factor apart from its temporal one
-        factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8
-        return int(factor) * self.spec.patch(self.denoiser)
+        return _vae_spatial_factor(pipe) * self.spec.patch(self.denoiser)
 
     def time_axis(self, pipe: Any, frames: int) -> TimeAxis | None:
         """How the ``frames`` token frames lie on the returned video (None for an image family)."""

@@ -1,5 +1,6 @@
 """Cross-attention capture for UNet pipelines: SD 1.x / 2.x, SDXL, their img2img / inpainting /
-ControlNet variants.
+ControlNet variants, and AnimateDiff's motion UNet (image layers per frame; its motion modules'
+temporal attention is self-attention and is not traced).
 
 Why hooks and not a replacement processor: the query and key projections are computed anyway by
 whatever processor the pipeline has (SDPA, sliced, xformers, LoRA-wrapped layers, IP-Adapter), so we
@@ -16,10 +17,12 @@ from torch import nn
 
 from daamkit.capture.base import (
     CaptureSink,
+    DenoiserCall,
     DenoiserPreHook,
     HookSet,
     LayerInfo,
     ProjectionTap,
+    QueryChunk,
     attention_probs,
 )
 from daamkit.capture.families import TextPart
@@ -46,7 +49,17 @@ def cross_attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class _LayerTap(ProjectionTap):
-    """Cross-attention: image queries from ``to_q``, text keys from ``to_k``."""
+    """Cross-attention: image queries from ``to_q``, text keys from ``to_k``.
+
+    A motion UNet (AnimateDiff) runs its image layers on the frames as batch rows, sample-major
+    (row ``b * frames + f``), each row with its own copy of the text keys (or its own keys: prompt
+    travel gives frames different prompts); a sample's probabilities go out frame-major, (b, heads,
+    frames * n, T), in query chunks within the sink's budget.
+    """
+
+    def __init__(self, layer: LayerInfo, attn: nn.Module, sink: CaptureSink, capture: UNetCapture):
+        super().__init__(layer, attn, sink)
+        self.capture = capture
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         q, k = self.take()
@@ -64,13 +77,49 @@ class _LayerTap(ProjectionTap):
                 k = nn.functional.linear(ehs, self.attn.to_k.weight, self.attn.to_k.bias)
         if q.dim() != 3 or not self.sink.wants(self.layer, q.shape[1]):
             return
+        call = self.capture.current
+        frames = call.frames if call is not None else 1
+        if frames > 1 and (call.batch * frames != q.shape[0] or k.shape[0] != q.shape[0]):
+            return  # not the per-frame rows of this call
+        batch = q.shape[0] // frames
+        n, n_text = int(q.shape[1]), int(k.shape[1])
+        qv = q.view(batch, frames, n, q.shape[-1])
+        kv = k.reshape(k.shape[0] // frames, frames, n_text, k.shape[-1]) if k.shape[0] == q.shape[0] else None
+        heads, total = int(self.attn.heads), frames * n
+        for branch, rows in self.sink.branch_rows(batch).items():
+            b = len(range(*rows.indices(batch)))
+            # k rows broadcast over frames where the caller passed one key row per sample
+            kb = kv[rows] if kv is not None else k[rows].unsqueeze(1).expand(b, frames, n_text, k.shape[-1])
+            size = max(1, self.sink.query_chunk(total, n, b * heads * n_text * 4))
+            for start in range(0, total, size):
+                stop = min(total, start + size)
+                with torch.no_grad():
+                    probs = self._probs(qv[rows], kb, start, stop, n)
+                chunk = None if size >= total else QueryChunk(start, stop, total)
+                if chunk is None:
+                    self.sink.on_attention(self.layer, probs, branch)
+                else:
+                    self.sink.on_attention(self.layer, probs, branch, chunk)
+
+    def _probs(self, q: torch.Tensor, k: torch.Tensor, start: int, stop: int, n: int) -> torch.Tensor:
+        """(b, heads, stop - start, T) for the frame-major queries ``start:stop`` of q (b, F, n, C)
+        with each frame's keys k (b, F, T, C): whole frames in one product, split frames apart."""
         attn = self.attn
-        for branch, rows in self.sink.branch_rows(q.shape[0]).items():
-            with torch.no_grad():
-                probs = attention_probs(
-                    q[rows], k[rows], attn.heads, attn.scale, getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
-                )
-            self.sink.on_attention(self.layer, probs, branch)
+        norms = (getattr(attn, "norm_q", None), getattr(attn, "norm_k", None))
+        pieces = []
+        while start < stop:
+            f = start // n
+            if start == f * n and stop >= (f + 1) * n:
+                g = stop // n
+                p = attention_probs(q[:, f:g].flatten(0, 1), k[:, f:g].flatten(0, 1), attn.heads, attn.scale, *norms)
+                p = p.unflatten(0, (q.shape[0], g - f)).transpose(1, 2).flatten(2, 3)
+                start = g * n
+            else:
+                end = min(stop, (f + 1) * n)
+                p = attention_probs(q[:, f, start - f * n: end - f * n], k[:, f], attn.heads, attn.scale, *norms)
+                start = end
+            pieces.append(p)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 class UNetCapture:
@@ -90,12 +139,15 @@ class UNetCapture:
             for i, (name, m) in enumerate(self.modules)
         ]
         self.hooks = HookSet()
+        self.current: DenoiserCall | None = None
 
     def attach(self, sink: CaptureSink) -> None:
         try:
-            self.hooks.add(self.denoiser.register_forward_pre_hook(DenoiserPreHook(sink), with_kwargs=True))
+            self.current = None
+            pre = DenoiserPreHook(sink, capture=self)
+            self.hooks.add(self.denoiser.register_forward_pre_hook(pre, with_kwargs=True))
             for layer, (_, attn) in zip(self.layers, self.modules, strict=True):
-                _LayerTap(layer, attn, sink).install(self.hooks, attn.to_k)
+                _LayerTap(layer, attn, sink, self).install(self.hooks, attn.to_k)
         except BaseException:
             self.hooks.remove()
             raise

@@ -84,6 +84,8 @@ class DaamMethod(AttributionMethod):
             "selection": jsonable({"steps": steps, "layers": layers, "heads": heads}),
         }
         time = trace.capture.time_axis(trace.pipe, gen.call.frames)
+        if time is not None and gen.decoded is not None:
+            time = time.decoded(*gen.decoded)
         if time is not None:
             meta["time"] = time.to_json()
         image_size = (h * scale, w * scale)
