@@ -112,5 +112,5 @@ class TimeAxis:
                 compression=int(data.get("compression", 1)), causal=bool(data.get("causal", False)),
                 output=None if data.get("output") is None else int(data["output"]),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: JSON's 1e400 reads as inf
             raise ValueError(f"bad time axis {data!r}: {e}") from None

@@ -35,6 +35,7 @@ __all__ = [
     "colorize",
     "heat_image",
     "overlay",
+    "plot_frame_scores",
     "plot_grid",
     "plot_word",
     "save_figure",
@@ -246,6 +247,47 @@ def plot_grid(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_frame_scores(
+    heat_maps: GlobalHeatMap,
+    words: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    fps: float | None = None,
+    title: str | None = None,
+) -> Axes:
+    """Each word's score over the frames of a video (:meth:`GlobalHeatMap.frame_scores`: the mean of its
+    map over the frame), one line per word, x the video frame; returns the Axes.
+
+    ``words`` default to every word of the prompt. With ``fps`` a second x axis on top gives seconds.
+    Frames that share a token frame (the VAE's temporal compression) share a value, so the lines are
+    drawn as steps. With ``ax=None`` a new pyplot-free Figure is made (``ax.figure``).
+    """
+    if not heat_maps.is_video:
+        raise ValueError("plot_frame_scores needs a video's heat maps; these are an image's (plot_grid draws those)")
+    if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number of frames per second, got {fps!r}")
+    scores = heat_maps.frame_scores(words)
+    if not scores:
+        raise ValueError("no words to plot (the prompt has no non-punctuation words?)")
+    if ax is None:
+        fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+    x = np.arange(heat_maps.num_frames)
+    for word, s in scores.items():
+        ax.step(x, s.detach().cpu().float().numpy(), where="mid", label=word, linewidth=1.5)
+    ax.set_xlabel("video frame")
+    ax.set_ylabel("mean attribution over the frame")
+    ax.set_xlim(-0.5, heat_maps.num_frames - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small", ncols=1 + len(scores) // 8)
+    if fps is not None:
+        top = ax.secondary_xaxis("top", functions=(lambda f: f / fps, lambda t: t * fps))
+        top.set_xlabel("seconds")
+    if title:
+        ax.set_title(title)
+    return ax
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150, **kwargs: Any) -> Path:

@@ -181,3 +181,89 @@ def test_build_app_and_launch_binds_loopback(model_dir, monkeypatch):
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["show_error"] is False
     assert seen["run_history"] is False
     app.daamkit_session.close()
+
+
+# -- a video's record -----------------------------------------------------------------------------------------
+def _video_record_files(tmp_path):
+    from daamkit.testing.video import video_frames, video_heat_maps
+
+    hm = video_heat_maps()  # 9 frames of 32 x 32, a distinct hot cell per token frame
+    rec = RunRecord(prompt=hm.prompt, image=None, heat_maps=hm, seed=5,
+                    settings={"steps": 2, "fps": 8.0, "pipeline": "WanPipeline"},
+                    frames=video_frames(hm.num_frames))
+    st, js = rec.save(tmp_path / "video_record")
+    return rec, [js, st]
+
+
+def test_video_record_shows_videos_and_frame_scores(tmp_path):
+    iio = pytest.importorskip("imageio.v3")
+    from daamkit import video
+
+    s = UISession(work_dir=tmp_path / "work")
+    rec, files = _video_record_files(tmp_path)
+    run = s.open_files(files)
+    assert run.is_video and run.fps == 8.0
+    assert np.array_equal(run.record.frames, rec.frames)
+    shown = iio.imread(run.video, index=None)
+    assert shown.shape[0] == 9 and shown.shape[1:3] == (32, 32)
+    assert run.frame_scores_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with zipfile.ZipFile(run.record_zip) as z:
+        assert {"record.json", "record.safetensors", "grid.png", run.video.name, "frame_scores.png"} <= set(z.namelist())
+    # the word's overlay video: frame i is the map's plane on frame i over video frame i
+    ov = s.overlay_video(run, "cat", 0.5)
+    back = iio.imread(ov, index=None)
+    want = video.overlay_frames(run.word("cat"), rec.frames, alpha=0.5)
+    assert back.shape == want.shape
+    if video.ffmpeg_available():  # H.264 in yuv420p is lossy on noise: compare each frame's mean colour
+        assert np.abs(back.mean(axis=(1, 2)) - want.mean(axis=(1, 2))).max() < 6
+    assert s.overlay_video(run, "cat", 0.5) == ov  # written once per word and opacity
+    assert s.overlay_video(run, "cat", 0.8) != ov
+    assert "9 frames" in s.summary(run) and "frame" in s.frame_info(run, "dog")
+    with pytest.raises(UIError, match="video's"):
+        s.overlay(run, "cat")
+    with pytest.raises(UIError, match="video's"):
+        s.mask(run, "cat")
+    s.close()
+
+
+def test_app_switches_to_the_video_view_for_a_video_record(tmp_path):
+    gr = pytest.importorskip("gradio")
+    from daamkit.ui import app as ui_app
+
+    s = UISession(work_dir=tmp_path / "work")
+    app = ui_app.build_app(session=s)
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    assert {"daam-video", "daam-overlay-video", "daam-frame-scores", "daam-video-view", "daam-image-view"} <= ids
+    fns = {fn.api_name: fn.fn for fn in app.fns.values()}
+    _, files = _video_record_files(tmp_path)
+    out = fns["open_files"]([str(f) for f in files], "cat", 0.5, 0.4)
+    assert len(out) == 15
+    run, image_view, video_view, shown_video, overlay_video, scores = out[0], *out[10:]
+    assert run.is_video and image_view.visible is False and video_view.visible is True
+    assert shown_video == str(run.video) and overlay_video and scores == str(run.frame_scores_png)
+    assert "strongest on frame" in out[6]
+    # clicking a word or moving the opacity gives a new overlay video, never an image overlay
+    overlay, mask, info, ov = fns["word"](run, "dog", 0.5, 0.4)
+    assert ov.endswith(".mp4") or ov.endswith(".gif")
+    assert "dog" in info
+    assert fns["opacity"](run, "dog", 0.9)[2] not in (ov, None)
+    assert fns["threshold"](run, "dog", 0.7) == (gr.skip(), gr.skip())
+    s.close()
+
+
+def test_generate_with_a_video_model_gives_a_video_run(tmp_path):
+    pytest.importorskip("imageio.v3")
+    from daamkit.testing.families.wan import tiny_wan, wan_tokenizer
+
+    wan_tokenizer(tmp_path / "tok")
+    wan = tiny_wan(tmp_path / "tok")
+    s = UISession("unused-path", work_dir=tmp_path / "work", loader=lambda *a, **k: wan, num_frames=5, fps=12)
+    run = _gen(s, "a red dog", width=64, height=48)
+    assert run.is_video and run.record.frames.shape == (5, 48, 64, 3)
+    assert run.record.settings["num_frames"] == 5 and run.fps == 12
+    assert run.video.is_file() and run.frame_scores_png.is_file()
+    assert s.overlay_video(run, "dog").is_file()
+    assert "5 frames" in s.summary(run)
+    with pytest.raises(UIError, match="num_frames"):
+        UISession(work_dir=tmp_path / "w2", num_frames=0)
+    s.close()

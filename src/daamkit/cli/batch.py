@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daamkit.cli.common import CLIError, add_trace_options, parse_size, trace_kwargs
+from daamkit.cli.common import CLIError, add_trace_options, parse_size, positive_int, trace_kwargs
 from daamkit.jobs.batch import FORMATS, BatchConfig, read_prompts, run_batch
 
 
@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="default: each process's accelerate device (cuda:<local rank>, or cpu)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
-    p.add_argument("--no-image", action="store_true", help="do not store the generated image in the records")
+    p.add_argument("--no-image", action="store_true",
+                   help="do not store the generated image (a video's frames) in the records")
+    p.add_argument("--num-frames", type=positive_int,
+                   help="video pipelines: frames per video (default: the pipeline's; Wan wants 4k+1, e.g. 81)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="let this command take over an --out made from another prompt file or with other settings: "
@@ -49,7 +52,8 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
     h, w = parse_size(args.size)
     return BatchConfig(model=str(args.model), steps=args.steps, guidance_scale=args.guidance, height=h, width=w,
                        trace=trace_kwargs(args), dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                       save_image=not args.no_image, progress=not args.no_progress, config=args.config)
+                       save_image=not args.no_image, progress=not args.no_progress, config=args.config,
+                       num_frames=args.num_frames)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -50,6 +50,15 @@ def unit_float(text: str) -> float:
     return value
 
 
+def fps_float(text: str) -> float:
+    from daamkit.video import MAX_FPS
+
+    value = finite_float(text)
+    if not 0 < value <= MAX_FPS:
+        raise argparse.ArgumentTypeError(f"must lie in (0, {MAX_FPS:g}] frames per second, got {text!r}")
+    return value
+
+
 def seed_int(text: str) -> int:
     try:
         value = int(text)
@@ -84,7 +93,11 @@ def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: flo
     p.add_argument("--size", help="N or WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's)")
     p.add_argument("--guidance", type=finite_float, default=guidance, help=f"guidance scale (default {guidance})")
     p.add_argument("--negative-prompt")
-    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images (videos) per prompt")
+    p.add_argument("--num-frames", type=positive_int,
+                   help="video pipelines: frames to generate (default: the pipeline's; Wan wants 4k+1, e.g. 81)")
+    p.add_argument("--fps", type=fps_float, help="video pipelines: frames per second of the written videos "
+                   "(default: the model's usual rate, e.g. 16 for Wan)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
     p.add_argument("--words", nargs="+", help="words to map (default: every word of the prompt)")
@@ -137,6 +150,8 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         num_images_per_prompt=args.num_images,
         trace=trace_kwargs(args),
         progress=not args.no_progress,
+        num_frames=getattr(args, "num_frames", None),
+        fps=getattr(args, "fps", None),
     )
     opts.check()
     return opts

@@ -51,7 +51,8 @@ def _run(args: argparse.Namespace, model: str, prompts: Sequence[str]) -> Path:
                 paths = write_outputs(rec, stage / rel, words=args.words, threshold=args.threshold)
                 summary.append(_rebase({"prompt": prompt, "image_index": i, "dir": str(stage / rel), **paths},
                                        stage, final))
-                print(f"  {prompt!r} -> {final / rel}  words: {', '.join(rec.heat_maps.words)}")
+                what = f"video of {rec.heat_maps.num_frames} frames" if rec.is_video else "image"
+                print(f"  {prompt!r} -> {final / rel}  ({what})  words: {', '.join(rec.heat_maps.words)}")
                 if rec.heat_maps.truncated_words:
                     print("  note: past the token limit, not seen by the model: "
                           f"{', '.join(rec.heat_maps.truncated_words)}")
@@ -78,7 +79,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="generate images from a local model and write each word's heat map")
+    g = sub.add_parser("generate", help="generate images (or videos) from a local model and write each word's heat "
+                       "map (video pipelines: video.mp4, overlays/<word>.mp4, overlays/<word>_frames.png, "
+                       "frame_scores.png)")
     g.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     g.add_argument("--model", required=True, help="local diffusers folder or single-file checkpoint")
     g.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder of its architecture")

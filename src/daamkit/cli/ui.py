@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from daamkit.cli.common import fps_float, positive_int
 from daamkit.ui import INSTALL_HINT
 
 
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
     parser.add_argument("--steps", type=int, default=20, help="initial value of the steps control (default 20)")
     parser.add_argument("--guidance", type=float, default=5.0, help="initial guidance scale (default 5.0)")
+    parser.add_argument("--num-frames", type=positive_int, default=None,
+                        help="video models: frames per video (default: the model's; Wan wants 4k+1, e.g. 33)")
+    parser.add_argument("--fps", type=fps_float, default=None,
+                        help="video models: frames per second of the shown videos (default: the model's usual rate)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
 
 
@@ -60,7 +65,8 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     app = None
     try:
         app = _build(args.model, device=args.device, dtype=args.dtype, steps=args.steps,
-                     guidance=args.guidance, allow_paths=allow)
+                     guidance=args.guidance, allow_paths=allow, num_frames=getattr(args, "num_frames", None),
+                     fps=getattr(args, "fps", None))
         try:
             launch(app, host=args.host, port=args.port, open_browser=args.open, block=False, quiet=True)
         except OSError as e:  # port taken, address not available

@@ -238,6 +238,9 @@ def evaluate_records(records: Iterable[Any], taus: Sequence[float] = DEFAULT_TAU
         if err is not None:
             result.skipped.append({"id": run_id, "reason": f"damaged: {err}"})
             continue
+        if rec.heat_maps.is_video:
+            result.skipped.append({"id": run_id, "reason": "a video's record (the protocol scores images)"})
+            continue
         if rec.image is None:
             result.skipped.append({"id": run_id, "reason": "no image in the record (saved with --no-image?)"})
             continue

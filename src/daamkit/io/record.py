@@ -10,6 +10,12 @@ A record is a pair of files sharing a stem::
 One record holds one image (a batch is saved as one record per image, e.g. ``run_0``, ``run_1``):
 this keeps every file self-contained and lets a record be copied, deleted or compared on its own.
 
+A video's record (format_version 2) holds maps (T, F, h, w) with their time axis in the heat maps' meta
+(``meta["time"]``, see :class:`daamkit.frames.TimeAxis`) and, instead of an image, the video's frames:
+"frames" uint8 (frames, H, W, C), named in the JSON's "video" field. Image records are still written as
+format_version 1, so a daamkit that predates videos keeps reading them; it refuses a video's record as
+too new instead of misreading it.
+
 Guarantees:
 
 * Exact round trip: ``torch.equal`` maps, identical image bytes and mode, equal dicts. Because JSON has no
@@ -23,7 +29,8 @@ Guarantees:
 * Damaged or foreign inputs raise :class:`RecordError` (a ``ValueError``) saying what is wrong.
 * A record is untrusted input: every field of the JSON and of the safetensors header is checked for
   type and range before anything is built from it, and sizes are bounded (:data:`MAX_JSON_BYTES`,
-  :data:`MAX_NESTING`, :data:`MAX_IMAGE_SIDE`, :data:`MAX_IMAGE_PIXELS`), so a crafted pair of small
+  :data:`MAX_NESTING`, :data:`MAX_IMAGE_SIDE`, :data:`MAX_IMAGE_PIXELS`, :data:`MAX_VIDEO_FRAMES`,
+  :data:`MAX_VIDEO_VOXELS`), so a crafted pair of small
   files cannot make a later ``expand()`` allocate gigabytes, read the padding token's map through a
   negative position, or exhaust the stack.
 """
@@ -48,12 +55,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from daamkit.errors import DaamkitError
+from daamkit.frames import TimeAxis
 from daamkit.heatmap import GlobalHeatMap
 from daamkit.tokens import TokenAlignment
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MAX_VIDEO_FRAMES",
     "RecordError",
     "RunRecord",
     "load_record",
@@ -62,9 +71,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "daamkit.run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+IMAGE_FORMAT_VERSION = 1  # what image records are still written as
 MAPS_TENSOR = "maps"
 IMAGE_TENSOR = "image"
+FRAMES_TENSOR = "frames"
 
 # Bounds on what a record may ask for. A record's JSON is tiny (a few kB: the alignment, settings and
 # meta), so 16 MiB leaves room for any plausible meta while refusing to parse a disguised data dump.
@@ -76,10 +87,20 @@ MAX_NESTING = 64
 # record cannot ask for more than a 16k-pixel side (4x beyond today's largest diffusers outputs).
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 2**26
+# A video's word map expands to frames x H x W float32: 4 GiB at most (257 frames of 1280 x 720 is a
+# quarter of that), and no more frames than a time axis of a few minutes at 24 fps.
+MAX_VIDEO_FRAMES = 4096
+MAX_VIDEO_VOXELS = 2**30
+# Temporal patch and VAE compression of today's video models are 1 to 8.
+MAX_TIME_FACTOR = 64
 # torch.Generator.manual_seed accepts exactly this range.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
 _MAX_MAX_LENGTH = 2**31 - 1
-_DTYPES = {MAPS_TENSOR: ("float32", torch.float32), IMAGE_TENSOR: ("uint8", torch.uint8)}
+_DTYPES = {
+    MAPS_TENSOR: ("float32", torch.float32),
+    IMAGE_TENSOR: ("uint8", torch.uint8),
+    FRAMES_TENSOR: ("uint8", torch.uint8),
+}
 
 _WHAT = (
     "a daamkit run record is a pair <stem>.safetensors + <stem>.json written by daamkit.io.record "
@@ -88,6 +109,7 @@ _WHAT = (
 # Image modes stored byte-exactly (uint8 HWC with this many channels); others are converted to RGB.
 _MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _MODE_FOR_CHANNELS = {c: m for m, c in _MODES.items()}
+_FRAME_CHANNELS = (1, 3, 4)
 
 
 class RecordError(DaamkitError, ValueError):
@@ -134,9 +156,13 @@ def _require_json_safe(obj: Any, where: str) -> None:
         raise ValueError(f"cannot save exactly: {msg}")
 
 
-@dataclass(eq=True)
+@dataclass(eq=False)
 class RunRecord:
-    """Everything needed to look at one generated image's heat maps again later."""
+    """Everything needed to look at one generated image's (or video's) heat maps again later.
+
+    A video's record has ``image=None`` and its frames in ``frames``, a uint8 numpy array
+    (frames, H, W, C) with C = 1, 3 or 4 (other inputs are read with :func:`daamkit.video.as_frames`).
+    """
 
     prompt: str
     image: PIL.Image.Image | None
@@ -145,6 +171,24 @@ class RunRecord:
     settings: dict[str, Any] = field(default_factory=dict)  # JSON-safe: steps, guidance, model, ...
     negative_prompt: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # anything else, JSON-safe
+    frames: np.ndarray | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.heat_maps.is_video
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RunRecord):
+            return NotImplemented
+        same_frames = (self.frames is None) == (other.frames is None) and (
+            self.frames is None or np.array_equal(self.frames, other.frames)
+        )
+        return same_frames and (
+            self.prompt, self.image, self.heat_maps, self.seed, self.settings, self.negative_prompt, self.meta
+        ) == (other.prompt, other.image, other.heat_maps, other.seed, other.settings, other.negative_prompt,
+              other.meta)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write ``<stem>.safetensors`` and ``<stem>.json`` (``path``: stem or either file name).
@@ -167,6 +211,22 @@ def _image_array(image: PIL.Image.Image) -> tuple[np.ndarray, str]:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.ascontiguousarray(arr), mode
+
+
+def _frames_array(frames: Any, gm: GlobalHeatMap) -> np.ndarray:
+    if not gm.is_video:
+        raise ValueError("frames belong to a video's record, but the heat maps are an image's (no time axis)")
+    if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 \
+            and frames.shape[-1] in _FRAME_CHANNELS:
+        arr = np.ascontiguousarray(frames)
+    else:
+        from daamkit.video import as_frames
+
+        arr = as_frames(frames)
+    if arr.shape[0] != gm.num_frames or tuple(arr.shape[1:3]) != gm.image_size:
+        raise ValueError(f"frames are (frames, height, width) = {arr.shape[:3]} but the heat maps are for "
+                         f"{(gm.num_frames, *gm.image_size)}")
+    return arr
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
@@ -210,7 +270,14 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
         _require_json_safe(value, name)
 
     tensors = {MAPS_TENSOR: gm.maps.detach().cpu().to(torch.float32).contiguous()}
-    image_info = None
+    image_info = video_info = None
+    if record.image is not None and record.frames is not None:
+        raise ValueError("a record holds an image or a video's frames, not both")
+    if gm.is_video and record.image is not None:
+        raise ValueError("the heat maps are a video's: store its frames (frames=...), not an image")
+    if record.frames is not None:
+        tensors[FRAMES_TENSOR] = torch.from_numpy(_frames_array(record.frames, gm))
+        video_info = {"tensor": FRAMES_TENSOR}
     if record.image is not None:
         arr, mode = _image_array(record.image)
         if (arr.shape[0], arr.shape[1]) != gm.image_size:
@@ -219,13 +286,14 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
             )
         tensors[IMAGE_TENSOR] = torch.from_numpy(arr)
         image_info = {"tensor": IMAGE_TENSOR, "mode": mode, "source_mode": record.image.mode}
-    data = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    version = FORMAT_VERSION if gm.is_video else IMAGE_FORMAT_VERSION
+    data = st_save(tensors, metadata={"format": FORMAT_NAME, "format_version": str(version)})
 
     from daamkit._version import __version__
 
     doc = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "written_by": f"daamkit {__version__}",
         "prompt": record.prompt,
         "negative_prompt": record.negative_prompt,
@@ -240,6 +308,7 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
             "meta": gm.meta,
         },
         "image": image_info,
+        **({"video": video_info} if gm.is_video else {}),
         "tensors": {
             k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
             for k, v in tensors.items()
@@ -360,7 +429,7 @@ def _safetensors_header(data: bytes, path: Path) -> dict[str, Any]:
     unknown = sorted(k for k in header if k not in ("__metadata__", *_DTYPES))
     if unknown:
         raise _fail(path, f"unexpected tensor(s) {', '.join(map(repr, unknown[:5]))} (a record holds "
-                    f"{MAPS_TENSOR!r} and optionally {IMAGE_TENSOR!r})")
+                    f"{MAPS_TENSOR!r} and optionally {IMAGE_TENSOR!r} or {FRAMES_TENSOR!r})")
     return header
 
 
@@ -519,23 +588,56 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
     if maps_name != MAPS_TENSOR:
         raise _fail(json_path, f"field 'heat_maps.tensor' is {maps_name!r:.80}, expected {MAPS_TENSOR!r}")
     maps = _tensor(tensors, maps_name, "the heat maps", declared, st_path)
-    if maps.ndim != 3 or min(maps.shape) < 1:
+    hm_meta = _get(hm, "meta", dict, json_path, "heat_maps")
+    time = None
+    if hm_meta.get("time") is not None:
+        if version < 2:
+            raise _fail(json_path, "field 'heat_maps.meta.time' (a video's time axis) needs format_version 2")
+        time = _check_time(hm_meta["time"], json_path)
+    want, axes = (3, "(T, h, w)") if time is None else (4, "(T, frames, h, w)")
+    if maps.ndim != want or min(maps.shape) < 1:
         raise _fail(
-            st_path, f"shape mismatch: tensor {maps_name!r} has shape {list(maps.shape)}, not (T, h, w) "
+            st_path, f"shape mismatch: tensor {maps_name!r} has shape {list(maps.shape)}, not {axes} "
             "with every side at least 1"
         )
+    if time is not None and maps.shape[1] != time.frames:
+        raise _fail(st_path, f"shape mismatch: the maps have {maps.shape[1]} token frames but the time axis "
+                    f"(heat_maps.meta.time) {time.frames}")
     alignment = _check_alignment(hm.get("alignment"), int(maps.shape[0]), json_path)
-    grid = (int(maps.shape[1]), int(maps.shape[2]))
+    grid = (int(maps.shape[-2]), int(maps.shape[-1]))
     hm_grid = _get(hm, "grid_size", list, json_path, "heat_maps")
     if hm_grid != list(grid):
         raise _fail(json_path, f"shape mismatch: field 'heat_maps.grid_size' is {hm_grid!r:.80} but the maps "
                     f"are {list(grid)}")
     image_size = _check_image_size(_get(hm, "image_size", list, json_path, "heat_maps"), grid, json_path)
-    hm_meta = _get(hm, "meta", dict, json_path, "heat_maps")
+    if time is not None and time.num_frames * image_size[0] * image_size[1] > MAX_VIDEO_VOXELS:
+        raise _fail(json_path, f"the video is {time.num_frames} frames of {image_size[0]}x{image_size[1]}: beyond "
+                    f"the {MAX_VIDEO_VOXELS} frames x pixels a record may ask for")
     heat_maps = GlobalHeatMap(maps, alignment, image_size, hm_meta)
+
+    # -- a video's frames
+    frames = None
+    video_info = _get(doc, "video", (dict, type(None)), json_path) if version >= 2 and "video" in doc else None
+    if video_info is None:
+        if FRAMES_TENSOR in tensors:
+            raise _fail(json_path, f"field 'video' is missing or null but {st_path.name} holds a video's frames")
+    else:
+        if time is None:
+            raise _fail(json_path, "field 'video' is set but the heat maps have no time axis (heat_maps.meta.time)")
+        name = _get(video_info, "tensor", str, json_path, "video")
+        if name != FRAMES_TENSOR:
+            raise _fail(json_path, f"field 'video.tensor' is {name!r:.80}, expected {FRAMES_TENSOR!r}")
+        frames_t = _tensor(tensors, name, "the video's frames", declared, st_path)
+        expected = (time.num_frames, *heat_maps.image_size)
+        if frames_t.ndim != 4 or tuple(frames_t.shape[:3]) != expected or frames_t.shape[3] not in _FRAME_CHANNELS:
+            raise _fail(st_path, f"shape mismatch: frames tensor {list(frames_t.shape)} is not (frames, height, "
+                        f"width, channels) = {[*expected, 3]} with 1, 3 or 4 channels")
+        frames = frames_t.numpy()
 
     # -- the image
     image = None
+    if image_info is not None and time is not None:
+        raise _fail(json_path, "field 'image' is set but the heat maps are a video's (a video's record holds frames)")
     if image_info is None:
         if IMAGE_TENSOR in tensors:
             raise _fail(json_path, f"field 'image' is null but {st_path.name} holds an image")
@@ -572,7 +674,31 @@ def load_record(path: str | os.PathLike[str], verify: bool = True) -> RunRecord:
         settings=settings,
         negative_prompt=negative,
         meta=meta,
+        frames=frames,
     )
+
+
+def _check_time(d: Any, path: Path) -> TimeAxis:
+    """The time axis in ``heat_maps.meta.time`` after checking every field's type and bound."""
+    w = "heat_maps.meta.time"
+    if not isinstance(d, dict):
+        raise _fail(path, f"field {w!r} has the wrong type ({type(d).__name__})")
+    known = {"frames", "patch", "skip", "compression", "causal", "output"}
+    if unknown := sorted(set(d) - known):
+        raise _fail(path, f"field {w!r} has unknown key(s) {unknown[:5]!r:.120}; allowed: {sorted(known)}")
+    frames = _int_field(d, "frames", path, w, 1, MAX_VIDEO_FRAMES)
+    patch = _int_field(d, "patch", path, w, 1, MAX_TIME_FACTOR) if "patch" in d else 1
+    compression = _int_field(d, "compression", path, w, 1, MAX_TIME_FACTOR) if "compression" in d else 1
+    skip = _int_field(d, "skip", path, w, 0, frames * patch - 1) if "skip" in d else 0
+    causal = _get(d, "causal", bool, path, w) if "causal" in d else False
+    output = d.get("output")
+    if output is not None:
+        output = _int_field(d, "output", path, w, 1, MAX_VIDEO_FRAMES)
+    time = TimeAxis(frames=frames, patch=patch, skip=skip, compression=compression, causal=causal, output=output)
+    if time.num_frames > MAX_VIDEO_FRAMES:
+        raise _fail(path, f"field {w!r} makes a video of {time.num_frames} frames, more than the "
+                    f"{MAX_VIDEO_FRAMES} a record may ask for")
+    return time
 
 
 def _tensor(

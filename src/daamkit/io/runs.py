@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from daamkit.errors import DaamkitError
-from daamkit.io.record import FORMAT_NAME, MAX_JSON_BYTES, RecordError, RunRecord
+from daamkit.io.record import FORMAT_NAME, MAX_JSON_BYTES, MAX_VIDEO_FRAMES, RecordError, RunRecord
 
 __all__ = [
     "INDEX_NAME",
@@ -47,6 +47,7 @@ _ENTRY_TYPES: dict[str, tuple[type, ...]] = {
     "meta": (dict, type(None)),
     "settings": (dict, type(None)),
     "image_size": (list, type(None)),
+    "num_frames": (int, type(None)),  # videos only: frames of the video the maps lie on
 }
 
 
@@ -61,12 +62,15 @@ class NoRunsError(DaamkitError, FileNotFoundError):
 # -- index entries: the one definition of an index.jsonl line -------------------------------------------------
 def index_entry(run_id: str, index: int, stem: str, *, prompt: str | None, seed: int | None,
                 negative_prompt: str | None, words: list[str] | None, meta: dict[str, Any] | None,
-                settings: dict[str, Any] | None, image_size: list[int] | None) -> dict[str, Any]:
+                settings: dict[str, Any] | None, image_size: list[int] | None,
+                num_frames: int | None = None) -> dict[str, Any]:
     """One index entry: the run's id and position, what made it, and its record files.
 
     ``stem`` is the record's path without suffix, relative to the runs directory (``records/<id>`` for
-    a batch). Keys in this order, which is the order of the lines ``daamkit batch`` writes.
+    a batch). Keys in this order, which is the order of the lines ``daamkit batch`` writes; a video's
+    entry adds ``num_frames`` (an image's has no such key, as before videos).
     """
+    video = {} if num_frames is None else {"num_frames": num_frames}
     return {
         "id": run_id,
         "index": index,
@@ -77,6 +81,7 @@ def index_entry(run_id: str, index: int, stem: str, *, prompt: str | None, seed:
         "meta": meta,
         "settings": settings,
         "image_size": image_size,
+        **video,
         "paths": {"safetensors": f"{stem}.safetensors", "json": f"{stem}.json"},
     }
 
@@ -193,21 +198,38 @@ def _scan(root: Path) -> list[dict[str, Any]]:
             return value if isinstance(value, types) and not isinstance(value, bool) else None
 
         meta = field(doc, "meta", (dict,)) or {}
+        hm = field(doc, "heat_maps", (dict,))
         entries.append(index_entry(
             stem, len(entries), stem, prompt=field(doc, "prompt", (str,)), seed=field(doc, "seed", (int,)),
             negative_prompt=field(doc, "negative_prompt", (str,)), words=field(meta, "words", (list,)),
             meta=field(meta, "item", (dict,)) or {}, settings=field(doc, "settings", (dict,)),
-            image_size=field(field(doc, "heat_maps", (dict,)), "image_size", (list,)),
+            image_size=field(hm, "image_size", (list,)), num_frames=_num_frames(field(hm, "meta", (dict,))),
         ))
     return entries
+
+
+def _num_frames(hm_meta: dict[str, Any] | None) -> int | None:
+    """Frames of the video a record's maps lie on, from its heat maps' meta (None: an image, or a time
+    axis that loading will refuse)."""
+    from daamkit.frames import TimeAxis
+
+    time = (hm_meta or {}).get("time")
+    if time is None:
+        return None
+    try:
+        n = TimeAxis.from_json(time).num_frames
+    except ValueError:
+        return None
+    return n if n <= MAX_VIDEO_FRAMES else None
 
 
 class Runs:
     """The runs of a directory: iterate for :class:`RunRecord` objects (loaded one at a time).
 
     ``entries`` are the index lines (dicts: id, prompt, seed, negative_prompt, words, meta, settings,
-    image_size, paths), after the filter; ``len(runs)`` counts them; ``runs[id]`` or ``runs.load(id)``
-    loads one record; ``runs.items()`` yields ``(entry, record)`` pairs.
+    image_size, paths; videos' also num_frames), after the filter; ``len(runs)`` counts them; ``runs[id]``
+    or ``runs.load(id)`` loads one record; ``runs.items()`` yields ``(entry, record)`` pairs;
+    ``runs.frame_scores()`` tabulates the videos' per-word scores per frame.
     """
 
     def __init__(self, root: str | os.PathLike[str],
@@ -281,6 +303,26 @@ class Runs:
     def __iter__(self) -> Iterator[RunRecord]:
         for _, rec in self.items():
             yield rec
+
+    def frame_scores(self, words: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """One row per video run, word and video frame: ``{"id", "prompt", "word", "frame", "score"}``,
+        the score being the mean of the word's map over the frame (:meth:`GlobalHeatMap.frame_scores`).
+
+        ``words`` default to each run's own words (a word missing from a run's prompt is left out of
+        that run's rows); image runs are skipped without being loaded. Rows come one
+        record at a time, e.g. ``pandas.DataFrame(runs.frame_scores())`` or a CSV writer.
+        """
+        for entry in self.entries:
+            if entry.get("num_frames") is None:  # both the index and a scan give every video's
+                continue
+            rec = self._load(entry)
+            hm = rec.heat_maps
+            if not hm.is_video:
+                continue
+            chosen = hm.words if words is None else [w for w in words if w in hm]
+            for word, scores in hm.frame_scores(chosen).items():
+                for frame, score in enumerate(scores.tolist()):
+                    yield {"id": entry["id"], "prompt": rec.prompt, "word": word, "frame": frame, "score": score}
 
 
 def load_runs(root: str | os.PathLike[str], filter: Callable[[dict[str, Any]], bool] | None = None,

@@ -129,6 +129,7 @@ class BatchConfig:
     save_image: bool = True
     progress: bool = True
     config: str | None = None  # --config for single-file checkpoints
+    num_frames: int | None = None  # video pipelines: frames per video (None: the pipeline's default)
 
     def settings(self, item: PromptItem, height: int, width: int, pipeline: str | None) -> dict[str, Any]:
         """The settings stored in the item's record: the same keys ``daamkit generate`` writes, plus dtype."""
@@ -136,7 +137,8 @@ class BatchConfig:
 
         opts = GenerateOptions(steps=self.steps, seed=item.seed, height=height, width=width,
                                guidance_scale=self.guidance_scale, negative_prompt=item.negative_prompt,
-                               num_images_per_prompt=1, trace=self.trace_options(), progress=False)
+                               num_images_per_prompt=1, trace=self.trace_options(), progress=False,
+                               num_frames=self.num_frames)
         return opts.settings() | {"model": self.model, "pipeline": pipeline, "dtype": self.dtype}
 
     def trace_options(self) -> dict[str, Any]:
@@ -164,10 +166,15 @@ def _words(item: PromptItem) -> list[str] | None:
     return list(item.words) if item.words else None
 
 
-def _entry(item: PromptItem, settings: dict[str, Any], image_size: Sequence[int]) -> dict[str, Any]:
+def _entry(item: PromptItem, settings: dict[str, Any], image_size: Sequence[int],
+           num_frames: int | None = None) -> dict[str, Any]:
     return index_entry(item.id, item.index, f"{RECORDS_DIR}/{item.id}", prompt=item.prompt, seed=item.seed,
                        negative_prompt=item.negative_prompt, words=_words(item), meta=item.meta,
-                       settings=settings, image_size=list(image_size))
+                       settings=settings, image_size=list(image_size), num_frames=num_frames)
+
+
+def _num_frames(record: Any) -> int | None:
+    return record.heat_maps.num_frames if record.heat_maps.is_video else None
 
 
 def _record_meta(item: PromptItem) -> dict[str, Any]:
@@ -202,13 +209,13 @@ def record_status(out: Path, item: PromptItem, config: BatchConfig) -> tuple[str
     if rec.meta != _record_meta(item):  # only the words/meta of the prompt file changed: no need to regenerate
         rec.meta = _record_meta(item)
         rec.save(stem)
-    return "done", _entry(item, rec.settings, (h, w))
+    return "done", _entry(item, rec.settings, (h, w), _num_frames(rec))
 
 
 def _generate_batch(pipe: Any, items: Sequence[PromptItem], config: BatchConfig) -> list[Any]:
     """One traced pipeline call for ``items`` (same size); one RunRecord per item."""
     from daamkit.io.record import RunRecord
-    from daamkit.jobs.generate import make_generators, traced_generation
+    from daamkit.jobs.generate import make_generators, record_media, traced_generation
 
     first = items[0]
     # One generator per item: diffusers draws each image's noise from its own generator, so an item's
@@ -218,14 +225,15 @@ def _generate_batch(pipe: Any, items: Sequence[PromptItem], config: BatchConfig)
         steps=config.steps, guidance_scale=config.guidance_scale, num_images_per_prompt=1,
         height=first.height, width=first.width if first.height is not None else None,
         negative_prompt=[it.negative_prompt for it in items] if first.negative_prompt is not None else None,
-        trace_options=config.trace_options(),
+        trace_options=config.trace_options(), num_frames=config.num_frames,
     )
     if len(pairs) != len(items):
         raise BatchError(f"the pipeline made {len(pairs)} images for {len(items)} prompts")
     records = []
     for it, (image, hm) in zip(items, pairs, strict=True):
         h, w = hm.image_size
-        records.append(RunRecord(prompt=it.prompt, image=image if config.save_image else None, heat_maps=hm,
+        media = record_media(image, hm) if config.save_image else {}
+        records.append(RunRecord(prompt=it.prompt, heat_maps=hm, **{"image": None, **media},
                                  seed=it.seed, settings=config.settings(it, h, w, type(pipe).__name__),
                                  negative_prompt=it.negative_prompt, meta=_record_meta(it)))
     return records
@@ -512,7 +520,7 @@ def run_batch(items: Sequence[PromptItem], out: str | os.PathLike[str], config: 
                         if bad := _unknown_words(rec, it.words):
                             say(f"daamkit batch: warning: {it.id}: word(s) {', '.join(map(repr, bad))} not in the "
                                 f"prompt's words {rec.heat_maps.words}")
-                        part.write(index_line(_entry(it, rec.settings, rec.heat_maps.image_size)))
+                        part.write(index_line(_entry(it, rec.settings, rec.heat_maps.image_size, _num_frames(rec))))
                         part.flush()
                         made += 1
                     progress.poll()

@@ -3,10 +3,15 @@
 :func:`traced_generation` is the job itself (pipeline call inside a trace, heat maps per image), shared by
 ``daamkit generate``/``demo``, the batch runner, the web app, ``daamkit eval`` and the entanglement
 analysis; :func:`generate` builds the records every front end writes.
+
+Video pipelines (those whose call takes ``num_frames``) return ``frames`` instead of ``images``: the job
+then gives each video's frames as a uint8 array (frames, H, W, 3) where an image pipeline gives a PIL
+image, the heat maps carry the time axis, and :func:`write_outputs` writes videos instead of pictures.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -68,6 +73,8 @@ class GenerateOptions:
     num_images_per_prompt: int = 1
     trace: dict[str, Any] = field(default_factory=dict)  # options of daamkit.trace()
     progress: bool = True
+    num_frames: int | None = None  # video pipelines: frames to generate (None: the pipeline's default)
+    fps: float | None = None  # video pipelines: frames per second of the written videos (None: the model's)
 
     def check(self) -> None:
         """Raise :class:`InputError` for a value no pipeline could use, before anything is loaded."""
@@ -82,6 +89,13 @@ class GenerateOptions:
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 8):
                 raise InputError(f"{name} must be a positive multiple of 8 pixels, got {v}")
+        if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
+            raise InputError(f"num_frames must be a whole number of at least 1, got {self.num_frames!r}")
+        if self.fps is not None:
+            from daamkit.video import MAX_FPS
+
+            if not isinstance(self.fps, (int, float)) or not 0 < self.fps <= MAX_FPS:
+                raise InputError(f"fps must lie in (0, {MAX_FPS:g}] frames per second, got {self.fps!r}")
         if self.trace:
             from daamkit.aggregate import AggregationConfig
 
@@ -91,6 +105,9 @@ class GenerateOptions:
         d = asdict(self)
         d.pop("progress")
         d["trace"] = jsonable(d["trace"])
+        for key in ("num_frames", "fps"):  # an image's settings stay as they were before videos
+            if d[key] is None:
+                d.pop(key)
         return d
 
 
@@ -99,6 +116,19 @@ def make_generators(pipe: Any, seeds: Sequence[int]) -> list[torch.Generator]:
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if device.type == "mps" else device
     return [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    try:
+        return set(inspect.signature(pipe.__call__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` makes videos: its call takes ``num_frames`` (Wan, CogVideoX, HunyuanVideo, LTX,
+    AnimateDiff, ...)."""
+    return "num_frames" in _call_parameters(pipe)
 
 
 def traced_generation(
@@ -113,6 +143,7 @@ def traced_generation(
     negative_prompt: str | Sequence[str] | None = None,
     num_images_per_prompt: int | None = None,
     trace_options: dict[str, Any] | None = None,
+    num_frames: int | None = None,
 ) -> list[tuple[Any, GlobalHeatMap]]:
     """The traced generation job: one pipeline call for ``prompts`` inside :func:`daamkit.trace`.
 
@@ -121,11 +152,26 @@ def traced_generation(
     image's noise from its own generator, so an image does not depend on the batch it is in).
     ``height``/``width``/``negative_prompt``/``num_images_per_prompt`` are passed on only when given
     (None: the pipeline's default); a single negative prompt is repeated for every prompt.
+
+    A video pipeline gives ``(frames, heat maps)`` per video, frames a uint8 (frames, H, W, 3) array;
+    ``num_images_per_prompt`` is passed as its ``num_videos_per_prompt`` and ``num_frames`` as is (an
+    image pipeline refuses ``num_frames``).
     """
     prompts = list(prompts)
     kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
+    params = _call_parameters(pipe)
+    video = "num_frames" in params
+    if num_frames is not None:
+        if not video:
+            raise InputError(f"num_frames applies to video pipelines; {type(pipe).__name__} makes images")
+        kwargs["num_frames"] = num_frames
     if num_images_per_prompt is not None:
-        kwargs["num_images_per_prompt"] = num_images_per_prompt
+        if not video:
+            kwargs["num_images_per_prompt"] = num_images_per_prompt
+        elif "num_videos_per_prompt" in params:
+            kwargs["num_videos_per_prompt"] = num_images_per_prompt
+        elif num_images_per_prompt != 1:
+            raise InputError(f"{type(pipe).__name__} makes one video per prompt, not {num_images_per_prompt}")
     if height is not None:
         kwargs["height"] = height
     if width is not None:
@@ -134,9 +180,20 @@ def traced_generation(
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         kwargs["negative_prompt"] = negs
     with trace(pipe, **(trace_options or {})) as tc:
-        images = pipe(prompts, **kwargs).images
+        out = pipe(prompts, **kwargs)
         maps = [tc.heat_maps(i) for i in range(tc.num_images)]
+    if getattr(out, "frames", None) is not None:
+        from daamkit.video import as_frames
+
+        images: Any = [as_frames(v) for v in out.frames]
+    else:
+        images = out.images
     return list(zip(images, maps, strict=True))
+
+
+def record_media(image: Any, heat_maps: GlobalHeatMap) -> dict[str, Any]:
+    """``image=`` / ``frames=`` for a :class:`RunRecord` from what :func:`traced_generation` gave."""
+    return {"image": None, "frames": image} if heat_maps.is_video else {"image": image, "frames": None}
 
 
 def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions | None = None,
@@ -153,16 +210,20 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
         pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
         guidance_scale=opts.guidance_scale, height=opts.height or None, width=opts.width or None,
         negative_prompt=opts.negative_prompt or None, num_images_per_prompt=opts.num_images_per_prompt,
-        trace_options=opts.trace,
+        trace_options=opts.trace, num_frames=opts.num_frames,
     )
     settings = opts.settings() | {"model": model, "pipeline": type(pipe).__name__}
+    if pairs and pairs[0][1].is_video and opts.fps is None:
+        from daamkit.video import default_fps
+
+        settings["fps"] = default_fps(type(pipe).__name__)
     records = []
     for i, (image, hm) in enumerate(pairs):
         prompt = prompt_list[i // opts.num_images_per_prompt]
         records.append(
             RunRecord(
                 prompt=prompt,
-                image=image,
+                **record_media(image, hm),
                 heat_maps=hm,
                 seed=opts.seed,
                 settings=settings,
@@ -184,11 +245,16 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
 def check_against_pipeline(pipe: Any, options: GenerateOptions, prompts: str | Sequence[str] = (),
                            words: Sequence[str] | None = None) -> None:
     """Raise :class:`InputError` for what this pipeline decides, before any generation is spent:
-    ``options.trace`` selecting no layer, factor, head or step of it, or ``words`` missing from a prompt.
+    ``options.trace`` selecting no layer, factor, head or step of it, ``words`` missing from a prompt, or
+    video options (``num_frames``, ``fps``) for an image pipeline.
     """
     from daamkit.aggregate import AggregationConfig
     from daamkit.capture import detect_capture
 
+    if not is_video_pipeline(pipe):
+        for name, flag in (("num_frames", "--num-frames"), ("fps", "--fps")):
+            if getattr(options, name) is not None:
+                raise InputError(f"{flag} applies to video pipelines; {type(pipe).__name__} makes images")
     capture = detect_capture(pipe)
     trace_opts = {k: v for k, v in options.trace.items() if k in AggregationConfig.__dataclass_fields__}
     config = AggregationConfig.reference(**trace_opts) if trace_opts.get("mode") == "reference" else \
@@ -219,7 +285,8 @@ def slug(text: str, fallback: str = "word") -> str:
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
                   threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     """Write the image, each word's heat map, overlay and mask (the normalised map ``>= threshold``), a
-    grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned."""
+    grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned.
+    A video's record gets :func:`write_video_outputs` instead."""
     from PIL import Image
 
     from daamkit import plot
@@ -230,6 +297,8 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
     except ValueError as e:
         raise InputError(str(e)) from None
     out = Path(out_dir)
+    if record.heat_maps.is_video:
+        return write_video_outputs(record, out, words=words)
     for sub in ("maps", "overlays", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     paths: dict[str, Any] = {"threshold": threshold, "words": {}}
@@ -255,6 +324,55 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
         paths["words"][w] = entry
     fig = plot.plot_grid(hm, image=record.image, words=[w for w, _ in word_maps])
     paths["grid"] = str(plot.save_figure(fig, out / "grid.png"))
+    st, js = record.save(out / "record")
+    paths["record"] = [str(st), str(js)]
+    return paths
+
+
+def _word_names(words: Sequence[str]) -> list[str]:
+    """File names for ``words``: :func:`slug`, made distinct."""
+    used: set[str] = set()
+    names = []
+    for w in words:
+        name = slug(w)
+        while name in used:
+            name += "_"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def write_video_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
+                        fps: float | None = None) -> dict[str, Any]:
+    """A video's outputs in ``out_dir``: ``video.mp4``, per word ``overlays/<word>.mp4`` (the map over
+    each frame, normalised over the whole video) and ``overlays/<word>_frames.png`` (8 frames and their
+    overlays), ``frame_scores.png`` (each word's score per frame) and the record. Returns the paths and
+    each word's frame scores. Without ffmpeg the videos are GIFs (see :func:`daamkit.video.write_video`).
+    ``fps`` defaults to the record's ``settings["fps"]``, else the pipeline's usual rate.
+    """
+    from daamkit import plot, video
+
+    hm = record.heat_maps
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    if fps is None:
+        fps = record.settings.get("fps") or video.default_fps(str(record.settings.get("pipeline") or ""))
+    chosen = list(words) if words else hm.words
+    word_maps = [(w, hm.word(w)) for w in chosen]  # raises with the prompt's words if one is unknown
+    paths: dict[str, Any] = {"fps": fps, "num_frames": hm.num_frames, "words": {}}
+    if record.frames is not None:
+        paths["video"] = str(video.write_video(record.frames, out / "video.mp4", fps))
+    for (w, wm), name in zip(word_maps, _word_names(chosen), strict=True):
+        entry: dict[str, Any] = {"frame_scores": [float(v) for v in wm.frame_scores()]}
+        if record.frames is not None:
+            over = video.overlay_frames(wm, record.frames)
+            entry["overlay_video"] = str(video.write_video(over, out / "overlays" / f"{name}.mp4", fps))
+            grid = out / "overlays" / f"{name}_frames.png"
+            video.frame_grid(wm, record.frames).save(grid)
+            entry["frames"] = str(grid)
+        paths["words"][w] = entry
+    ax = plot.plot_frame_scores(hm, words=[w for w, _ in word_maps], fps=fps)
+    paths["frame_scores"] = str(plot.save_figure(ax.figure, out / "frame_scores.png"))
     st, js = record.save(out / "record")
     paths["record"] = [str(st), str(js)]
     return paths

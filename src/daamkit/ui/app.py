@@ -48,7 +48,8 @@ INTRO = (
     "# daamkit\n"
     "Type a prompt and press **Generate**, then click a word: its DAAM heat map (the text-to-image "
     "cross-attention of that word, summed over the denoising steps) is drawn over the image. The "
-    "threshold slider shows the binarised mask (the paper uses 0.4)."
+    "threshold slider shows the binarised mask (the paper uses 0.4). With a video model the page shows the "
+    "video, the word's map over every frame as a second video, and each word's score per frame."
 )
 
 
@@ -114,12 +115,15 @@ def _error(message: str) -> str:
 def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "cpu",
               dtype: str | None = None, session: UISession | None = None,
               steps: int = 20, guidance: float = 5.0,
-              allow_paths: str | os.PathLike[str] | None = None) -> gr.Blocks:
+              allow_paths: str | os.PathLike[str] | None = None,
+              num_frames: int | None = None, fps: float | None = None) -> gr.Blocks:
     """The web app as a ``gr.Blocks`` (not launched). ``model_path=None`` uses the embedded shapes-world
     model. The model is loaded on the first Generate, once, and kept. ``allow_paths``: the one server
     folder whose records may be opened by path (None: no path box, uploads only); a given ``session``
-    brings its own. ``app.daamkit_session.close()`` removes every file the app made or was sent."""
-    ses = session or UISession(model_path, device=device, dtype=dtype, allowed_dir=allow_paths)
+    brings its own. ``num_frames``/``fps``: what a video model is asked for and played at (None: the
+    model's own). ``app.daamkit_session.close()`` removes every file the app made or was sent."""
+    ses = session or UISession(model_path, device=device, dtype=dtype, allowed_dir=allow_paths,
+                               num_frames=num_frames, fps=fps)
     cache_dir = GRADIO_CACHE.acquire()  # before any component exists: each one keeps the folder it saw
     ses.add_cleanup(GRADIO_CACHE.release)
     h0, w0 = default_size(ses.model.model_path)
@@ -142,9 +146,12 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
     # -- handlers: every one returns a readable message instead of raising ----------------------------------
     def _outputs_for(run: Run, keep_word: str | None, alpha: float, threshold: float) -> tuple:
         word = keep_word if keep_word in run.words else None
-        overlay = mask = None
+        overlay = mask = overlay_video = None
         info = "Click a word above."
-        if word is not None:
+        if word is not None and run.is_video:
+            overlay_video = _path(ses.overlay_video(run, word, alpha))
+            info = ses.frame_info(run, word)
+        elif word is not None:
             overlay = ses.overlay(run, word, alpha)
             mask, coverage = ses.mask(run, word, threshold)
             info = _word_info(word, threshold, coverage)
@@ -159,9 +166,14 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
             str(run.grid_png),
             gr.DownloadButton(value=str(run.record_zip), interactive=True),
             gr.DownloadButton(value=str(run.grid_png), interactive=True),
+            gr.Column(visible=not run.is_video),
+            gr.Column(visible=run.is_video),
+            _path(run.video),
+            overlay_video,
+            _path(run.frame_scores_png),
         )
 
-    n_outputs = 10
+    n_outputs = 15
 
     def _failed(exc: BaseException) -> tuple:
         return (gr.skip(), _error(readable_error(exc))) + (gr.skip(),) * (n_outputs - 2)
@@ -196,23 +208,27 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
 
     def on_word(run, word, alpha, threshold):
         if run is None or not word:
-            return None, None, "Click a word above."
+            return None, None, "Click a word above.", None
         try:
+            if run.is_video:
+                return gr.skip(), gr.skip(), ses.frame_info(run, word), _path(ses.overlay_video(run, word, alpha))
             mask, coverage = ses.mask(run, word, threshold)
-            return ses.overlay(run, word, alpha), mask, _word_info(word, threshold, coverage)
+            return ses.overlay(run, word, alpha), mask, _word_info(word, threshold, coverage), gr.skip()
         except Exception as e:
-            return gr.skip(), gr.skip(), _error(readable_error(e))
+            return gr.skip(), gr.skip(), _error(readable_error(e)), gr.skip()
 
     def on_alpha(run, word, alpha):
         if run is None or not word:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         try:
-            return ses.overlay(run, word, alpha), gr.skip()
+            if run.is_video:
+                return gr.skip(), gr.skip(), _path(ses.overlay_video(run, word, alpha))
+            return ses.overlay(run, word, alpha), gr.skip(), gr.skip()
         except Exception as e:
-            return gr.skip(), _error(readable_error(e))
+            return gr.skip(), _error(readable_error(e)), gr.skip()
 
     def on_threshold(run, word, threshold):
-        if run is None or not word:
+        if run is None or not word or run.is_video:  # a video's page has no mask
             return gr.skip(), gr.skip()
         try:
             mask, coverage = ses.mask(run, word, threshold)
@@ -266,13 +282,22 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
                     with gr.Tab("Words", id="words"):
                         words = gr.Radio(choices=[], label="Prompt words: click one", elem_id="daam-words",
                                          interactive=True)
-                        with gr.Row():
+                        with gr.Column(visible=True, elem_id="daam-image-view") as image_view, gr.Row():
                             image = gr.Image(label="Image", type="pil", format="png", interactive=False,
                                              elem_id="daam-image")
                             overlay = gr.Image(label="Heat map", type="pil", format="png", interactive=False,
                                                elem_id="daam-overlay")
                             mask = gr.Image(label="Mask", type="pil", format="png", interactive=False,
                                             elem_id="daam-mask")
+                        # shown instead of the pictures when the record is a video's
+                        with gr.Column(visible=False, elem_id="daam-video-view") as video_view:
+                            with gr.Row():
+                                video_out = gr.Video(label="Video", interactive=False, autoplay=True, loop=True,
+                                                     elem_id="daam-video")
+                                overlay_video = gr.Video(label="Heat map over each frame", interactive=False,
+                                                         autoplay=True, loop=True, elem_id="daam-overlay-video")
+                            frame_scores = gr.Image(label="Each word's score per frame", type="filepath",
+                                                    format="png", interactive=False, elem_id="daam-frame-scores")
                         with gr.Row():
                             alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Opacity", elem_id="daam-alpha")
                             threshold = gr.Slider(0, 1, value=DEFAULT_THRESHOLD, step=0.05,
@@ -282,7 +307,8 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
                         grid = gr.Image(label="All words", type="filepath", format="png", interactive=False,
                                         elem_id="daam-grid")
 
-        outputs = [run_state, status, image, words, overlay, mask, word_info, grid, dl_record, dl_grid]
+        outputs = [run_state, status, image, words, overlay, mask, word_info, grid, dl_record, dl_grid,
+                   image_view, video_view, video_out, overlay_video, frame_scores]
         assert len(outputs) == n_outputs
         gen_inputs = [prompt, negative, seed, steps_in, width, height, guidance_in, words, alpha, threshold]
         # preprocess=False: the handlers get the values as sent (an API client may send anything) and the
@@ -298,9 +324,9 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
                              api_visibility="undocumented", **raw)
         # uploads keep Gradio's preprocessing: it is what refuses file paths outside its upload folder
         upload.upload(on_upload, [upload, words, alpha, threshold], outputs, api_name="open_files")
-        words.input(on_word, [run_state, words, alpha, threshold], [overlay, mask, word_info],
+        words.input(on_word, [run_state, words, alpha, threshold], [overlay, mask, word_info, overlay_video],
                     show_progress="minimal", api_name="word", **raw)
-        alpha.change(on_alpha, [run_state, words, alpha], [overlay, word_info], show_progress="hidden",
+        alpha.change(on_alpha, [run_state, words, alpha], [overlay, word_info, overlay_video], show_progress="hidden",
                      trigger_mode="always_last", api_name="opacity", **raw)
         threshold.change(on_threshold, [run_state, words, threshold], [mask, word_info],
                          show_progress="hidden", trigger_mode="always_last", api_name="threshold", **raw)
@@ -308,6 +334,10 @@ def build_app(model_path: str | os.PathLike[str] | None = None, device: str = "c
     app.daamkit_session = ses  # for tests and for launch() to clean up
     app.daamkit_cache_dir = cache_dir
     return app
+
+
+def _path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
 
 
 def _word_info(word: str, threshold: float, coverage: float) -> str:

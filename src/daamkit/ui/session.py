@@ -46,6 +46,8 @@ MAX_STEPS = 200
 #: The text encoder reads 77 tokens (a few hundred characters); anything far longer is refused unread.
 MAX_PROMPT_CHARS = 2000
 MAX_RECORD_BYTES = 512 * 1024 * 1024  # refuse to unpack more than this from an uploaded zip
+#: Frames a video model may be asked for (LTX's longest default, 257, and some room).
+MAX_FRAMES = 512
 
 Progress = Callable[[float, str], None]
 
@@ -176,11 +178,19 @@ class Run:
     record_zip: Path
     grid_png: Path
     source: str = "generated"
+    video: Path | None = None  # a video's record: the video file (MP4, or GIF without ffmpeg)
+    frame_scores_png: Path | None = None  # a video's record: each word's score per frame
+    fps: float | None = None
     _word_cache: dict[str, WordHeatMap] = field(default_factory=dict, repr=False)
+    _overlay_videos: dict[tuple[str, float], Path] = field(default_factory=dict, repr=False)
 
     @property
     def heat_maps(self) -> GlobalHeatMap:
         return self.record.heat_maps
+
+    @property
+    def is_video(self) -> bool:
+        return self.heat_maps.is_video
 
     @property
     def words(self) -> list[str]:
@@ -217,8 +227,16 @@ class UISession:
     def __init__(self, model_path: str | os.PathLike[str] | None = None, device: str = "cpu",
                  dtype: str | None = None, work_dir: str | os.PathLike[str] | None = None,
                  loader: Callable[..., Any] | None = None,
-                 allowed_dir: str | os.PathLike[str] | None = None) -> None:
+                 allowed_dir: str | os.PathLike[str] | None = None,
+                 num_frames: int | None = None, fps: float | None = None) -> None:
         self.model = ModelHolder(model_path, device, dtype, loader)
+        # video models: the server's choice, not a page control (a long video is the costliest request)
+        if num_frames is not None and not (isinstance(num_frames, int) and 1 <= num_frames <= MAX_FRAMES):
+            raise UIError(f"num_frames must be a whole number in 1..{MAX_FRAMES}, got {num_frames!r}")
+        if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps <= 240):
+            raise UIError(f"fps must lie in (0, 240] frames per second, got {fps!r}")
+        self.num_frames = num_frames
+        self.fps = fps
         self.allowed_dir: Path | None = None
         if allowed_dir is not None:
             d = Path(allowed_dir).expanduser().resolve()
@@ -284,15 +302,17 @@ class UISession:
         if seed_i >= 2**63:
             raise UIError(f"seed must be below 2**63, got {seed_i}")
 
-        from daamkit.jobs.generate import GenerateOptions
+        from daamkit.jobs.generate import GenerateOptions, is_video_pipeline
         from daamkit.jobs.generate import generate as run_generate
 
-        opts = GenerateOptions(steps=steps_i, seed=seed_i, height=h, width=w, guidance_scale=guidance_f,
-                               negative_prompt=negative or None, progress=True)
         with self.model.lock:
             if not self.model.loaded and progress is not None:
                 progress(0.0, f"loading {self.model.label} (once)")
             pipe = self.model.get()
+            video = is_video_pipeline(pipe)
+            opts = GenerateOptions(steps=steps_i, seed=seed_i, height=h, width=w, guidance_scale=guidance_f,
+                                   negative_prompt=negative or None, progress=True,
+                                   num_frames=self.num_frames if video else None, fps=self.fps if video else None)
             if progress is not None:
                 progress(0.0, "generating")
             t0 = time.perf_counter()
@@ -385,7 +405,8 @@ class UISession:
 
     # -- outputs -----------------------------------------------------------------------------------------------
     def _finish(self, record: RunRecord, source: str) -> Run:
-        """Write the downloads (record pair + zip, grid PNG) for a generated or opened record."""
+        """Write the downloads (record pair + zip, grid PNG) for a generated or opened record; for a
+        video's also the video file and the frame-score plot."""
         from daamkit import plot
 
         hm = record.heat_maps
@@ -393,8 +414,24 @@ class UISession:
             raise UIError("the prompt has no words with a heat map (only punctuation, or all past the token limit)")
         folder = self._new_folder(record.prompt)
         st, js = record.save(folder / "record")
-        fig = plot.plot_grid(hm, image=record.image, include_image=record.image is not None,
-                             title=record.prompt if len(record.prompt) <= 80 else record.prompt[:77] + "...")
+        title = record.prompt if len(record.prompt) <= 80 else record.prompt[:77] + "..."
+        video_path = scores_png = fps = None
+        if hm.is_video:
+            from daamkit import video
+
+            fps = record.settings.get("fps") if isinstance(record.settings.get("fps"), (int, float)) else None
+            fps = fps or self.fps or video.default_fps(str(record.settings.get("pipeline") or ""))
+            if record.frames is not None:
+                video_path = video.write_video(record.frames, folder / "video.mp4", fps)
+            ax = plot.plot_frame_scores(hm, fps=fps, title=title)
+            scores_png = plot.save_figure(ax.figure, folder / "frame_scores.png", dpi=110)
+            # the grid shows every word on the middle frame, where a video's motion is under way
+            mid = hm.num_frames // 2
+            image = PIL.Image.fromarray(video.as_frames(record.frames)[mid]) if record.frames is not None else None
+            fig = plot.plot_grid(hm.frame(mid), image=image, include_image=image is not None,
+                                 title=f"{title} (frame {mid})")
+        else:
+            fig = plot.plot_grid(hm, image=record.image, include_image=record.image is not None, title=title)
         grid = plot.save_figure(fig, folder / "grid.png", dpi=110)
         zpath = folder / f"{slug(record.prompt, fallback='run')}_record.zip"
         with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
@@ -405,7 +442,12 @@ class UISession:
                 record.image.save(buf, format="PNG")
                 z.writestr("image.png", buf.getvalue())
             z.write(grid, "grid.png")
-        return Run(record=record, folder=folder, record_zip=zpath, grid_png=grid, source=source)
+            if video_path is not None:
+                z.write(video_path, video_path.name)
+            if scores_png is not None:
+                z.write(scores_png, "frame_scores.png")
+        return Run(record=record, folder=folder, record_zip=zpath, grid_png=grid, source=source, video=video_path,
+                   frame_scores_png=scores_png, fps=fps)
 
     # -- pictures ----------------------------------------------------------------------------------------------
     def image(self, run: Run) -> PIL.Image.Image:
@@ -422,17 +464,45 @@ class UISession:
 
         alpha = _fraction(alpha, "opacity")
         wm = run.word(_word(word))
+        _image_only(run, "its overlay video")
         H, W = display_size(*wm.image_size)
         heat = wm.normalized((H, W))
         if run.record.image is None:
             return plot.heat_image(heat)
         return plot.overlay(self.image(run), heat, alpha=alpha)
 
+    def overlay_video(self, run: Run, word: str, alpha: float = 0.5) -> Path | None:
+        """A video's overlay video for ``word`` (the map over each frame, normalised over the whole
+        video), written once per word and opacity; None for a record saved without its frames."""
+        from daamkit import video
+
+        alpha = _fraction(alpha, "opacity")
+        wm = run.word(_word(word))
+        if not run.is_video:
+            raise UIError("overlay videos belong to a video's record; this one is an image's")
+        if run.record.frames is None:
+            return None
+        key = (word, round(alpha, 3))
+        if key not in run._overlay_videos:
+            name = f"{slug(word)}_{round(alpha * 100):03d}_{len(run._overlay_videos)}.mp4"
+            frames = video.overlay_frames(wm, run.record.frames, alpha=alpha)
+            run._overlay_videos[key] = video.write_video(frames, run.folder / "overlays" / name, run.fps or 16.0)
+        return run._overlay_videos[key]
+
+    def frame_info(self, run: Run, word: str) -> str:
+        """Markdown: where in the video ``word`` acts most (its frame scores)."""
+        scores = run.word(_word(word)).frame_scores()
+        peak = int(scores.argmax())
+        return (f"**{md_escape(word)}**: strongest on frame {peak} of {len(scores)} (mean attribution "
+                f"{float(scores[peak]):.3g}; weakest {float(scores.min()):.3g}). The overlay is normalised over "
+                "the whole video, so colours compare across frames.")
+
     def mask(self, run: Run, word: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[PIL.Image.Image, float]:
         """The image where ``word``'s normalised map is >= ``threshold``, darkened elsewhere; and the
         fraction of the image the mask covers (at the image's own size)."""
         t = _fraction(threshold, "threshold")
         wm = run.word(_word(word))
+        _image_only(run, "its overlay video and frame scores")
         H, W = display_size(*wm.image_size)
         m = wm.mask(t, size=(H, W))
         base = np.asarray(self.image(run), dtype=np.float32)
@@ -449,13 +519,14 @@ class UISession:
         hm = r.heat_maps
         s = r.settings or {}
         H, W = hm.image_size
+        size = f"{W}x{H} px" + (f", {hm.num_frames} frames" if hm.is_video else "")
         if run.source == "generated":
             secs = r.meta.get("seconds")
             took = f" in {secs:.1f} s" if isinstance(secs, (int, float)) else ""
-            head = (f"Generated{took}: seed {r.seed}, {s.get('steps')} steps, {W}x{H} px, "
+            head = (f"Generated{took}: seed {r.seed}, {s.get('steps')} steps, {size}, "
                     f"guidance {s.get('guidance_scale')}.")
         else:
-            head = f"Opened {md_escape(run.source)}: seed {r.seed}, {W}x{H} px."
+            head = f"Opened {md_escape(run.source)}: seed {r.seed}, {size}."
         lines = [head + " Click a word to see its heat map."]
         if hm.truncated_words:
             cut = " ".join(hm.truncated_words)
@@ -467,6 +538,11 @@ class UISession:
                 f"map: “{md_escape(cut)}”"
             )
         return "\n\n".join(lines)
+
+
+def _image_only(run: Run, instead: str) -> None:
+    if run.is_video:
+        raise UIError(f"this record is a video's: its maps are shown as {instead}")
 
 
 def view_settings(alpha: Any, threshold: Any) -> tuple[float, float]:
