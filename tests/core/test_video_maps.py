@@ -179,3 +179,16 @@ def test_video_maps_refuse_image_only_operations_clearly():
         GlobalHeatMap(torch.zeros(16, 2, 4, 6), make_alignment(PIECES), (32, 48), {"time": {"frames": 3}})
     with pytest.raises(ValueError, match="image's"):
         WordHeatMap(torch.zeros(4, 6), "x").frame_scores()
+
+
+def test_decode_reveals_padding_and_a_non_causal_first_frame():
+    # CogVideoX 1.5: 4 token frames of 2 latent frames cover 8 latent frames; 7 decoded into 25 frames
+    t = TimeAxis(frames=4, patch=2, compression=4, causal=True).decoded(7, 25)
+    assert (t.skip, t.causal, t.num_frames) == (1, True, 25)
+    # CogVideoX's VAE decodes an even count in pairs: 4 latent frames give 16 frames, none alone
+    t = TimeAxis(frames=4, compression=4, causal=True).decoded(4, 16)
+    assert (t.skip, t.causal, t.num_frames) == (0, False, 16)
+    assert t.index() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    # counts that fit no reading leave the axis unchanged
+    t0 = TimeAxis(frames=3, compression=4, causal=True)
+    assert t0.decoded(9, 33) == t0

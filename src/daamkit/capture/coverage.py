@@ -19,7 +19,7 @@ from daamkit.capture.families import FAMILIES
 
 _TEXT_PARAMS = ("encoder_hidden_states", "text", "context", "prompt", "cap_feats", "input_ids", "clip_text")
 
-_VIDEO = "video (text-to-video maps over frames are not built yet)"
+_VIDEO = "video: not built yet (its family entry and tiny pipeline are missing)"
 _AUDIO = "audio, not images"
 
 #: Denoisers with text conditioning that daamkit does not trace, and why.
