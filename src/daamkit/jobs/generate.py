@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ class GenerateOptions:
     num_images_per_prompt: int = 1
     trace: dict[str, Any] = field(default_factory=dict)  # options of daamkit.trace()
     progress: bool = True
+    open_vocabulary: list[str] = field(default_factory=list)  # words for OVAM maps, need not be in the prompt
 
     def check(self) -> None:
         """Raise :class:`InputError` for a value no pipeline could use, before anything is loaded."""
@@ -82,6 +83,10 @@ class GenerateOptions:
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 8):
                 raise InputError(f"{name} must be a positive multiple of 8 pixels, got {v}")
+        if any(not str(w).strip() for w in self.open_vocabulary):
+            raise InputError(f"open_vocabulary holds an empty word: {self.open_vocabulary}")
+        if len(set(self.open_vocabulary)) != len(self.open_vocabulary):
+            raise InputError(f"open_vocabulary words must be distinct, got {self.open_vocabulary}")
         if self.trace:
             from daamkit.aggregate import AggregationConfig
 
@@ -90,6 +95,8 @@ class GenerateOptions:
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("progress")
+        if not d["open_vocabulary"]:
+            d.pop("open_vocabulary")  # records of runs without OVAM stay as they were
         d["trace"] = jsonable(d["trace"])
         return d
 
@@ -122,6 +129,27 @@ def traced_generation(
     ``height``/``width``/``negative_prompt``/``num_images_per_prompt`` are passed on only when given
     (None: the pipeline's default); a single negative prompt is repeated for every prompt.
     """
+    return [(image, maps["daam"]) for image, maps in traced_generation_maps(
+        pipe, prompts, generator=generator, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+        negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt, trace_options=trace_options,
+    )]
+
+
+def traced_generation_maps(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    generator: torch.Generator | Sequence[torch.Generator],
+    steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    num_images_per_prompt: int | None = None,
+    trace_options: dict[str, Any] | None = None,
+) -> list[tuple[Any, dict[str, GlobalHeatMap]]]:
+    """:func:`traced_generation` with the maps of every method the trace records, by method name
+    (``"daam"`` always; ``"ovam"`` when ``trace_options`` has ``open_vocabulary``, and so on)."""
     prompts = list(prompts)
     kwargs: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator)
     if num_images_per_prompt is not None:
@@ -135,7 +163,7 @@ def traced_generation(
         kwargs["negative_prompt"] = negs
     with trace(pipe, **(trace_options or {})) as tc:
         images = pipe(prompts, **kwargs).images
-        maps = [tc.heat_maps(i) for i in range(tc.num_images)]
+        maps = [{name: tc.heat_maps(i, method=name) for name in tc.method_names} for i in range(tc.num_images)]
     return list(zip(images, maps, strict=True))
 
 
@@ -145,21 +173,32 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
 
     One generator seeded with ``options.seed`` serves the whole call.
     """
+    return [rec for rec, _ in generate_with_methods(pipe, prompts, options, model)]
+
+
+def generate_with_methods(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions | None = None,
+                          model: str | None = None) -> list[tuple[RunRecord, dict[str, GlobalHeatMap]]]:
+    """:func:`generate`, each record with the maps of the other methods traced (``"ovam"`` for
+    ``options.open_vocabulary``), by method name."""
     opts = options or GenerateOptions()
     prompt_list = check_prompts(prompts)
     opts.check()
     pipe.set_progress_bar_config(disable=not opts.progress)
-    pairs = traced_generation(
+    trace_options = dict(opts.trace)
+    if opts.open_vocabulary:
+        trace_options["open_vocabulary"] = list(opts.open_vocabulary)
+    pairs = traced_generation_maps(
         pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
         guidance_scale=opts.guidance_scale, height=opts.height or None, width=opts.width or None,
         negative_prompt=opts.negative_prompt or None, num_images_per_prompt=opts.num_images_per_prompt,
-        trace_options=opts.trace,
+        trace_options=trace_options,
     )
     settings = opts.settings() | {"model": model, "pipeline": type(pipe).__name__}
     records = []
-    for i, (image, hm) in enumerate(pairs):
+    for i, (image, by_method) in enumerate(pairs):
+        hm = by_method["daam"]
         prompt = prompt_list[i // opts.num_images_per_prompt]
-        records.append(
+        records.append((
             RunRecord(
                 prompt=prompt,
                 image=image,
@@ -168,8 +207,9 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
                 settings=settings,
                 negative_prompt=opts.negative_prompt,
                 meta={"image_index": i},
-            )
-        )
+            ),
+            {name: m for name, m in by_method.items() if name != "daam"},
+        ))
     return records
 
 
@@ -190,6 +230,12 @@ def check_against_pipeline(pipe: Any, options: GenerateOptions, prompts: str | S
     from daamkit.capture import detect_capture
 
     capture = detect_capture(pipe)
+    if options.open_vocabulary:
+        from daamkit.capture import UnsupportedPipelineError
+        from daamkit.methods import OvamMethod
+
+        if capture.family not in (OvamMethod.families or ()):
+            raise UnsupportedPipelineError(f"{OvamMethod.requirement}; this pipeline is a {capture.family} model")
     trace_opts = {k: v for k, v in options.trace.items() if k in AggregationConfig.__dataclass_fields__}
     config = AggregationConfig.reference(**trace_opts) if trace_opts.get("mode") == "reference" else \
         AggregationConfig(**trace_opts)
@@ -217,12 +263,14 @@ def slug(text: str, fallback: str = "word") -> str:
 
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
-                  threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+                  threshold: float = DEFAULT_THRESHOLD,
+                  methods: Mapping[str, GlobalHeatMap] | None = None) -> dict[str, Any]:
     """Write the image, each word's heat map, overlay and mask (the normalised map ``>= threshold``), a
-    grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned."""
-    from PIL import Image
+    grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned.
 
-    from daamkit import plot
+    methods: other methods' maps of the same image (``{"ovam": ...}``): every word of each is written
+    the same way into ``out_dir/<method>/``, with its own grid and record (without the image).
+    """
     from daamkit.metrics import check_threshold
 
     try:
@@ -230,13 +278,33 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
     except ValueError as e:
         raise InputError(str(e)) from None
     out = Path(out_dir)
-    for sub in ("maps", "overlays", "masks"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Any] = {"threshold": threshold, "words": {}}
-    hm = record.heat_maps
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"threshold": threshold}
     if record.image is not None:
         record.image.save(out / "image.png")
         paths["image"] = str(out / "image.png")
+    paths.update(_write_maps(record.heat_maps, record.image, out, words, threshold))
+    st, js = record.save(out / "record")
+    paths["record"] = [str(st), str(js)]
+    for name, hm in (methods or {}).items():
+        sub = out / slug(name, "method")
+        part = _write_maps(hm, record.image, sub, None, threshold)
+        st, js = RunRecord(prompt=record.prompt, image=None, heat_maps=hm, seed=record.seed, settings=record.settings,
+                           negative_prompt=record.negative_prompt, meta={**record.meta, "method": name}).save(sub / "record")
+        paths.setdefault("methods", {})[name] = {**part, "record": [str(st), str(js)]}
+    return paths
+
+
+def _write_maps(hm: GlobalHeatMap, image: Any, out: Path, words: Sequence[str] | None,
+                threshold: float) -> dict[str, Any]:
+    """Each word's map, overlay (if there is an image) and mask, and the grid, under ``out``."""
+    from PIL import Image
+
+    from daamkit import plot
+
+    for sub in ("maps", "overlays", "masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"words": {}}
     chosen = list(words) if words else hm.words
     word_maps = [(w, hm.word(w)) for w in chosen]  # raises with the prompt's words if one is unknown
     used: set[str] = set()
@@ -246,15 +314,13 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
             name += "_"
         used.add(name)
         entry = {"map": str(plot.save_heat_image(wm, out / "maps" / f"{name}.png"))}
-        if record.image is not None:
-            entry["overlay"] = str(plot.save_overlay(wm, record.image, out / "overlays" / f"{name}.png"))
+        if image is not None:
+            entry["overlay"] = str(plot.save_overlay(wm, image, out / "overlays" / f"{name}.png"))
         mask = threshold_mask(wm.normalized(), threshold)
         Image.fromarray(mask.astype("uint8") * 255).save(out / "masks" / f"{name}.png")
         entry["mask"] = str(out / "masks" / f"{name}.png")
         entry["mask_area"] = float(mask.mean())
         paths["words"][w] = entry
-    fig = plot.plot_grid(hm, image=record.image, words=[w for w, _ in word_maps])
+    fig = plot.plot_grid(hm, image=image, words=[w for w, _ in word_maps])
     paths["grid"] = str(plot.save_figure(fig, out / "grid.png"))
-    st, js = record.save(out / "record")
-    paths["record"] = [str(st), str(js)]
     return paths
