@@ -14,7 +14,7 @@ after an exception.
 
 The trace keeps the pipeline-level bookkeeping (steps, CFG rows, token ids) shared by every
 attribution method; the maps themselves come from the method objects of :mod:`daamkit.methods`
-(DAAM always, ConceptAttention when ``concepts`` are given), picked by ``heat_maps(method=...)``.
+(DAAM always, ConceptAttention when ``concepts`` are given, OVAM when ``open_vocabulary`` is), picked by ``heat_maps(method=...)``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from daamkit.methods import (
     AttributionMethod,
     ConceptMethod,
     DaamMethod,
+    OvamEmbedding,
+    OvamMethod,
     canonical_name,
 )
 
@@ -203,9 +205,10 @@ class Trace:
         concept_embeds: torch.Tensor | None = None,
         concept_softmax: bool = True,
         methods: Sequence[AttributionMethod] = (),
+        open_vocabulary: Sequence[str | OvamEmbedding] | None = None,
     ):
-        """methods: attribution methods besides DAAM (always on) and the concept method that
-        ``concepts`` builds; each name may occur once."""
+        """methods: attribution methods besides DAAM (always on) and the concept / OVAM methods that
+        ``concepts`` / ``open_vocabulary`` build; each name may occur once."""
         self.pipe = pipe
         self.config = config
         self.capture = detect_capture(pipe, probabilities=config.probabilities)
@@ -214,6 +217,9 @@ class Trace:
         concept = ConceptMethod.from_options(concepts, concept_embeds, concept_softmax)
         if concept is not None:
             chosen.append(concept)
+        ovam = OvamMethod.from_options(open_vocabulary)
+        if ovam is not None:
+            chosen.append(ovam)
         chosen.extend(methods)
         self._methods: dict[str, AttributionMethod] = {}
         taken: set[str] = set()  # names and aliases: heat_maps(method=...) must name one method
@@ -470,9 +476,10 @@ class Trace:
             not see the token ids) or to name words past the tokenizer's limit exactly.
         branch: ``"cond"`` (default) or ``"negative"`` (needs ``negative=True`` in :func:`trace`).
         steps / layers / heads: select among what was kept (``keep_steps`` etc. in :func:`trace`).
-        method: ``"daam"`` (DAAM maps of the prompt's words, default; ``"cross"`` is the same) or
+        method: ``"daam"`` (DAAM maps of the prompt's words, default; ``"cross"`` is the same),
             ``"concept"`` (ConceptAttention maps of the ``concepts`` given to :func:`trace`, which need
-            not be in the prompt; the selection options do not apply to them).
+            not be in the prompt; the selection options do not apply to them) or ``"ovam"`` (OVAM maps
+            of the ``open_vocabulary`` words, which need not be in the prompt either).
         """
         missed = sorted(getattr(self.capture, "missed", None) or ())
         if missed:
@@ -576,6 +583,8 @@ def trace(
     concepts: Sequence[str] | None = None,
     concept_embeds: torch.Tensor | None = None,
     concept_softmax: bool = True,
+    open_vocabulary: Sequence[str | OvamEmbedding] | None = None,
+    methods: Sequence[AttributionMethod] = (),
 ) -> Trace:
     """Trace a diffusers pipeline: ``with trace(pipe) as tc: pipe(...); tc.heat_maps(0)``.
 
@@ -588,6 +597,11 @@ def trace(
     concepts: words (need not be in the prompt) for ConceptAttention-style maps on SD3/Flux, read with
         ``tc.heat_maps(i, method="concept")``; ``concept_embeds`` (concepts x context dim) overrides how
         they are encoded; ``concept_softmax`` normalises the maps over the concepts at each pixel.
+    open_vocabulary: words (need not be in the prompt) and/or learned tokens
+        (:func:`daamkit.methods.optimize_token`) for OVAM maps on cross-attention models (UNets,
+        PixArt, Sana), read with ``tc.heat_maps(i, method="ovam")``; they form one attribution prompt.
+    methods: further :class:`~daamkit.methods.AttributionMethod` objects, e.g.
+        ``OvamMethod([...], keep_queries=True)`` to learn a token from the traced image.
     """
     if config is None:
         if mode == "reference":
@@ -612,4 +626,5 @@ def trace(
                 probabilities=probabilities,  # type: ignore[arg-type]
                 chunk_mib=chunk_mib,
             )
-    return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax)
+    return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax,
+                 methods=methods, open_vocabulary=open_vocabulary)

@@ -36,6 +36,26 @@ def test_generate_writes_image_maps_overlays_grid_and_record(sd_dir, tmp_path, c
     assert "wrote" in capsys.readouterr().out
 
 
+def test_generate_open_vocabulary_writes_ovam_maps_beside_daam(sd_dir, tmp_path, capsys):
+    out = tmp_path / "ovam"
+    rc = main(["generate", "a red dog on a bench", "--model", sd_dir, "--steps", "2", "--size", "48x32",
+               "--out", str(out), "--no-progress", "--open-vocabulary", "cat, traffic light"])
+    assert rc == 0
+    for name in ("maps/dog.png", "ovam/maps/cat.png", "ovam/overlays/traffic.png", "ovam/masks/light.png",
+                 "ovam/grid.png", "ovam/record.json"):
+        assert (out / name).is_file(), name
+    rec = RunRecord.load(out / "ovam" / "record")
+    assert rec.heat_maps.words == ["cat", "traffic", "light"] and rec.heat_maps.meta["method"] == "ovam"
+    assert rec.settings["open_vocabulary"] == ["cat", "traffic light"]
+    assert RunRecord.load(out / "record").heat_maps.words[:3] == ["a", "red", "dog"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary[0]["methods"]["ovam"]["words"]) == {"cat", "traffic", "light"}
+    assert "open vocabulary (ovam/): cat, traffic, light" in capsys.readouterr().out
+    assert main(["generate", "a dog", "--model", sd_dir, "--open-vocabulary", "cat,,dog",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--open-vocabulary holds an empty word" in capsys.readouterr().err
+
+
 def test_generate_selected_words_and_unknown_word(sd_dir, tmp_path, capsys):
     out = tmp_path / "w"
     assert main(["generate", "a red dog", "--model", sd_dir, "--steps", "1", "--size", "32",

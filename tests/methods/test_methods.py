@@ -56,13 +56,13 @@ def test_dispatch_by_name_and_alias(sd3):
 def test_unknown_method_lists_the_available_ones(sd3):
     with trace(sd3, concepts=CONCEPTS) as tc:
         run(sd3)
-        with pytest.raises(InputError, match="unknown attribution method 'ovam'") as err:
-            tc.heat_maps(0, method="ovam")
+        with pytest.raises(InputError, match="unknown attribution method 'nonexistent'") as err:
+            tc.heat_maps(0, method="nonexistent")
     assert all(repr(n) in str(err.value) for n in ("daam", "cross", "concept"))
     with trace(sd3) as tc:
         run(sd3)
         with pytest.raises(ValueError) as err:  # InputError is a ValueError
-            tc.heat_maps(0, method="ovam")
+            tc.heat_maps(0, method="nonexistent")
         assert "'daam'" in str(err.value) and "concept" not in str(err.value)
         with pytest.raises(TraceError, match=r"concepts=\[\.\.\.\]"):  # known, but not asked for
             tc.heat_maps(0, method="concept")

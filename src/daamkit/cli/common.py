@@ -101,6 +101,9 @@ def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: flo
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
     p.add_argument("--words", nargs="+", help="words to map (default: every word of the prompt)")
+    p.add_argument("--open-vocabulary", metavar="WORDS",
+                   help="comma-separated words, which need not be in the prompt, to map with OVAM (e.g. "
+                        "'cat,grass'); written to ovam/ beside the DAAM maps (UNet, PixArt and Sana models)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")
@@ -129,6 +132,7 @@ def check_generation_args(args: argparse.Namespace) -> GenerateOptions:
         check_prompts(args.prompt)
     if args.words is not None and any(not w.strip() for w in args.words):
         raise CLIError("--words holds an empty word: give words of the prompt")
+    open_vocabulary(args)
     if args.model is not None and not str(args.model).strip():
         raise CLIError("--model is empty: give a local diffusers folder or a checkpoint file")
     from daamkit.jobs.pipeline import check_device, parse_dtype
@@ -136,6 +140,19 @@ def check_generation_args(args: argparse.Namespace) -> GenerateOptions:
     parse_dtype(args.dtype)
     check_device(args.device)
     return generate_options(args)
+
+
+def open_vocabulary(args: argparse.Namespace) -> list[str]:
+    """The words of ``--open-vocabulary`` ([] when not given)."""
+    text = getattr(args, "open_vocabulary", None)
+    if text is None:
+        return []
+    words = [w.strip() for w in text.split(",")]
+    if not any(words) or any(not w for w in words):
+        raise CLIError(f"--open-vocabulary holds an empty word ({text!r}): give comma-separated words, e.g. 'cat,grass'")
+    if len(set(words)) != len(words):
+        raise CLIError(f"--open-vocabulary names a word twice ({text!r})")
+    return words
 
 
 def generate_options(args: argparse.Namespace) -> GenerateOptions:
@@ -152,6 +169,7 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         progress=not args.no_progress,
         num_frames=getattr(args, "num_frames", None),
         fps=getattr(args, "fps", None),
+        open_vocabulary=open_vocabulary(args),
     )
     opts.check()
     return opts

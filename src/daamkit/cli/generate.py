@@ -31,7 +31,7 @@ def _rebase(value: Any, stage: Path, final: Path) -> Any:
 def _run(args: argparse.Namespace, model: str, prompts: Sequence[str]) -> Path:
     """Check, load, check against the model, generate into a staging folder that becomes ``--out``
     only when every output is written."""
-    from daamkit.jobs.generate import check_against_pipeline, generate, slug, write_outputs
+    from daamkit.jobs.generate import check_against_pipeline, generate_with_methods, slug, write_outputs
     from daamkit.jobs.outdir import staged_dir
     from daamkit.jobs.pipeline import load_pipeline
 
@@ -43,16 +43,18 @@ def _run(args: argparse.Namespace, model: str, prompts: Sequence[str]) -> Path:
         check_against_pipeline(pipe, options, prompts, words=args.words)
         summary = []
         for k, prompt in enumerate(prompts):
-            records = generate(pipe, prompt, options, model=model)
-            for i, rec in enumerate(records):
+            records = generate_with_methods(pipe, prompt, options, model=model)
+            for i, (rec, others) in enumerate(records):
                 rel = Path(".") if len(prompts) == 1 and len(records) == 1 else Path(f"{k:02d}_{slug(prompt)}") / f"{i}"
                 if len(prompts) > 1 and len(records) == 1:
                     rel = Path(f"{k:02d}_{slug(prompt)}")
-                paths = write_outputs(rec, stage / rel, words=args.words, threshold=args.threshold)
+                paths = write_outputs(rec, stage / rel, words=args.words, threshold=args.threshold, methods=others)
                 summary.append(_rebase({"prompt": prompt, "image_index": i, "dir": str(stage / rel), **paths},
                                        stage, final))
                 what = f"video of {rec.heat_maps.num_frames} frames" if rec.is_video else "image"
                 print(f"  {prompt!r} -> {final / rel}  ({what})  words: {', '.join(rec.heat_maps.words)}")
+                if "ovam" in others:
+                    print(f"    open vocabulary (ovam/): {', '.join(others['ovam'].words)}")
                 if rec.heat_maps.truncated_words:
                     print("  note: past the token limit, not seen by the model: "
                           f"{', '.join(rec.heat_maps.truncated_words)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ class GenerateOptions:
     progress: bool = True
     num_frames: int | None = None  # video pipelines: frames to generate (None: the pipeline's default)
     fps: float | None = None  # video pipelines: frames per second of the written videos (None: the model's)
+    open_vocabulary: list[str] = field(default_factory=list)  # words for OVAM maps, need not be in the prompt
 
     def check(self) -> None:
         """Raise :class:`InputError` for a value no pipeline could use, before anything is loaded."""
@@ -96,6 +97,10 @@ class GenerateOptions:
 
             if not isinstance(self.fps, (int, float)) or not 0 < self.fps <= MAX_FPS:
                 raise InputError(f"fps must lie in (0, {MAX_FPS:g}] frames per second, got {self.fps!r}")
+        if any(not str(w).strip() for w in self.open_vocabulary):
+            raise InputError(f"open_vocabulary holds an empty word: {self.open_vocabulary}")
+        if len(set(self.open_vocabulary)) != len(self.open_vocabulary):
+            raise InputError(f"open_vocabulary words must be distinct, got {self.open_vocabulary}")
         if self.trace:
             from daamkit.aggregate import AggregationConfig
 
@@ -108,6 +113,8 @@ class GenerateOptions:
         for key in ("num_frames", "fps"):  # an image's settings stay as they were before videos
             if d[key] is None:
                 d.pop(key)
+        if not d["open_vocabulary"]:
+            d.pop("open_vocabulary")  # records of runs without OVAM stay as they were
         return d
 
 
@@ -145,13 +152,37 @@ def traced_generation(
     trace_options: dict[str, Any] | None = None,
     num_frames: int | None = None,
 ) -> list[tuple[Any, GlobalHeatMap]]:
+    """:func:`traced_generation_maps` with the DAAM maps only."""
+    return [(image, maps["daam"]) for image, maps in traced_generation_maps(
+        pipe, prompts, generator=generator, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+        negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt, trace_options=trace_options,
+        num_frames=num_frames,
+    )]
+
+
+def traced_generation_maps(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    generator: torch.Generator | Sequence[torch.Generator],
+    steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    num_images_per_prompt: int | None = None,
+    trace_options: dict[str, Any] | None = None,
+    num_frames: int | None = None,
+) -> list[tuple[Any, dict[str, GlobalHeatMap]]]:
     """The traced generation job: one pipeline call for ``prompts`` inside :func:`daamkit.trace`.
 
     Returns ``(image, heat maps)`` per image, in the pipeline's order (prompt by prompt, then image by
     image). ``generator`` is one generator for the call or one per prompt (diffusers then draws each
     image's noise from its own generator, so an image does not depend on the batch it is in).
     ``height``/``width``/``negative_prompt``/``num_images_per_prompt`` are passed on only when given
-    (None: the pipeline's default); a single negative prompt is repeated for every prompt.
+    (None: the pipeline's default); a single negative prompt is repeated for every prompt. The maps
+    are those of every method the trace records, by method name (``"daam"`` always; ``"ovam"`` when
+    ``trace_options`` has ``open_vocabulary``).
 
     A video pipeline gives ``(frames, heat maps)`` per video, frames a uint8 (frames, H, W, 3) array;
     ``num_images_per_prompt`` is passed as its ``num_videos_per_prompt`` and ``num_frames`` as is (an
@@ -181,7 +212,7 @@ def traced_generation(
         kwargs["negative_prompt"] = negs
     with trace(pipe, **(trace_options or {})) as tc:
         out = pipe(prompts, **kwargs)
-        maps = [tc.heat_maps(i) for i in range(tc.num_images)]
+        maps = [{name: tc.heat_maps(i, method=name) for name in tc.method_names} for i in range(tc.num_images)]
     if getattr(out, "frames", None) is not None:
         from daamkit.video import as_frames
 
@@ -202,25 +233,36 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
 
     One generator seeded with ``options.seed`` serves the whole call.
     """
+    return [rec for rec, _ in generate_with_methods(pipe, prompts, options, model)]
+
+
+def generate_with_methods(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions | None = None,
+                          model: str | None = None) -> list[tuple[RunRecord, dict[str, GlobalHeatMap]]]:
+    """:func:`generate`, each record with the maps of the other methods traced (``"ovam"`` for
+    ``options.open_vocabulary``), by method name."""
     opts = options or GenerateOptions()
     prompt_list = check_prompts(prompts)
     opts.check()
     pipe.set_progress_bar_config(disable=not opts.progress)
-    pairs = traced_generation(
+    trace_options = dict(opts.trace)
+    if opts.open_vocabulary:
+        trace_options["open_vocabulary"] = list(opts.open_vocabulary)
+    pairs = traced_generation_maps(
         pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
         guidance_scale=opts.guidance_scale, height=opts.height or None, width=opts.width or None,
         negative_prompt=opts.negative_prompt or None, num_images_per_prompt=opts.num_images_per_prompt,
-        trace_options=opts.trace, num_frames=opts.num_frames,
+        trace_options=trace_options, num_frames=opts.num_frames,
     )
     settings = opts.settings() | {"model": model, "pipeline": type(pipe).__name__}
-    if pairs and pairs[0][1].is_video and opts.fps is None:
+    if pairs and pairs[0][1]["daam"].is_video and opts.fps is None:
         from daamkit.video import default_fps
 
         settings["fps"] = default_fps(type(pipe).__name__)
     records = []
-    for i, (image, hm) in enumerate(pairs):
+    for i, (image, by_method) in enumerate(pairs):
+        hm = by_method["daam"]
         prompt = prompt_list[i // opts.num_images_per_prompt]
-        records.append(
+        records.append((
             RunRecord(
                 prompt=prompt,
                 **record_media(image, hm),
@@ -229,8 +271,9 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
                 settings=settings,
                 negative_prompt=opts.negative_prompt,
                 meta={"image_index": i},
-            )
-        )
+            ),
+            {name: m for name, m in by_method.items() if name != "daam"},
+        ))
     return records
 
 
@@ -256,6 +299,12 @@ def check_against_pipeline(pipe: Any, options: GenerateOptions, prompts: str | S
             if getattr(options, name) is not None:
                 raise InputError(f"{flag} applies to video pipelines; {type(pipe).__name__} makes images")
     capture = detect_capture(pipe)
+    if options.open_vocabulary:
+        from daamkit.capture import UnsupportedPipelineError
+        from daamkit.methods import OvamMethod
+
+        if capture.family not in (OvamMethod.families or ()):
+            raise UnsupportedPipelineError(f"{OvamMethod.requirement}; this pipeline is a {capture.family} model")
     trace_opts = {k: v for k, v in options.trace.items() if k in AggregationConfig.__dataclass_fields__}
     config = AggregationConfig.reference(**trace_opts) if trace_opts.get("mode") == "reference" else \
         AggregationConfig(**trace_opts)
@@ -283,13 +332,15 @@ def slug(text: str, fallback: str = "word") -> str:
 
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
-                  threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+                  threshold: float = DEFAULT_THRESHOLD,
+                  methods: Mapping[str, GlobalHeatMap] | None = None) -> dict[str, Any]:
     """Write the image, each word's heat map, overlay and mask (the normalised map ``>= threshold``), a
     grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned.
-    A video's record gets :func:`write_video_outputs` instead."""
-    from PIL import Image
+    A video's record gets :func:`write_video_outputs` instead.
 
-    from daamkit import plot
+    methods: other methods' maps of the same image (``{"ovam": ...}``): every word of each is written
+    the same way into ``out_dir/<method>/``, with its own grid and record (without the image).
+    """
     from daamkit.metrics import check_threshold
 
     try:
@@ -299,13 +350,33 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
     out = Path(out_dir)
     if record.heat_maps.is_video:
         return write_video_outputs(record, out, words=words)
-    for sub in ("maps", "overlays", "masks"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Any] = {"threshold": threshold, "words": {}}
-    hm = record.heat_maps
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"threshold": threshold}
     if record.image is not None:
         record.image.save(out / "image.png")
         paths["image"] = str(out / "image.png")
+    paths.update(_write_maps(record.heat_maps, record.image, out, words, threshold))
+    st, js = record.save(out / "record")
+    paths["record"] = [str(st), str(js)]
+    for name, hm in (methods or {}).items():
+        sub = out / slug(name, "method")
+        part = _write_maps(hm, record.image, sub, None, threshold)
+        st, js = RunRecord(prompt=record.prompt, image=None, heat_maps=hm, seed=record.seed, settings=record.settings,
+                           negative_prompt=record.negative_prompt, meta={**record.meta, "method": name}).save(sub / "record")
+        paths.setdefault("methods", {})[name] = {**part, "record": [str(st), str(js)]}
+    return paths
+
+
+def _write_maps(hm: GlobalHeatMap, image: Any, out: Path, words: Sequence[str] | None,
+                threshold: float) -> dict[str, Any]:
+    """Each word's map, overlay (if there is an image) and mask, and the grid, under ``out``."""
+    from PIL import Image
+
+    from daamkit import plot
+
+    for sub in ("maps", "overlays", "masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {"words": {}}
     chosen = list(words) if words else hm.words
     word_maps = [(w, hm.word(w)) for w in chosen]  # raises with the prompt's words if one is unknown
     used: set[str] = set()
@@ -315,17 +386,15 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
             name += "_"
         used.add(name)
         entry = {"map": str(plot.save_heat_image(wm, out / "maps" / f"{name}.png"))}
-        if record.image is not None:
-            entry["overlay"] = str(plot.save_overlay(wm, record.image, out / "overlays" / f"{name}.png"))
+        if image is not None:
+            entry["overlay"] = str(plot.save_overlay(wm, image, out / "overlays" / f"{name}.png"))
         mask = threshold_mask(wm.normalized(), threshold)
         Image.fromarray(mask.astype("uint8") * 255).save(out / "masks" / f"{name}.png")
         entry["mask"] = str(out / "masks" / f"{name}.png")
         entry["mask_area"] = float(mask.mean())
         paths["words"][w] = entry
-    fig = plot.plot_grid(hm, image=record.image, words=[w for w, _ in word_maps])
+    fig = plot.plot_grid(hm, image=image, words=[w for w, _ in word_maps])
     paths["grid"] = str(plot.save_figure(fig, out / "grid.png"))
-    st, js = record.save(out / "record")
-    paths["record"] = [str(st), str(js)]
     return paths
 
 

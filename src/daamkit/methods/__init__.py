@@ -7,8 +7,9 @@ from __future__ import annotations
 from daamkit.methods.base import CAPTURE_STREAMS, AttributionMethod
 from daamkit.methods.concept import ConceptMethod
 from daamkit.methods.daam import DaamMethod
+from daamkit.methods.ovam import OvamEmbedding, OvamMethod, optimize_token
 
-METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod)}
+METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod, OvamMethod)}
 
 
 def canonical_name(name: str) -> str | None:
@@ -19,4 +20,14 @@ def canonical_name(name: str) -> str | None:
     return None
 
 
-__all__ = ["CAPTURE_STREAMS", "METHODS", "AttributionMethod", "ConceptMethod", "DaamMethod", "canonical_name"]
+__all__ = [
+    "CAPTURE_STREAMS",
+    "METHODS",
+    "AttributionMethod",
+    "ConceptMethod",
+    "DaamMethod",
+    "OvamEmbedding",
+    "OvamMethod",
+    "canonical_name",
+    "optimize_token",
+]

@@ -1,0 +1,144 @@
+"""OVAM token optimisation on the shapes world: does a token learned from one image of a shape map that
+shape better on held-out images than the plain word?
+
+For each shape noun: one training image (the first held-out scene from ``--train-seed`` on whose caption
+names the shape in the singular and whose object was drawn) is traced with its queries kept, and one
+token is learned from the drawn mask (``optimize_token``, started at the word). Then ``--n`` held-out
+images that name the shape (scenes from ``--seed`` on, disjoint from the training scenes) are generated
+twice, once with ``open_vocabulary=[word]`` and once with ``open_vocabulary=[learned token]``, and the
+noun's map is scored by IoU against the drawn object at tau (``daamkit eval``'s thresholding); the
+prompt word's DAAM map is reported beside them. Both runs must give the same image.
+
+    python benchmarks/ovam_tokens.py --n 20 --iterations 30 --lr 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from daamkit import trace
+from daamkit.jobs.pipeline import load_pipeline
+from daamkit.methods import OvamMethod, optimize_token
+from daamkit.metrics import mask_iou, scaled_threshold_mask
+from daamkit.tokens import split_words
+from daamkit.world import SHAPES, default_model_path, drawn_masks, make_heldout_scene
+
+
+def names_shape(caption: str, shape: str) -> bool:
+    return shape in split_words(caption)
+
+
+def pil(images: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
+
+
+def generate(pipe, captions, seeds, args, **trace_kw):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with trace(pipe, **trace_kw) as tc:
+        out = pipe(captions, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
+                   output_type="np").images
+    return tc, out
+
+
+def iou(wmap, truth, tau: float) -> float:
+    return mask_iou(scaled_threshold_mask(wmap.normalized().numpy(), tau), truth)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=20, help="held-out images per shape")
+    p.add_argument("--seed", type=int, default=0, help="first held-out scene of the evaluation")
+    p.add_argument("--train-seed", type=int, default=100_000, help="first scene searched for training images")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--tau", type=float, default=0.4)
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--json", help="write the per-shape results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(default_model_path(), progress=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    rows = []
+    for shape in args.shapes:
+        t0 = time.time()
+        # ---- learn the token on one image
+        k = args.train_seed
+        while True:
+            caption = make_heldout_scene(k).caption
+            if names_shape(caption, shape):
+                tc, out = generate(pipe, [caption], [k], args, methods=[OvamMethod([shape], keep_queries=True)])
+                truth = drawn_masks(pil(out)[0], caption).get(shape, [None])[0]
+                if truth is not None:
+                    break
+            k += 1
+        train_plain = iou(tc.heat_maps(0, method="ovam").word(shape), truth, args.tau)
+        token = optimize_token(tc, truth, init=shape, iterations=args.iterations, lr=args.lr)
+        del tc
+        tc, again = generate(pipe, [caption], [k], args, open_vocabulary=[token])
+        train_token = iou(tc.heat_maps(0, method="ovam").word(shape), truth, args.tau)
+        del tc
+        t_train = time.time() - t0
+
+        # ---- held-out images naming the shape
+        scenes, s = [], args.seed
+        while len(scenes) < args.n:
+            caption = make_heldout_scene(s).caption
+            if names_shape(caption, shape):
+                scenes.append((s, caption))
+            s += 1
+        scores: dict[str, list[float]] = {"daam": [], "ovam_word": [], "ovam_token": []}
+        for start in range(0, len(scenes), args.batch):
+            part = scenes[start : start + args.batch]
+            seeds, captions = [x[0] for x in part], [x[1] for x in part]
+            tc_word, out_word = generate(pipe, captions, seeds, args, open_vocabulary=[shape])
+            tc_token, out_token = generate(pipe, captions, seeds, args, open_vocabulary=[token])
+            if not np.array_equal(out_word, out_token):
+                raise SystemExit("the images differ between the two traces: OVAM changed the generation")
+            for j, image in enumerate(pil(out_word)):
+                truth = drawn_masks(image, captions[j]).get(shape, [None])[0]
+                if truth is None:
+                    continue  # not drawn: nothing to score against, as in daamkit eval
+                scores["daam"].append(iou(tc_word.heat_maps(j).word(shape, occurrence=0), truth, args.tau))
+                scores["ovam_word"].append(iou(tc_word.heat_maps(j, method="ovam").word(shape), truth, args.tau))
+                scores["ovam_token"].append(iou(tc_token.heat_maps(j, method="ovam").word(shape), truth, args.tau))
+        row = {"shape": shape, "train_scene": k, "train_iou_word": train_plain,
+               "train_iou_token": train_token, "scored": len(scores["daam"]),
+               **{name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()},
+               "train_seconds": t_train, "seconds": time.time() - t0}
+        rows.append(row)
+        print(f"{shape:9s} train image: word {train_plain:.3f} -> token {train_token:.3f};  held-out "
+              f"n={row['scored']:3d}  DAAM {row['daam']:.3f}  OVAM word {row['ovam_word']:.3f}  "
+              f"OVAM token {row['ovam_token']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+
+    print()
+    print(f"mIoU at tau={args.tau} over held-out images that name the shape (steps {args.steps}, "
+          f"{args.iterations} iterations, lr {args.lr})")
+    print("| shape | train IoU word | train IoU token | n | DAAM (prompt word) | OVAM word | OVAM learned token "
+          "| token - word |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['train_iou_word']:.3f} | {r['train_iou_token']:.3f} | {r['scored']} | "
+              f"{r['daam']:.3f} | {r['ovam_word']:.3f} | {r['ovam_token']:.3f} | {r['ovam_token'] - r['ovam_word']:+.3f} |")
+    names = ("train_iou_word", "train_iou_token", "daam", "ovam_word", "ovam_token")
+    means = {name: float(np.mean([r[name] for r in rows])) for name in names}
+    print(f"| mean | {means['train_iou_word']:.3f} | {means['train_iou_token']:.3f} | {sum(r['scored'] for r in rows)} | "
+          f"{means['daam']:.3f} | {means['ovam_word']:.3f} | {means['ovam_token']:.3f} | "
+          f"{means['ovam_token'] - means['ovam_word']:+.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "rows": rows, "means": means}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""OVAM (Marcos-Manchón et al., "Open-Vocabulary Attention Maps with Token Optimization for Semantic
+Segmentation in Diffusion Models", CVPR 2024): maps for words that need not be in the prompt.
+
+An *attribution prompt* ("dog cat grass") is encoded by the pipeline's own text encoder. In every
+traced cross-attention layer and step, the image queries the model used (read off ``attn.to_q`` as
+it produced them) attend to the attribution prompt's keys, computed with the layer's own ``to_k``
+and key norm: softmax over the attribution prompt's tokens, then the head mean, upsampling and
+streaming sums of DAAM (:class:`~daamkit.aggregate.Accumulator`, with the trace's
+``AggregationConfig``). The model never sees the attribution prompt, so the image is untouched.
+
+Token optimisation (OVAM §3.3): :func:`optimize_token` learns the embedding of one attribution token
+from one mask on one generated image, by gradient descent on the binary cross-entropy between the
+token's OVAM map and the mask; the result (an :class:`OvamEmbedding`) is given back to
+``OvamMethod(embeds=...)`` / ``trace(open_vocabulary=[...])`` for other images.
+
+Families: those whose text attention is plain cross-attention with un-rotated queries (the UNet
+family, PixArt, Sana). Joint-attention transformers have no separate text keys to swap; their
+open-vocabulary maps are ConceptAttention's (``method="concept"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daamkit.aggregate import Accumulator, layer_grid, resize_and_crop_maps
+from daamkit.capture.base import LayerInfo
+from daamkit.errors import InputError, TraceError
+from daamkit.methods.base import AttributionMethod, jsonable
+from daamkit.tokens import TokenAlignment, Word, split_words
+
+if TYPE_CHECKING:
+    from daamkit.heatmap import GlobalHeatMap
+    from daamkit.trace import Trace
+
+FAMILIES = ("unet", "pixart", "sana")
+
+
+@dataclass(frozen=True)
+class OvamEmbedding:
+    """An attribution prompt in the text encoder's output space (what the pipeline hands the denoiser
+    as ``encoder_hidden_states``): one row per token, start/end tokens included, no padding.
+
+    ``alignment`` names the rows: its words are the attribution words, its tokens label every row.
+    """
+
+    embeds: torch.Tensor  # (tokens, dim)
+    alignment: TokenAlignment
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.embeds, torch.Tensor) or self.embeds.ndim != 2:
+            shape = tuple(self.embeds.shape) if isinstance(self.embeds, torch.Tensor) else type(self.embeds).__name__
+            raise InputError(f"an attribution embedding must be a (tokens, dim) tensor, got {shape}")
+        if self.embeds.shape[0] != len(self.alignment.tokens):
+            raise InputError(f"the attribution embedding has {self.embeds.shape[0]} rows but its alignment "
+                             f"{len(self.alignment.tokens)} tokens")
+        if not any(w.positions for w in self.alignment.words):
+            raise InputError("the attribution embedding names no word")
+
+    @property
+    def words(self) -> list[str]:
+        return self.alignment.word_texts()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``torch.save`` (``from_dict`` reads them back)."""
+        return {"embeds": self.embeds.detach().cpu(), "alignment": self.alignment.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OvamEmbedding:
+        return cls(d["embeds"], TokenAlignment.from_dict(d["alignment"]))
+
+
+# ---- encoding the attribution prompt --------------------------------------------------------------
+def _first_encoder(pipe: Any) -> tuple[nn.Module, Any]:
+    for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if isinstance(getattr(pipe, enc, None), nn.Module) and getattr(pipe, tok, None) is not None:
+            return getattr(pipe, enc), getattr(pipe, tok)
+    raise InputError(f"{type(pipe).__name__} has no text encoder with a tokenizer: cannot encode attribution words")
+
+
+def _used_length(tokenizer: Any, ids: list[int]) -> int:
+    """How many leading ids are the text and its end token (padding follows)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    first_eos = ids.index(eos) + 1 if eos is not None and eos in ids else len(ids)
+    if pad is None or pad == eos:
+        return first_eos
+    return min(first_eos, ids.index(pad) if pad in ids else len(ids))
+
+
+def encode_attribution(pipe: Any, words: Sequence[str]) -> OvamEmbedding:
+    """The attribution prompt ``" ".join(words)`` through the pipeline's own ``encode_prompt``, cut to
+    its start token, words and end token.
+
+    The ids are read off the text encoder as it runs, so the pipeline's own caption cleaning and
+    templates count; a template before the prompt or left padding (the words not at the start)
+    is refused, as the rows could not be named.
+    """
+    encoder, tokenizer = _first_encoder(pipe)
+    text = " ".join(words)
+    seen: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and not seen:
+            seen.append(ids.detach().cpu())
+
+    params = inspect.signature(pipe.encode_prompt).parameters
+    kwargs: dict[str, Any] = {"prompt": text, "num_images_per_prompt": 1, "do_classifier_free_guidance": False}
+    device = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", None)
+    if "device" in params:
+        kwargs["device"] = device
+    if "clean_caption" in params:
+        kwargs["clean_caption"] = False
+    if "complex_human_instruction" in params:
+        kwargs["complex_human_instruction"] = None  # Sana's instruction would precede the words
+    handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = pipe.encode_prompt(**kwargs)
+    finally:
+        handle.remove()
+    embeds = out[0] if isinstance(out, tuple | list) else out
+    if not seen:
+        raise InputError(f"{type(pipe).__name__}.encode_prompt did not run its text encoder: cannot name the rows")
+    ids = seen[0][0].tolist()
+    n = _used_length(tokenizer, ids)
+    from daamkit.tokens import align
+
+    alignment = align(tokenizer, ids[:n], None)
+    got = [w.text for w in alignment.words if w.positions]
+    want = [u for w in words for u in split_words(w)]
+    if [g.lower() for g in got if g.strip()] != [u.lower() for u in want] or embeds.shape[1] < n:
+        raise InputError(
+            f"{type(pipe).__name__} does not hand the denoiser the attribution words at the start of its text "
+            f"tokens (read {got}, expected {want}): OVAM cannot name the rows of this pipeline's encoding"
+        )
+    return OvamEmbedding(embeds[0, :n].detach(), TokenAlignment(alignment.tokens, alignment.words, n, text))
+
+
+def combine(parts: Sequence[OvamEmbedding]) -> OvamEmbedding:
+    """One attribution prompt from several: the word rows of the later parts go before the first
+    part's end tokens, so every word competes in one softmax, as in a prompt written out."""
+    base = parts[0]
+    if len(parts) == 1:
+        return base
+    end = max(p for w in base.alignment.words for p in w.positions) + 1
+    rows = [base.embeds[:end]]
+    tokens = list(base.alignment.tokens[:end])
+    words = list(base.alignment.words)
+    for part in parts[1:]:
+        if part.embeds.shape[1] != base.embeds.shape[1]:
+            raise InputError(f"attribution embeddings of width {part.embeds.shape[1]} and {base.embeds.shape[1]} "
+                             "cannot be combined: they come from different text encoders")
+        keep = sorted({p for w in part.alignment.words for p in w.positions})
+        where = {p: len(tokens) + k for k, p in enumerate(keep)}
+        rows.append(part.embeds[keep].to(base.embeds))
+        tokens.extend(part.alignment.tokens[p] for p in keep)
+        for w in part.alignment.words:
+            if w.positions:
+                words.append(Word(w.text, len(words), 0, tuple(where[p] for p in w.positions), False, w.is_punctuation))
+    rows.append(base.embeds[end:])
+    tokens.extend(base.alignment.tokens[end:])
+    seen: dict[str, int] = {}
+    numbered = []
+    for k, w in enumerate(words):
+        numbered.append(Word(w.text, k, seen.get(w.text, 0), w.positions, w.truncated, w.is_punctuation))
+        seen[w.text] = seen.get(w.text, 0) + 1
+    prompt = " ".join(w.text for w in numbered)
+    return OvamEmbedding(torch.cat(rows), TokenAlignment(tuple(tokens), tuple(numbered), len(tokens), prompt))
+
+
+# ---- keys and probabilities -----------------------------------------------------------------------
+def attribution_context(denoiser: nn.Module, family: str, embeds: torch.Tensor) -> torch.Tensor:
+    """The attribution prompt as the attention modules receive text: through the denoiser's own
+    caption projection (and norm) where it has one. (1, tokens, dim)."""
+    x = embeds[None]
+    if family == "unet":
+        proj = getattr(denoiser, "encoder_hid_proj", None)
+        if proj is not None and getattr(denoiser.config, "encoder_hid_dim_type", None) == "text_proj":
+            x = proj(x.to(proj.weight.dtype))
+        return x
+    proj = getattr(denoiser, "caption_projection", None)
+    if proj is not None:
+        x = proj(x.to(next(proj.parameters()).dtype))
+    norm = getattr(denoiser, "caption_norm", None)
+    if norm is not None:
+        x = norm(x)
+    return x
+
+
+def _norm_width(norm: nn.Module) -> int | None:
+    for attr in ("normalized_shape", "dim"):
+        shape = getattr(norm, attr, None)
+        if isinstance(shape, tuple | torch.Size) and len(shape):
+            return int(shape[-1])
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) else None
+
+
+def _split_heads(x: torch.Tensor, heads: int, norm: nn.Module | None) -> torch.Tensor:
+    """(b, n, heads*d) -> (b, heads, n, d), with the module's q/k norm where its processor applies it:
+    over all heads at once (Sana's ``rms_norm_across_heads``) or per head (the usual)."""
+    if norm is not None and heads > 1 and _norm_width(norm) == x.shape[-1]:
+        x, norm = norm(x), None
+    x = x.unflatten(-1, (heads, -1)).transpose(1, 2)
+    return norm(x) if norm is not None else x
+
+
+def attribution_keys(attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
+    """The attribution prompt's keys in one cross-attention layer: ``to_k`` (after the module's
+    cross norm), head split and key norm. (1, heads, tokens, d)."""
+    if getattr(attn, "norm_cross", None):
+        context = attn.norm_encoder_hidden_states(context)
+    # forward(), not the module call: the capture's hook on to_k keeps the first keys of each
+    # attention call, and these are computed inside the layer's call
+    k = attn.to_k.forward(context.to(attn.to_k.weight.dtype))
+    return _split_heads(k, int(attn.heads), getattr(attn, "norm_k", None))
+
+
+def attribution_probs(attn: nn.Module, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """softmax over the attribution tokens of the image queries ``q`` ((b, N, heads*d), the output of
+    ``to_q``) on ``keys``, in fp32: (b, heads, N, tokens)."""
+    qh = _split_heads(q, int(attn.heads), getattr(attn, "norm_q", None))
+    scores = torch.matmul(qh.float(), keys.float().transpose(-1, -2)) * float(attn.scale)
+    return scores.softmax(dim=-1)
+
+
+class _QueryTap:
+    """Reads one layer's image queries (the first ``to_q`` output of each call) and hands them on."""
+
+    def __init__(self, owner: OvamMethod, layer: LayerInfo, attn: nn.Module):
+        self.owner, self.layer, self.attn = owner, layer, attn
+        self.done = False
+
+    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.done = False
+
+    def on_query(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self.done:
+            return
+        self.done = True
+        if isinstance(out, torch.Tensor) and out.dim() == 3:
+            with torch.no_grad():
+                self.owner._on_query(self.layer, self.attn, out.detach())
+
+
+class OvamMethod(AttributionMethod):
+    """OVAM maps of attribution words (``words``, encoded by the pipeline's text encoder) and/or
+    attribution embeddings (``embeds``, e.g. tokens from :func:`optimize_token`), which need not be in
+    the prompt. All of them form one attribution prompt: one softmax over its tokens.
+
+    keep_queries: also keep each selected layer's conditional image queries at every selected step
+        (``trace(steps=..., layers=...)`` bound the memory), which :func:`optimize_token` learns from.
+    """
+
+    name = "ovam"
+    families = FAMILIES
+    requirement = (
+        "open-vocabulary (OVAM) maps need a denoiser whose text attention is plain cross-attention (Stable "
+        "Diffusion UNets, PixArt, Sana); for SD3 and Flux, trace with concepts=[...] and read method='concept'"
+    )
+    not_enabled = "no open-vocabulary words were traced: pass open_vocabulary=[...] to trace() for method='ovam'"
+
+    def __init__(
+        self,
+        words: Sequence[str] | None = None,
+        embeds: OvamEmbedding | Sequence[OvamEmbedding] | None = None,
+        *,
+        keep_queries: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(words, str):
+            words = [words]
+        self.words = [str(w).strip() for w in words] if words is not None else []
+        if isinstance(embeds, OvamEmbedding):
+            embeds = [embeds]
+        self.embeds = list(embeds) if embeds is not None else []
+        if any(not isinstance(e, OvamEmbedding) for e in self.embeds):
+            raise InputError("embeds must be OvamEmbedding objects (from encode_attribution or optimize_token)")
+        if words is not None and any(not w or not split_words(w) for w in self.words):
+            raise InputError(f"open-vocabulary words must be non-empty words, got {list(words)}")
+        if not self.words and not self.embeds:
+            raise InputError("open_vocabulary is empty: give the words (or learned tokens) to map")
+        if len(set(self.words)) != len(self.words):
+            raise InputError(f"open-vocabulary words must be distinct, got {self.words}")
+        self.keep_queries = bool(keep_queries)
+        self.attribution: OvamEmbedding | None = None
+        self.accumulator: Accumulator | None = None
+        self.queries: dict[tuple[int, str], torch.Tensor] = {}  # (step, layer) -> (b, N, heads*d) cond queries
+        self.modules: dict[str, nn.Module] = {}
+        self._keys: dict[str, torch.Tensor] = {}
+        self._context: torch.Tensor | None = None
+        self._trace: Trace | None = None
+        self._video = False
+
+    @classmethod
+    def from_options(cls, items: Sequence[str | OvamEmbedding] | OvamEmbedding | str | None) -> OvamMethod | None:
+        """The method for ``trace(open_vocabulary=...)``: words and learned embeddings in any mix."""
+        if items is None:
+            return None
+        if isinstance(items, str | OvamEmbedding):
+            items = [items]
+        words = [w for w in items if not isinstance(w, OvamEmbedding)]
+        embeds = [e for e in items if isinstance(e, OvamEmbedding)]
+        return cls(words if words or not embeds else None, embeds)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def attach(self, trace: Trace) -> None:
+        self._trace = trace
+        parts = ([encode_attribution(trace.pipe, self.words)] if self.words else []) + self.embeds
+        self.attribution = combine(parts)
+        capture = trace.capture
+        self.modules = dict(capture.modules)
+        for layer in capture.layers:
+            attn = self.modules[layer.name]
+            tap = _QueryTap(self, layer, attn)
+            self.hooks.add(attn.register_forward_pre_hook(tap.reset, with_kwargs=True))
+            self.hooks.add(attn.to_q.register_forward_hook(tap.on_query))
+
+    def start_generation(self, trace: Trace) -> None:
+        gen = trace.generation
+        self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images)
+        self.queries = {}
+        self._keys = {}
+        self._context = None
+        self._video = gen.call.frames > 1
+
+    def _layer_keys(self, layer: str, attn: nn.Module) -> torch.Tensor:
+        keys = self._keys.get(layer)
+        if keys is None:
+            assert self._trace is not None and self.attribution is not None
+            if self._context is None:
+                weight = attn.to_k.weight
+                embeds = self.attribution.embeds.to(device=weight.device)
+                self._context = attribution_context(self._trace.capture.denoiser, self._trace.capture.family, embeds)
+            keys = self._keys[layer] = attribution_keys(attn, self._context.to(attn.to_k.weight.device))
+        return keys
+
+    def _on_query(self, layer: LayerInfo, attn: nn.Module, q: torch.Tensor) -> None:
+        trace = self._trace
+        if trace is None or self.accumulator is None or self._video:
+            return
+        rows = trace.branch_rows(q.shape[0]).get("cond")
+        if rows is None or not self.accumulator.wants(layer, q.shape[1]):
+            return
+        qc = q[rows]
+        probs = attribution_probs(attn, qc, self._layer_keys(layer.name, attn))
+        step = trace.generation.step
+        self.accumulator.add(layer, step, probs, "cond")
+        if self.keep_queries and layer.name in self.accumulator.layers:  # selected: add() kept it
+            self.queries[(step, layer.name)] = qc.clone()
+
+    # ---- results -----------------------------------------------------------------------------
+    def heat_maps(
+        self,
+        trace: Trace,
+        i: int,
+        *,
+        prompt: str | None = None,
+        branch: str = "cond",
+        steps: Sequence[int] | range | None = None,
+        layers: Sequence[str] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> GlobalHeatMap:
+        """``prompt`` does not apply (the words are the attribution prompt's); the maps are those of the
+        conditional branch's queries."""
+        from daamkit.heatmap import GlobalHeatMap
+
+        gen = trace.generation
+        if branch != "cond":
+            raise InputError("OVAM maps are read from the conditional branch's queries only: use branch='cond'")
+        if self._video:
+            raise TraceError("OVAM maps of videos are not supported: the traced call denoised several frames")
+        if not 0 <= i < gen.num_images:
+            raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
+        assert self.accumulator is not None and self.attribution is not None
+        if "cond" not in self.accumulator.branches:
+            raise TraceError("no OVAM maps were recorded (no selected cross-attention layer ran inside the trace)")
+        maps = self.accumulator.result("cond", steps=steps, layers=layers, heads=heads)[i]
+        scale = trace.capture.cell_pixels(trace.pipe)
+        h, w = gen.call.latent_hw
+        image_size = (h * scale, w * scale)
+        meta = {
+            "family": trace.capture.family,
+            "pipeline": type(trace.pipe).__name__,
+            "method": "ovam",
+            "attribution_prompt": self.attribution.alignment.prompt,
+            "words": self.attribution.words,
+            "branch": "cond",
+            "image_index": i,
+            "num_steps": gen.step + 1,
+            "latent_hw": [h, w],
+            "layers": sorted(self.accumulator.layers),
+            "config": jsonable(asdict(trace.config)),
+            "selection": jsonable({"steps": steps, "layers": layers, "heads": heads}),
+        }
+        if gen.output_resize is not None:
+            generated, image_size = gen.output_resize
+            maps = resize_and_crop_maps(maps, generated, image_size)
+            meta["generated_size"] = list(generated)
+        return GlobalHeatMap(maps.cpu(), self.attribution.alignment, image_size=image_size, meta=meta)
+
+
+# ---- token optimisation ---------------------------------------------------------------------------
+def _ovam_method(tc: Trace) -> OvamMethod:
+    method = tc.method("ovam")
+    if not isinstance(method, OvamMethod):
+        raise TraceError("the trace's 'ovam' method is not daamkit's OvamMethod")
+    if not method.queries:
+        raise TraceError(
+            "no image queries were kept: trace with methods=[OvamMethod([...], keep_queries=True)] to optimise a token"
+        )
+    return method
+
+
+def ovam_map(tc: Trace, embeds: torch.Tensor, image: int = 0) -> torch.Tensor:
+    """The OVAM maps (tokens, gh, gw) of the attribution rows ``embeds`` on image ``image`` of the latest
+    generation, from the queries the trace kept, differentiable in ``embeds``: the mean over the kept
+    (step, layer) pairs of each pair's head-mean map on the grid (the method's maps over the steps)."""
+    method = _ovam_method(tc)
+    gen = tc.generation
+    if not 0 <= image < gen.num_images:
+        raise IndexError(f"image index {image} out of range: the traced call made {gen.num_images} image(s)")
+    config = tc.config
+    grid = tuple(config.grid) if config.grid is not None else tuple(gen.call.latent_hw)
+    context = attribution_context(tc.capture.denoiser, tc.capture.family, embeds)
+    by_layer: dict[str, list[torch.Tensor]] = {}
+    for (_, name), q in method.queries.items():
+        by_layer.setdefault(name, []).append(q[image : image + 1])
+    total: torch.Tensor | None = None
+    for name, qs in by_layer.items():  # the steps of a layer in one product
+        attn = method.modules[name]
+        keys = attribution_keys(attn, context.to(attn.to_k.weight.device))
+        probs = attribution_probs(attn, torch.cat(qs), keys)  # (steps, heads, N, tokens)
+        if config.heads is not None:
+            probs = probs[:, list(config.heads)]
+        p = probs.mean(1)  # (steps, N, tokens)
+        h, w, _ = layer_grid(gen.call.latent_hw, p.shape[1])
+        m = p.transpose(1, 2).reshape(p.shape[0], -1, h, w)
+        if (h, w) != grid:
+            m = F.interpolate(m, size=grid, mode="bicubic", align_corners=False).clamp(min=0)
+        total = m.sum(0) if total is None else total + m.sum(0)
+    assert total is not None
+    return total / len(method.queries)
+
+
+def _target(mask: Any, grid: tuple[int, int]) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    if t.ndim != 2:
+        raise InputError(f"the mask must be a 2-D (height, width) array, got shape {tuple(t.shape)}")
+    if t.min() < 0 or t.max() > 1:
+        raise InputError("the mask must hold values in [0, 1] (a boolean or 0/1 mask)")
+    if not 0 < float(t.mean()) < 1:
+        raise InputError("the mask is empty or covers the whole image: nothing to learn from")
+    return F.interpolate(t[None, None], size=grid, mode="area")[0, 0]
+
+
+def optimize_token(
+    tc: Trace,
+    mask: Any,
+    *,
+    init: str,
+    image: int = 0,
+    name: str | None = None,
+    iterations: int = 200,
+    lr: float = 0.02,
+) -> OvamEmbedding:
+    """Learn one attribution token from ``mask`` (a (H, W) bool/0-1 array over image ``image`` of the
+    latest generation of ``tc``, traced with ``OvamMethod(..., keep_queries=True)``).
+
+    The attribution prompt is ``init`` encoded by the pipeline (its start and end tokens stay as
+    encoded); ``init``'s token rows are replaced by one learnable row, started at their mean, and
+    Adam (``lr``, ``iterations`` steps) lowers the binary cross-entropy between that row's OVAM map
+    (:func:`ovam_map`, on the aggregation grid; the mask is area-averaged onto it) and the mask.
+    Returns the embedding, named ``name`` (default ``init``), for ``OvamMethod(embeds=...)``.
+    """
+    method = _ovam_method(tc)
+    if not init or not split_words(init):
+        raise InputError("init must be a word to start the token from")
+    if iterations < 1 or not lr > 0:
+        raise InputError(f"iterations must be at least 1 and lr positive, got {iterations} and {lr}")
+    label = name if name is not None else init
+    units = split_words(label)
+    if not units:
+        raise InputError(f"the token name {label!r} holds no word")
+    gen = tc.generation
+    grid = tuple(tc.config.grid) if tc.config.grid is not None else tuple(gen.call.latent_hw)
+    target = _target(mask, grid)
+    base = encode_attribution(tc.pipe, [init])
+    rows = sorted({p for w in base.alignment.words for p in w.positions})
+    first, last = rows[0], rows[-1]
+    device = next(iter(method.queries.values())).device
+    head = base.embeds[:first].float().to(device)
+    tail = base.embeds[last + 1 :].float().to(device)
+    token = base.embeds[rows].float().mean(0).to(device).clone().requires_grad_(True)
+    target = target.to(device)
+    opt = torch.optim.Adam([token], lr=lr * float(token.detach().norm()) / max(1.0, token.numel() ** 0.5))
+    with torch.enable_grad():
+        for _ in range(iterations):
+            ctx = torch.cat([head, token[None], tail])
+            m = ovam_map(tc, ctx, image)[first].clamp(1e-6, 1 - 1e-6)
+            loss = F.binary_cross_entropy(m, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    embeds = torch.cat([head, token.detach()[None], tail]).to(base.embeds.dtype).cpu()
+    tokens = base.alignment.tokens[:first] + (label,) + base.alignment.tokens[last + 1 :]
+    words = tuple(Word(u, k, 0, (first,), False, False) for k, u in enumerate(units))
+    return OvamEmbedding(embeds, TokenAlignment(tokens, words, len(tokens), label))
