@@ -152,6 +152,11 @@ def _layer_matches(selector: str, layer: LayerInfo) -> bool:
     return layer.name == selector or layer.name.startswith(selector.rstrip(".") + ".")
 
 
+def layer_matches(selector: str, layer: LayerInfo) -> bool:
+    """Whether a layer selector (block kind, name prefix or full name) picks ``layer``."""
+    return _layer_matches(selector, layer)
+
+
 def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int, int]:
     """The (h, w, factor) of a layer whose image sequence has ``tokens`` positions.
 

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from daamkit.heatmap import GlobalHeatMap, WordHeatMap
+    from daamkit.relation import ImageRelationMap, TokenRelationMatrix
 
 __all__ = [
     "colorize",
@@ -37,6 +38,8 @@ __all__ = [
     "overlay",
     "plot_frame_scores",
     "plot_grid",
+    "plot_image_relation",
+    "plot_token_relation",
     "plot_word",
     "save_figure",
     "save_heat_image",
@@ -285,6 +288,97 @@ def plot_frame_scores(
     if fps is not None:
         top = ax.secondary_xaxis("top", functions=(lambda f: f / fps, lambda t: t * fps))
         top.set_xlabel("seconds")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_image_relation(
+    relation: ImageRelationMap,
+    image: PIL.Image.Image | None = None,
+    k: int = 0,
+    ax: Axes | None = None,
+    colorbar: bool = True,
+    title: str | None = None,
+    cmap: str | Colormap = "jet",
+    alpha: float = 0.5,
+    normalize: bool = True,
+    marker_color: str = "white",
+) -> Axes:
+    """Where query ``k`` of an image->image relation attends: its map over ``image`` (if given), with
+    the query drawn on top (a point as a ringed cross, a region as its outline). Returns the Axes.
+
+    ``title`` defaults to the query's position; pass ``""`` for none. The map is expanded to the
+    image's size (else the relation's ``image_size``) and, with ``normalize``, scaled to [0, 1].
+    """
+    query = relation.queries[k]
+    word_map = relation.heat_map(k)
+    ax = plot_word(word_map, image, ax=ax, colorbar=colorbar, title=query.label() if title is None else title,
+                   cmap=cmap, alpha=alpha, normalize=normalize)
+    h, w = _size_for(word_map, image)
+    sy, sx = h / relation.image_size[0], w / relation.image_size[1]  # the query is in the relation's pixels
+    if query.point is not None:
+        y, x = query.point[0] * sy, query.point[1] * sx
+        ax.plot([x], [y], marker="o", markersize=11, markerfacecolor="none", markeredgecolor="black",
+                markeredgewidth=2.5)
+        ax.plot([x], [y], marker="+", markersize=11, color=marker_color, markeredgewidth=1.8)
+    else:
+        assert query.mask is not None
+        mh, mw = query.mask.shape
+        ax.contour(np.linspace(0, w, mw, endpoint=False) + 0.5 * w / mw, np.linspace(0, h, mh, endpoint=False)
+                   + 0.5 * h / mh, query.mask.astype(float), levels=[0.5], colors=[marker_color], linewidths=1.5)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    return ax
+
+
+def plot_token_relation(
+    relation: TokenRelationMatrix,
+    level: str = "word",
+    ax: Axes | None = None,
+    colorbar: bool = True,
+    title: str | None = None,
+    cmap: str | Colormap = "viridis",
+    include_punctuation: bool = False,
+    annotate: bool | None = None,
+) -> Axes:
+    """A text->text relation as a matrix, rows the attending (query) words, columns the attended
+    (key) words. Returns the Axes.
+
+    level: ``"word"`` (the prompt's words, :meth:`TokenRelationMatrix.words`) or ``"token"`` (the
+        tokens of those words, each labelled with its token string; start, end and padding tokens left
+        out). annotate: write each cell's value (default: when the matrix has at most 12 rows).
+    """
+    if level == "word":
+        labels, m = relation.words(include_punctuation=include_punctuation)
+    elif level == "token":
+        chosen = [w for w in relation.alignment.words if w.positions and (include_punctuation or not w.is_punctuation)]
+        positions = [p for w in chosen for p in w.positions]
+        if not positions:
+            raise ValueError("the prompt has no tokens to label the matrix with")
+        labels = [relation.tokens[p] for p in positions]
+        m = relation.matrix.float()[positions][:, positions]
+    else:
+        raise ValueError(f"level must be 'word' or 'token', got {level!r}")
+    arr = m.detach().cpu().numpy()
+    n = len(labels)
+    if ax is None:
+        side = max(3.0, 0.45 * n + 1.5)
+        fig = Figure(figsize=(side + (0.8 if colorbar else 0.0), side), layout="constrained")
+        ax = fig.add_subplot()
+    image = ax.imshow(arr, cmap=_cmap(cmap), vmin=0.0, interpolation="nearest")
+    ax.set_xticks(range(n), labels, rotation=90)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("attended (key)")
+    ax.set_ylabel("attending (query)")
+    if annotate if annotate is not None else n <= 12:
+        top = float(arr.max()) or 1.0
+        for r in range(n):
+            for c in range(n):
+                ax.text(c, r, f"{arr[r, c]:.2f}", ha="center", va="center", fontsize="x-small",
+                        color="black" if arr[r, c] > 0.6 * top else "white")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title:
         ax.set_title(title)
     return ax

@@ -41,11 +41,14 @@ from daamkit.methods import (
     DaamMethod,
     OvamEmbedding,
     OvamMethod,
+    RelationMethod,
     canonical_name,
 )
+from daamkit.methods.relations import RELATION_METHODS, ImageRelationMethod, TextRelationMethod
 
 if TYPE_CHECKING:
     from daamkit.capture.families import TextPart
+    from daamkit.capture.sdpa import JointCall
     from daamkit.heatmap import GlobalHeatMap
     from daamkit.tokens import TokenAlignment
 
@@ -206,9 +209,11 @@ class Trace:
         concept_softmax: bool = True,
         methods: Sequence[AttributionMethod] = (),
         open_vocabulary: Sequence[str | OvamEmbedding] | None = None,
+        relations: Sequence[str] | None = None,
+        query: Any = None,
     ):
-        """methods: attribution methods besides DAAM (always on) and the concept / OVAM methods that
-        ``concepts`` / ``open_vocabulary`` build; each name may occur once."""
+        """methods: attribution methods besides DAAM (always on) and the concept / OVAM / relation
+        methods that ``concepts`` / ``open_vocabulary`` / ``relations`` build; each name may occur once."""
         self.pipe = pipe
         self.config = config
         self.capture = detect_capture(pipe, probabilities=config.probabilities)
@@ -220,6 +225,7 @@ class Trace:
         ovam = OvamMethod.from_options(open_vocabulary)
         if ovam is not None:
             chosen.append(ovam)
+        chosen.extend(_relation_methods(relations, query))
         chosen.extend(methods)
         self._methods: dict[str, AttributionMethod] = {}
         taken: set[str] = set()  # names and aliases: heat_maps(method=...) must name one method
@@ -238,6 +244,7 @@ class Trace:
                 )
             self._methods[m.name] = m
         self._attention_methods = [m for m in self._methods.values() if "cross_attention" in m.captures]
+        self._joint_methods = [m for m in self._methods.values() if "joint_attention" in m.captures]
         self._hooks = HookSet()
         self._log = _TruncationLog()
         self._gen: _Generation | None = None
@@ -410,6 +417,10 @@ class Trace:
             else:
                 m.on_attention(self, layer, probs, branch, chunk)
 
+    def on_joint_attention(self, layer: LayerInfo, call: JointCall) -> None:
+        for m in self._joint_methods:
+            m.on_joint_attention(self, layer, call)
+
     # ---- results -----------------------------------------------------------------------------
     @property
     def num_images(self) -> int:
@@ -437,7 +448,12 @@ class Trace:
     @property
     def method_names(self) -> list[str]:
         """The attribution methods this trace records, by the names ``heat_maps(method=...)`` takes."""
-        return list(self._methods)
+        return [n for n, m in self._methods.items() if not isinstance(m, RelationMethod)]
+
+    @property
+    def relation_names(self) -> list[str]:
+        """The relations this trace records, by the kinds ``relation(i, kind)`` takes."""
+        return [n for n, m in self._methods.items() if isinstance(m, RelationMethod)]
 
     def method(self, name: str) -> AttributionMethod:
         """The method object recording ``name`` (or one of its aliases) on this trace."""
@@ -492,6 +508,39 @@ class Trace:
         return self.method(method).heat_maps(
             self, i, prompt=prompt, branch=branch, steps=steps, layers=layers, heads=heads
         )
+
+    def relation(
+        self,
+        i: int = 0,
+        kind: str = "image->image",
+        *,
+        steps: Sequence[int] | range | None = None,
+        layers: Sequence[str] | None = None,
+        heads: Sequence[int] | None = None,
+        prompt: str | None = None,
+    ) -> Any:
+        """The relation ``kind`` of image ``i`` of the latest pipeline call, traced with
+        ``trace(relations=[kind], ...)``: an :class:`~daamkit.relation.ImageRelationMap` for
+        ``"image->image"``, a :class:`~daamkit.relation.TokenRelationMatrix` for ``"text->text"``.
+
+        steps / layers / heads: select among what was kept, as for :meth:`heat_maps`. prompt: for
+        ``"text->text"`` where the pipeline was given ``prompt_embeds``.
+        """
+        from daamkit.relation import check_kind
+
+        check_kind(kind)
+        method = self._methods.get(kind)
+        if not isinstance(method, RelationMethod):
+            self._require_gen()
+            raise TraceError(RELATION_METHODS[kind].not_enabled)
+        missed = sorted(getattr(self.capture, "missed", None) or ())
+        if missed:
+            raise TraceError(
+                f"{len(missed)} traced attention layer(s), e.g. {missed[0]}, ran without PyTorch's "
+                "scaled_dot_product_attention, so daamkit could not read their queries and keys: trace with the "
+                "native backend, e.g. pipe.transformer.set_attention_backend('native')"
+            )
+        return method.relation(self, i, steps=steps, layers=layers, heads=heads, prompt=prompt)
 
     def all_heat_maps(self, **kwargs: Any) -> list:
         return [self.heat_maps(i, **kwargs) for i in range(self.num_images)]
@@ -564,6 +613,19 @@ class Trace:
         return align(tokenizer, ids, prompt)
 
 
+def _relation_methods(relations: Sequence[str] | None, query: Any) -> list[AttributionMethod]:
+    from daamkit.relation import check_kind
+
+    if isinstance(relations, str):
+        relations = [relations]
+    kinds = [check_kind(k) for k in relations or ()]
+    if len(set(kinds)) != len(kinds):
+        raise InputError(f"relations must be distinct, got {kinds}")
+    if query is not None and "image->image" not in kinds:
+        raise InputError("query=... names where an image->image relation looks from: add relations=['image->image']")
+    return [ImageRelationMethod(query) if k == "image->image" else TextRelationMethod() for k in kinds]
+
+
 def trace(
     pipe: Any,
     *,
@@ -585,6 +647,8 @@ def trace(
     concept_softmax: bool = True,
     open_vocabulary: Sequence[str | OvamEmbedding] | None = None,
     methods: Sequence[AttributionMethod] = (),
+    relations: Sequence[str] | None = None,
+    query: Any = None,
 ) -> Trace:
     """Trace a diffusers pipeline: ``with trace(pipe) as tc: pipe(...); tc.heat_maps(0)``.
 
@@ -602,6 +666,11 @@ def trace(
         PixArt, Sana), read with ``tc.heat_maps(i, method="ovam")``; they form one attribution prompt.
     methods: further :class:`~daamkit.methods.AttributionMethod` objects, e.g.
         ``OvamMethod([...], keep_queries=True)`` to learn a token from the traced image.
+    relations: relation maps to record beside the word maps, read with ``tc.relation(i, kind)``:
+        ``"image->image"`` (where ``query`` attends in the image; UNets and joint transformers) and
+        ``"text->text"`` (token-to-token attention of the prompt; joint transformers).
+    query: for ``"image->image"``: a point (y, x) in pixels of the generated image, a boolean (H, W)
+        mask, or a list of them (one map each).
     """
     if config is None:
         if mode == "reference":
@@ -627,4 +696,4 @@ def trace(
                 chunk_mib=chunk_mib,
             )
     return Trace(pipe, config, concepts=concepts, concept_embeds=concept_embeds, concept_softmax=concept_softmax,
-                 methods=methods, open_vocabulary=open_vocabulary)
+                 methods=methods, open_vocabulary=open_vocabulary, relations=relations, query=query)

@@ -131,6 +131,73 @@ def text_probabilities(
     return out if valid is None else out.masked_fill_(~valid, 0.0)
 
 
+@dataclass(frozen=True)
+class JointCall:
+    """One joint attention call as scaled-dot-product attention received it: q (B, H, L, D), k (B, Hk, L, D)
+    over one sequence of text and image tokens, where they lie (``where``: the generated image's queries,
+    which are also its keys, and the text keys, which are also its queries), the model's mask and scale,
+    and the batch rows of each branch."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    where: Slices
+    mask: torch.Tensor | None
+    scale: float | None
+    rows: dict[str, slice]
+
+
+def block_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queries: torch.Tensor | slice,
+    keys: slice,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    rows: slice = slice(None),
+    probabilities: str = "text",
+) -> torch.Tensor:
+    """Attention probabilities of some queries on one span of keys, (b, heads, n_queries, n_keys), fp32.
+
+    q: (B, H, Nq, D), k: (B, Hk, Nk, D) as scaled-dot-product attention receives them; ``queries`` are
+    positions on the query axis (an index tensor or a slice). ``"text"`` softmaxes over the ``keys``
+    span only, ``"model"`` over every key (the model's own probabilities) and keeps the span; only the
+    chosen queries' rows are computed. valid: optional (B, n_keys) bool, False for keys of the span
+    that get no probability. The model's mask holds in both.
+    """
+    if probabilities not in PROBABILITIES:
+        raise ValueError(f"probabilities must be one of {PROBABILITIES}, got {probabilities!r}")
+    scale = float(q.shape[-1] ** -0.5) if scale is None else float(scale)
+    qi = q[rows][:, :, queries].float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = k[rows].float()
+    m = None
+    if mask is not None:
+        m = mask
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if m.shape[0] != 1:
+            m = m[rows]
+        if m.shape[-2] != 1:
+            m = m[..., queries, :]
+    span = range(*keys.indices(k.shape[2]))
+    if probabilities == "text":
+        k = k[:, :, keys]
+        if m is not None and m.shape[-1] != 1:
+            m = m[..., keys]
+    scores = _masked(torch.matmul(qi, k.transpose(-1, -2)).mul_(scale), m)
+    if probabilities == "text":
+        if valid is not None:
+            scores = scores.masked_fill_(~valid[rows][:, None, None, :].to(scores.device), float("-inf"))
+        return torch.nan_to_num_(scores.softmax(dim=-1), nan=0.0)
+    out = torch.nan_to_num_(scores.softmax(dim=-1), nan=0.0)[..., span.start:span.stop:span.step]
+    if valid is not None:
+        out = out.masked_fill(~valid[rows][:, None, None, :].to(out.device), 0.0)
+    return out
+
+
 class _Watch(TorchFunctionMode):
     """Calls ``tap.on_sdpa`` at every scaled-dot-product attention while a traced module runs."""
 
@@ -250,6 +317,11 @@ class AttentionTap:
                             for r in range(*rows.indices(q.shape[0]))
                         ])
                     self.sink.on_attention(self.layer, probs, branch, chunk)
+            # the whole call's q and k, for consumers of more than the image-text block (relation maps);
+            # only a call laid out as one sequence for every row qualifies
+            joint = getattr(self.sink, "on_joint_attention", None)
+            if joint is not None and isinstance(where, Slices) and q.shape[2] == k.shape[2]:
+                joint(self.layer, JointCall(q, k, where, mask, kwargs.get("scale"), dict(self.rows)))
 
     def _deliver_rows(self, calls: list[tuple[torch.Tensor, torch.Tensor, Any, Any, Slices]]) -> None:
         """One delivery per branch (and query chunk) from the per-row calls of one module forward."""

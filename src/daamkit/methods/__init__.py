@@ -8,6 +8,12 @@ from daamkit.methods.base import CAPTURE_STREAMS, AttributionMethod
 from daamkit.methods.concept import ConceptMethod
 from daamkit.methods.daam import DaamMethod
 from daamkit.methods.ovam import OvamEmbedding, OvamMethod, optimize_token
+from daamkit.methods.relations import (
+    RELATION_METHODS,
+    ImageRelationMethod,
+    RelationMethod,
+    TextRelationMethod,
+)
 
 METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod, OvamMethod)}
 
@@ -26,8 +32,12 @@ __all__ = [
     "AttributionMethod",
     "ConceptMethod",
     "DaamMethod",
+    "ImageRelationMethod",
     "OvamEmbedding",
     "OvamMethod",
+    "RELATION_METHODS",
+    "RelationMethod",
+    "TextRelationMethod",
     "canonical_name",
     "optimize_token",
 ]

@@ -56,11 +56,15 @@ import torch
 from daamkit.capture.base import HookSet, LayerInfo, QueryChunk
 
 if TYPE_CHECKING:
+    from daamkit.capture.sdpa import JointCall
     from daamkit.heatmap import GlobalHeatMap
     from daamkit.trace import Trace
 
 #: Streams the family capture can route to a method (see ``AttributionMethod.captures``).
-CAPTURE_STREAMS = frozenset({"cross_attention"})
+#: ``"joint_attention"``: the q and k of every joint (text + image) attention call of a traced layer at
+#: a selected step, routed to ``on_joint_attention(trace, layer, call)`` (a
+#: :class:`~daamkit.capture.sdpa.JointCall`); only joint-attention transformers make such calls.
+CAPTURE_STREAMS = frozenset({"cross_attention", "joint_attention"})
 
 
 class AttributionMethod(ABC):
@@ -108,6 +112,9 @@ class AttributionMethod(ABC):
         at step ``trace.generation.step``; only called when ``"cross_attention"`` is in ``captures``.
         A video's queries are frame-major; ``chunk`` (only for methods with ``chunks``) says which
         of them ``probs`` holds."""
+
+    def on_joint_attention(self, trace: Trace, layer: LayerInfo, call: JointCall) -> None:  # noqa: B027
+        """One joint attention call's q and k (only when ``"joint_attention"`` is in ``captures``)."""
 
     @abstractmethod
     def heat_maps(self, trace: Trace, i: int, **options: Any) -> GlobalHeatMap:
