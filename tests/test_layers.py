@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 FLOORS = {
     "daamkit.errors": 0, "daamkit._version": 0, "daamkit.capture": 0, "daamkit.aggregate": 0,
     "daamkit.tokens": 0, "daamkit.metrics": 0, "daamkit.stats": 0, "daamkit.heatmap": 0, "daamkit.plot": 0,
+    "daamkit.frames": 0, "daamkit.video": 0, "daamkit.relation": 0,
     "daamkit.testing": 1, "daamkit.world": 1,
     "daamkit.methods": 2, "daamkit.trace": 2,
     "daamkit.io": 3,
