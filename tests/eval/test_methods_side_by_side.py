@@ -108,8 +108,13 @@ def test_score_run_scores_every_method_against_the_same_masks(sd_tokenizer):
     assert noun["miou"]["good"]["0.4"][0] > 0.9 and noun["miou"]["bad"]["0.4"][0] < 0.1
     assert noun["by_method"]["bad"]["n"] == 2 and noun["n"] == 2
     assert result.miou("noun", 0.4) == result.miou("noun", 0.4, method="good")
+    diff = noun["by_method"]["bad"]["minus_first"]["0.4"]
+    assert diff[0] == pytest.approx(noun["miou"]["bad"]["0.4"][0] - noun["miou"]["good"]["0.4"][0])
+    assert diff[1] <= diff[0] <= diff[2] < -0.8 and "minus_first" not in noun["by_method"]["good"]
+    assert result.paired_difference("noun", 0.4, "good", reference="bad")[0] == pytest.approx(-diff[0])
     md = result.markdown(0.4)
     assert "| noun | 2 | good |" in md and "| noun | 2 | bad |" in md and "| noun | bad |" in md
+    assert "| noun | 2 | bad minus good (paired) | -0.9" in md
     assert "Not scored: concept: skipped" in md
     fig = result.plot()
     for ax in fig.axes:  # one panel per word kind, one line per method, then the baselines
