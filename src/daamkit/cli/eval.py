@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from daamkit.cli.common import (
+    CLIError,
     add_trace_options,
     finite_float,
     positive_int,
@@ -16,12 +17,18 @@ from daamkit.cli.common import (
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from daamkit.evaluate.protocol import evaluate_records, evaluate_world
+    from daamkit.evaluate.protocol import evaluate_records, evaluate_world, select_methods
 
+    # the names are checked before a model loads; whether each applies is decided once it has
+    methods, _ = select_methods(args.methods)
     tau = args.threshold  # the headline tau (default 0.4); --taus is the sweep
     taus = tuple(sorted(set(args.taus) | {tau}))
     if args.runs:
         from daamkit.io.runs import load_runs
+
+        if methods != ["daam"]:
+            raise CLIError("--methods applies when eval generates the images; --runs scores the DAAM maps its "
+                           "records hold (leave --methods out)")
 
         result = evaluate_records(load_runs(args.runs), taus=taus)
         result.settings = {"runs": str(args.runs)}
@@ -43,8 +50,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_against_pipeline(pipe, GenerateOptions(steps=args.steps, trace=trace_kwargs(args)))
         result = evaluate_world(pipe, n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                                 taus=taus, batch_size=args.batch_size, progress=not args.no_progress,
-                                trace_options=trace_kwargs(args))
+                                trace_options=trace_kwargs(args), methods=args.methods)
         result.settings["model"] = str(model)
+        for note in result.notes:
+            print(f"daamkit eval: {note}", file=sys.stderr)
     paths = result.save(args.out, tau=tau)
     print(result.markdown(tau))
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
@@ -72,5 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", default=None)
     e.add_argument("--out", default="daamkit-eval")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument(
+        "--methods",
+        default="daam",
+        metavar="NAMES",
+        help="attribution methods to score side by side on the same images, comma-separated (e.g. daam,ovam), "
+        "or 'all' for every method that applies to the model (default: daam); methods that map given words "
+        "(ovam) map each scene's nouns and colours",
+    )
     add_trace_options(e)
     e.set_defaults(func=cmd_eval)

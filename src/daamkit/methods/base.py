@@ -49,6 +49,7 @@ the trace object they are given but never import ``daamkit.trace`` at run time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -88,6 +89,14 @@ class AttributionMethod(ABC):
 
     def __init__(self) -> None:
         self.hooks = HookSet()
+
+    @classmethod
+    def for_images(cls, words: Sequence[Sequence[str]]) -> AttributionMethod:
+        """An instance for one pipeline call whose image ``i`` is about ``words[i]`` (an evaluation's
+        scene nouns and colours, say); methods that map words given to them rather than the prompt's
+        own (OVAM, concepts) take these. The default is ``cls()``: a method with required options
+        overrides this to say how it is built for such a comparison."""
+        return cls()
 
     def attach(self, trace: Trace) -> None:  # noqa: B027 - optional: most methods need no hooks of their own
         """Install this method's own hooks (handles into ``self.hooks``)."""

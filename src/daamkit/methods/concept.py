@@ -221,6 +221,12 @@ class ConceptMethod(AttributionMethod):
             return None
         return cls(concepts, embeds, softmax)
 
+    @classmethod
+    def for_images(cls, words: Sequence[Sequence[str]]) -> ConceptMethod:
+        """Concepts are one set per pipeline call: the images' words, each once, in order of first
+        appearance (every image's maps compete over all of them)."""
+        return cls(list(dict.fromkeys(w for ws in words for w in ws)))
+
     def attach(self, trace: Trace) -> None:
         self._trace = trace
         embeds = self.embeds

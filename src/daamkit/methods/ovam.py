@@ -224,11 +224,16 @@ def attribution_keys(attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
     return _split_heads(k, int(attn.heads), getattr(attn, "norm_k", None))
 
 
-def attribution_probs(attn: nn.Module, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def attribution_probs(
+    attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax over the attribution tokens of the image queries ``q`` ((b, N, heads*d), the output of
-    ``to_q``) on ``keys``, in fp32: (b, heads, N, tokens)."""
+    ``to_q``) on ``keys``, in fp32: (b, heads, N, tokens). ``mask`` ((b, tokens) bool): the tokens each
+    image's softmax runs over, when the images have attribution prompts of their own (padded keys)."""
     qh = _split_heads(q, int(attn.heads), getattr(attn, "norm_q", None))
     scores = torch.matmul(qh.float(), keys.float().transpose(-1, -2)) * float(attn.scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :].to(scores.device), float("-inf"))
     return scores.softmax(dim=-1)
 
 
@@ -258,6 +263,10 @@ class OvamMethod(AttributionMethod):
 
     keep_queries: also keep each selected layer's conditional image queries at every selected step
         (``trace(steps=..., layers=...)`` bound the memory), which :func:`optimize_token` learns from.
+    per_image: instead of ``words``/``embeds``, one list of words per image of the pipeline call (e.g.
+        the objects each prompt names): image ``i`` gets the attribution prompt ``per_image[i]``, its
+        own softmax, and maps of those words only. A word may repeat within an image's list; its
+        occurrences are then told apart as in a prompt (``maps.word(w, occurrence=k)``).
     """
 
     name = "ovam"
@@ -274,8 +283,20 @@ class OvamMethod(AttributionMethod):
         embeds: OvamEmbedding | Sequence[OvamEmbedding] | None = None,
         *,
         keep_queries: bool = False,
+        per_image: Sequence[Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
+        self.per_image: list[list[str]] | None = None
+        if per_image is not None:
+            if words is not None or embeds is not None:
+                raise InputError("give open-vocabulary words either for all images (words/embeds) or per image, "
+                                 "not both")
+            if isinstance(per_image, str) or any(isinstance(ws, str) for ws in per_image):
+                raise InputError("per_image must hold one list of words per image, e.g. [['cat'], ['dog', 'grass']]")
+            self.per_image = [[str(w).strip() for w in ws] for ws in per_image]
+            if not self.per_image or any(not ws or any(not w or not split_words(w) for w in ws) for ws in self.per_image):
+                raise InputError(f"per_image needs a non-empty list of non-empty words for every image, got {per_image}")
+            words = []
         if isinstance(words, str):
             words = [words]
         self.words = [str(w).strip() for w in words] if words is not None else []
@@ -286,12 +307,14 @@ class OvamMethod(AttributionMethod):
             raise InputError("embeds must be OvamEmbedding objects (from encode_attribution or optimize_token)")
         if words is not None and any(not w or not split_words(w) for w in self.words):
             raise InputError(f"open-vocabulary words must be non-empty words, got {list(words)}")
-        if not self.words and not self.embeds:
+        if not self.words and not self.embeds and self.per_image is None:
             raise InputError("open_vocabulary is empty: give the words (or learned tokens) to map")
         if len(set(self.words)) != len(self.words):
             raise InputError(f"open-vocabulary words must be distinct, got {self.words}")
         self.keep_queries = bool(keep_queries)
         self.attribution: OvamEmbedding | None = None
+        self.attributions: list[OvamEmbedding] = []  # one per image, with per_image
+        self._mask: torch.Tensor | None = None  # (images, tokens) of the padded per-image prompts
         self.accumulator: Accumulator | None = None
         self.queries: dict[tuple[int, str], torch.Tensor] = {}  # (step, layer) -> (b, N, heads*d) cond queries
         self.modules: dict[str, nn.Module] = {}
@@ -311,11 +334,23 @@ class OvamMethod(AttributionMethod):
         embeds = [e for e in items if isinstance(e, OvamEmbedding)]
         return cls(words if words or not embeds else None, embeds)
 
+    @classmethod
+    def for_images(cls, words: Sequence[Sequence[str]]) -> OvamMethod:
+        """Each image's own words as its attribution prompt (``per_image``)."""
+        return cls(per_image=words)
+
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, trace: Trace) -> None:
         self._trace = trace
-        parts = ([encode_attribution(trace.pipe, self.words)] if self.words else []) + self.embeds
-        self.attribution = combine(parts)
+        if self.per_image is not None:
+            encoded: dict[tuple[str, ...], OvamEmbedding] = {}
+            for ws in self.per_image:
+                if tuple(ws) not in encoded:
+                    encoded[tuple(ws)] = encode_attribution(trace.pipe, ws)
+            self.attributions = [encoded[tuple(ws)] for ws in self.per_image]
+        else:
+            parts = ([encode_attribution(trace.pipe, self.words)] if self.words else []) + self.embeds
+            self.attribution = combine(parts)
         capture = trace.capture
         self.modules = dict(capture.modules)
         for layer in capture.layers:
@@ -326,22 +361,39 @@ class OvamMethod(AttributionMethod):
 
     def start_generation(self, trace: Trace) -> None:
         gen = trace.generation
+        if self.per_image is not None and len(self.per_image) != gen.num_images:
+            raise InputError(f"OVAM was given words for {len(self.per_image)} image(s) (per_image), but the "
+                             f"pipeline call makes {gen.num_images}")
         self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images)
         self.queries = {}
         self._keys = {}
         self._context = None
+        self._mask = None
         self._video = gen.call.frames > 1
 
     def _layer_keys(self, layer: str, attn: nn.Module) -> torch.Tensor:
         keys = self._keys.get(layer)
         if keys is None:
-            assert self._trace is not None and self.attribution is not None
+            assert self._trace is not None
             if self._context is None:
-                weight = attn.to_k.weight
-                embeds = self.attribution.embeds.to(device=weight.device)
-                self._context = attribution_context(self._trace.capture.denoiser, self._trace.capture.family, embeds)
+                self._context = self._attribution_context(attn.to_k.weight.device)
             keys = self._keys[layer] = attribution_keys(attn, self._context.to(attn.to_k.weight.device))
         return keys
+
+    def _attribution_context(self, device: torch.device) -> torch.Tensor:
+        """(1, tokens, dim); with per-image prompts (images, longest, dim), zero-padded, and
+        ``self._mask`` saying which rows are real."""
+        assert self._trace is not None
+        denoiser, family = self._trace.capture.denoiser, self._trace.capture.family
+        if self.per_image is None:
+            assert self.attribution is not None
+            return attribution_context(denoiser, family, self.attribution.embeds.to(device=device))
+        contexts = [attribution_context(denoiser, family, a.embeds.to(device=device))[0] for a in self.attributions]
+        longest = max(c.shape[0] for c in contexts)
+        self._mask = torch.zeros(len(contexts), longest, dtype=torch.bool)
+        for k, c in enumerate(contexts):
+            self._mask[k, : c.shape[0]] = True
+        return torch.stack([F.pad(c, (0, 0, 0, longest - c.shape[0])) for c in contexts])
 
     def _on_query(self, layer: LayerInfo, attn: nn.Module, q: torch.Tensor) -> None:
         trace = self._trace
@@ -351,7 +403,7 @@ class OvamMethod(AttributionMethod):
         if rows is None or not self.accumulator.wants(layer, q.shape[1]):
             return
         qc = q[rows]
-        probs = attribution_probs(attn, qc, self._layer_keys(layer.name, attn))
+        probs = attribution_probs(attn, qc, self._layer_keys(layer.name, attn), self._mask)
         step = trace.generation.step
         self.accumulator.add(layer, step, probs, "cond")
         if self.keep_queries and layer.name in self.accumulator.layers:  # selected: add() kept it
@@ -380,10 +432,12 @@ class OvamMethod(AttributionMethod):
             raise TraceError("OVAM maps of videos are not supported: the traced call denoised several frames")
         if not 0 <= i < gen.num_images:
             raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
-        assert self.accumulator is not None and self.attribution is not None
+        attribution = self.attributions[i] if self.per_image is not None else self.attribution
+        assert self.accumulator is not None and attribution is not None
         if "cond" not in self.accumulator.branches:
             raise TraceError("no OVAM maps were recorded (no selected cross-attention layer ran inside the trace)")
-        maps = self.accumulator.result("cond", steps=steps, layers=layers, heads=heads)[i]
+        # per-image prompts were padded to the longest: image i's own tokens come first
+        maps = self.accumulator.result("cond", steps=steps, layers=layers, heads=heads)[i][: attribution.embeds.shape[0]]
         scale = trace.capture.cell_pixels(trace.pipe)
         h, w = gen.call.latent_hw
         image_size = (h * scale, w * scale)
@@ -391,8 +445,8 @@ class OvamMethod(AttributionMethod):
             "family": trace.capture.family,
             "pipeline": type(trace.pipe).__name__,
             "method": "ovam",
-            "attribution_prompt": self.attribution.alignment.prompt,
-            "words": self.attribution.words,
+            "attribution_prompt": attribution.alignment.prompt,
+            "words": attribution.words,
             "branch": "cond",
             "image_index": i,
             "num_steps": gen.step + 1,
@@ -405,7 +459,7 @@ class OvamMethod(AttributionMethod):
             generated, image_size = gen.output_resize
             maps = resize_and_crop_maps(maps, generated, image_size)
             meta["generated_size"] = list(generated)
-        return GlobalHeatMap(maps.cpu(), self.attribution.alignment, image_size=image_size, meta=meta)
+        return GlobalHeatMap(maps.cpu(), attribution.alignment, image_size=image_size, meta=meta)
 
 
 # ---- token optimisation ---------------------------------------------------------------------------
