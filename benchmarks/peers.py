@@ -172,10 +172,11 @@ def _call_kwargs(args, model, device: torch.device) -> dict[str, Any]:
 
 
 def _peer_rows(maps: Any, keep: set[str] | None) -> list[tuple[str, float | None, torch.Tensor]]:
-    """(layer, timestep, (N, T) head-mean map of image 0's conditional row) of each image->text record."""
+    """(layer, timestep, (N, T) head-mean map of image 0's conditional row) of each image->text (a
+    video's: video->text, queries frame-major) record."""
     out = []
     for rec in maps.records:
-        if rec.relation != "image->text" or rec.data is None:
+        if rec.relation not in ("image->text", "video->text") or rec.data is None:
             continue
         name = rec.layer_id.split(".", 1)[1]  # "unet.down_blocks..." -> daamkit's module path
         if keep is not None and name not in keep:
@@ -221,7 +222,7 @@ def run_call(
 
             with AttentionCapture(
                 pipe,
-                relations=["image->text"],
+                relations=["video->text" if model.video else "image->text"],
                 timesteps="all",
                 heads="mean",
                 mode=opts["mode"],
@@ -572,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                 "layers": "common" if daamkit_opts["layers"] else "all",
             },
             "peer": {
-                "relations": ["image->text"],
+                "relations": ["video->text" if MODELS[args.model].video else "image->text"],
                 "timesteps": "all",
                 "heads": "mean",
                 "mode": args.peer_mode,
