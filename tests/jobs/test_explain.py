@@ -317,3 +317,13 @@ def test_load_image_reads_files_as_rgb(tmp_path):
     rgba.save(tmp_path / "a.png")
     loaded = load_image(tmp_path / "a.png")
     assert loaded.mode == "RGB" and loaded.size == (16, 8)
+
+
+def test_a_family_without_image_to_image_is_refused(tmp_path):
+    from daamkit.testing.families.pixart import tiny_pixart_sigma
+    from daamkit.testing.tokenizers import t5_tokenizer
+
+    t5_tokenizer(str(tmp_path))
+    pipe = tiny_pixart_sigma(str(tmp_path))
+    with pytest.raises(UnsupportedPipelineError, match="no image-to-image pipeline for PixArtSigmaPipeline"):
+        explain(pipe, picture(), "a red dog", steps=4)
