@@ -8,8 +8,9 @@ from daamkit.methods.base import CAPTURE_STREAMS, AttributionMethod
 from daamkit.methods.concept import ConceptMethod
 from daamkit.methods.daam import DaamMethod
 from daamkit.methods.ovam import OvamEmbedding, OvamMethod, optimize_token
+from daamkit.methods.refined import RefinedMethod
 
-METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod, OvamMethod)}
+METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod, OvamMethod, RefinedMethod)}
 
 
 def canonical_name(name: str) -> str | None:
@@ -28,6 +29,7 @@ __all__ = [
     "DaamMethod",
     "OvamEmbedding",
     "OvamMethod",
+    "RefinedMethod",
     "canonical_name",
     "optimize_token",
 ]
