@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--iterations", type=int, nargs="+", default=[1], help="k of A^k M, one trace each")
-    p.add_argument("--resolutions", type=int, nargs="+", default=None, help="downsampling factors (default: all)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None, help="downsampling factors (default: the finest with self-attention)")
     p.add_argument("--tau", type=float, default=0.4, help="the threshold reported in the table")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)

@@ -79,7 +79,8 @@ def test_image_unchanged_pipeline_restored_and_maps(sd):
     assert all(tap.q is None and tap.k is None for tap in method.taps.values())  # nothing held after the call
     torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(ref), rtol=0, atol=0)
     assert hm.words == daam.words and hm.maps.shape == daam.maps.shape and hm.image_size == daam.image_size
-    assert hm.meta["method"] == "refined" and hm.meta["iterations"] == 1
+    # the default: the finest resolution with self-attention (the tiny UNet's blocks are all at factor 2)
+    assert hm.meta["method"] == "refined" and hm.meta["iterations"] == 1 and hm.meta["resolutions"] == [2]
     # A is row-stochastic: every pixel keeps DAAM's total over the tokens (2 steps), the maps move
     torch.testing.assert_close(hm.maps.sum(0), daam.maps.sum(0), rtol=1e-3, atol=1e-3)
     assert (hm.maps - daam.maps).abs().max() > 1e-3

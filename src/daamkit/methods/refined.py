@@ -147,8 +147,10 @@ class RefinedMethod(DaamMethod):
     """DAAM maps refined by the model's self-attention (see the module docstring).
 
     resolutions: downsampling factors of the blocks to use (1: the latent grid, 2: half of it, ...,
-        as ``trace(factors=...)``); None: every block. A block's self-attention refines its own
-        cross-attention map; blocks at other resolutions are left out of the refined maps.
+        as ``trace(factors=...)``); None: the finest one that has blocks with self-attention (whose
+        self-attention is the sharpest; coarser blocks blur the maps, see benchmarks/refined_world.py).
+        A block's self-attention refines its own cross-attention map; blocks at other resolutions
+        are left out of the refined maps.
     iterations: k in A^k M (1: one propagation step).
     """
 
@@ -178,6 +180,7 @@ class RefinedMethod(DaamMethod):
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise InputError(f"iterations must be a whole number >= 1 (the power k of A^k M), got {iterations!r}")
         self.resolutions: tuple[int, ...] | None = resolutions
+        self.used: tuple[int, ...] | None = resolutions  # what attach() settled on for this UNet
         self.iterations = iterations
         self.taps: dict[str, _SelfAttentionTap] = {}  # attn2 layer name -> its block's attn1 tap
         self._trace: Trace | None = None
@@ -210,11 +213,11 @@ class RefinedMethod(DaamMethod):
                 "self-attention beside them: use the cross-attention maps (heat_maps)"
             )
         factors = capture.layer_factors() if hasattr(capture, "layer_factors") else {}
-        if self.resolutions is not None and factors:
-            have = sorted({factors[name] for name in found if name in factors})
-            if not set(self.resolutions) & set(have):
-                raise InputError(f"resolutions {list(self.resolutions)} match no block with self-attention: this "
-                                 f"UNet's have factors {', '.join(map(str, have))}")
+        have = sorted({factors[name] for name in found if name in factors})
+        self.used = self.resolutions if self.resolutions is not None or not have else (have[0],)
+        if self.resolutions is not None and have and not set(self.resolutions) & set(have):
+            raise InputError(f"resolutions {list(self.resolutions)} match no block with self-attention: this "
+                             f"UNet's have factors {', '.join(map(str, have))}")
         self.taps = {}
         for layer in capture.layers:
             attn1 = found.get(layer.name)
@@ -253,7 +256,7 @@ class RefinedMethod(DaamMethod):
         if self.accumulator is None or self._video or layer.name not in self.taps:
             return False
         factor = self._factor(image_tokens)
-        if factor is None or (self.resolutions is not None and factor not in self.resolutions):
+        if factor is None or (self.used is not None and factor not in self.used):
             return False
         return self.accumulator.wants(layer, image_tokens)
 
@@ -329,10 +332,10 @@ class RefinedMethod(DaamMethod):
         if branch == "cond" and branch not in self.accumulator.branches:
             raise TraceError(
                 "no refined maps were recorded: no selected block with self-attention ran at a selected step "
-                f"(resolutions {list(self.resolutions) if self.resolutions else 'all'}; check trace(layers=, "
+                f"(resolutions {list(self.used) if self.used else 'all'}; check trace(layers=, "
                 "factors=, steps=))"
             )
         hm = super().heat_maps(trace, i, prompt=prompt, branch=branch, steps=steps, layers=layers)
         hm.meta.update(method="refined", iterations=self.iterations,
-                       resolutions=list(self.resolutions) if self.resolutions is not None else None)
+                       resolutions=list(self.used) if self.used is not None else None)
         return hm
