@@ -23,6 +23,7 @@ downloaded), warms up, then alternates untraced and traced calls (ABBA order) an
     python benchmarks/overhead.py --model sana --size 512 --steps 2         # Sana 1600M, 2-layer Gemma 2
     python benchmarks/overhead.py --model wan --size 832x480 --frames 81 --steps 1 --repeats 1 --warmup 0 \
         --step-factor 0                                                    # Wan 2.1 1.3B width, 81 frames
+    python benchmarks/overhead.py --method refined   # with the self-attention refinement (trace(refine=True))
 
 Targets: time ratio <= 1.03 (SD3/Flux: <= 1.05), extra peak memory <= 2 % of the
 untraced run, extra memory independent of the number of steps. A model is one builder function in
@@ -565,7 +566,7 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
                 out = pipe(prompt=args.prompt, **kwargs)
                 _sync(device)
                 t1 = time.perf_counter()
-                maps = tc.heat_maps(0)
+                maps = tc.heat_maps(0, method=args.method)
                 _ = maps.words
                 hm_seconds = time.perf_counter() - t1
         else:
@@ -659,6 +660,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--untraced-only", action="store_true", help="skip the traced runs (e.g. before daamkit.trace exists)"
     )
+    p.add_argument(
+        "--method",
+        default="daam",
+        choices=["daam", "refined"],
+        help="what the traced runs record and read: DAAM alone, or also the self-attention refinement "
+        "(trace(refine=True), heat_maps(0, method='refined')); the targets are DAAM's",
+    )
     add_model_args(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the result JSON here")
     args = p.parse_args(argv)
@@ -683,7 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     trace_note = ""
     if not args.untraced_only:
         try:
-            from daamkit import trace as trace_fn  # noqa: N813
+            from daamkit import trace as plain_trace
+
+            def trace_fn(pipe):
+                return plain_trace(pipe, refine=True) if args.method == "refined" else plain_trace(pipe)
         except ImportError as e:  # the tracing API is not there yet: measure the untraced path only
             trace_note = f"daamkit.trace unavailable ({e}); untraced only"
 
@@ -783,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             + ("" if args.no_trim else ", malloc_trim(0) before each call")
         ),
         "traced": trace_fn is not None,
+        "method": args.method,
         "trace_note": trace_note,
         "main": main_sum,
     }
@@ -808,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     m = main_sum
     rows = [
         ("model / device / dtype", f"{args.model} / {result['device_name']} ({device}) / {result['dtype']}"),
+        ("traced method", args.method),
         *([("reduced from the released model", model.reduced(args))] if model.reduced(args) else []),
         (
             "image, steps",

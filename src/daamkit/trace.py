@@ -14,7 +14,8 @@ after an exception.
 
 The trace keeps the pipeline-level bookkeeping (steps, CFG rows, token ids) shared by every
 attribution method; the maps themselves come from the method objects of :mod:`daamkit.methods`
-(DAAM always, ConceptAttention when ``concepts`` are given, OVAM when ``open_vocabulary`` is), picked by ``heat_maps(method=...)``.
+(DAAM always, ConceptAttention when ``concepts`` are given, OVAM when ``open_vocabulary`` is, DAAM
+refined by self-attention when ``refine`` is), picked by ``heat_maps(method=...)``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from daamkit.methods import (
     DaamMethod,
     OvamEmbedding,
     OvamMethod,
+    RefinedMethod,
     RelationMethod,
     canonical_name,
 )
@@ -494,8 +496,9 @@ class Trace:
         steps / layers / heads: select among what was kept (``keep_steps`` etc. in :func:`trace`).
         method: ``"daam"`` (DAAM maps of the prompt's words, default; ``"cross"`` is the same),
             ``"concept"`` (ConceptAttention maps of the ``concepts`` given to :func:`trace`, which need
-            not be in the prompt; the selection options do not apply to them) or ``"ovam"`` (OVAM maps
-            of the ``open_vocabulary`` words, which need not be in the prompt either).
+            not be in the prompt; the selection options do not apply to them), ``"ovam"`` (OVAM maps
+            of the ``open_vocabulary`` words, which need not be in the prompt either) or ``"refined"``
+            (DAAM maps refined by the model's self-attention, traced with ``refine``).
         """
         missed = sorted(getattr(self.capture, "missed", None) or ())
         if missed:
@@ -646,6 +649,7 @@ def trace(
     concept_embeds: torch.Tensor | None = None,
     concept_softmax: bool = True,
     open_vocabulary: Sequence[str | OvamEmbedding] | None = None,
+    refine: bool | RefinedMethod = False,
     methods: Sequence[AttributionMethod] = (),
     relations: Sequence[str] | None = None,
     query: Any = None,
@@ -664,6 +668,10 @@ def trace(
     open_vocabulary: words (need not be in the prompt) and/or learned tokens
         (:func:`daamkit.methods.optimize_token`) for OVAM maps on cross-attention models (UNets,
         PixArt, Sana), read with ``tc.heat_maps(i, method="ovam")``; they form one attribution prompt.
+    refine: also record DAAM maps refined by the model's own self-attention (UNets), read with
+        ``tc.heat_maps(i, method="refined")``; True for the defaults or a
+        :class:`~daamkit.methods.RefinedMethod` (``resolutions``, ``iterations``). Off by default: it
+        costs a pass over each used block's self-attention per selected step.
     methods: further :class:`~daamkit.methods.AttributionMethod` objects, e.g.
         ``OvamMethod([...], keep_queries=True)`` to learn a token from the traced image.
     relations: relation maps to record beside the word maps, read with ``tc.relation(i, kind)``:
@@ -672,6 +680,9 @@ def trace(
     query: for ``"image->image"``: a point (y, x) in pixels of the generated image, a boolean (H, W)
         mask, or a list of them (one map each).
     """
+    refined = RefinedMethod.from_option(refine)
+    if refined is not None:
+        methods = [*methods, refined]
     if config is None:
         if mode == "reference":
             config = AggregationConfig.reference(

@@ -8,6 +8,7 @@ from daamkit.methods.base import CAPTURE_STREAMS, AttributionMethod
 from daamkit.methods.concept import ConceptMethod
 from daamkit.methods.daam import DaamMethod
 from daamkit.methods.ovam import OvamEmbedding, OvamMethod, optimize_token
+from daamkit.methods.refined import RefinedMethod
 from daamkit.methods.relations import (
     RELATION_METHODS,
     ImageRelationMethod,
@@ -15,7 +16,7 @@ from daamkit.methods.relations import (
     TextRelationMethod,
 )
 
-METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod, OvamMethod)}
+METHODS: dict[str, type[AttributionMethod]] = {cls.name: cls for cls in (DaamMethod, ConceptMethod, OvamMethod, RefinedMethod)}
 
 
 def canonical_name(name: str) -> str | None:
@@ -38,6 +39,7 @@ __all__ = [
     "RELATION_METHODS",
     "RelationMethod",
     "TextRelationMethod",
+    "RefinedMethod",
     "canonical_name",
     "optimize_token",
 ]
