@@ -134,19 +134,30 @@ def video_patch(denoiser: nn.Module) -> tuple[int, int]:
     return int(getattr(cfg, "patch_size_t", 1) or 1), int(p)
 
 
-def video_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
-    """Latents given as (B, C, F, H, W): (frames, h, w) of the token grid over the patch sizes."""
+def _latent_grid(denoiser: nn.Module, args: tuple, kwargs: dict, frames_axis: int, layout: str) -> tuple[int, int, int]:
     x = kwargs.get("hidden_states", args[0] if args else None)
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        raise ValueError(f"{type(denoiser).__name__} called without (B, C, F, H, W) latents: cannot place video tokens")
+        raise ValueError(f"{type(denoiser).__name__} called without {layout} latents: cannot place video tokens")
     pt, p = video_patch(denoiser)
-    return -(-int(x.shape[2]) // pt), int(x.shape[-2]) // p, int(x.shape[-1]) // p
+    return -(-int(x.shape[frames_axis]) // pt), int(x.shape[-2]) // p, int(x.shape[-1]) // p
 
 
-def vae_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
-    """A causal video VAE whose temporal compression the pipeline states as ``vae_scale_factor_temporal``."""
-    r = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
-    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+def video_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+    """Latents given as (B, C, F, H, W): (frames, h, w) of the token grid over the patch sizes."""
+    return _latent_grid(denoiser, args, kwargs, 2, "(B, C, F, H, W)")
+
+
+def causal_vae_time(attr: str, default: int) -> Callable[[Any, nn.Module, int], TimeAxis]:
+    """A causal video VAE whose temporal compression the pipeline states as ``attr``."""
+
+    def time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
+        r = int(getattr(pipe, attr, default) or default)
+        return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+
+    return time
+
+
+vae_time = causal_vae_time("vae_scale_factor_temporal", 1)
 
 
 @dataclass(frozen=True)
@@ -359,17 +370,11 @@ def _wan_image_context(module: nn.Module) -> int:
 # ---- cogvideox, mochi (video) ------------------------------------------------------------------
 def _frames_first_grid(denoiser: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
     """CogVideoX takes its latents as (B, F, C, H, W)."""
-    x = kwargs.get("hidden_states", args[0] if args else None)
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        raise ValueError(f"{type(denoiser).__name__} called without (B, F, C, H, W) latents: cannot place video tokens")
-    pt, p = video_patch(denoiser)
-    return -(-int(x.shape[1]) // pt), int(x.shape[-2]) // p, int(x.shape[-1]) // p
+    return _latent_grid(denoiser, args, kwargs, 1, "(B, F, C, H, W)")
 
 
-def _mochi_time(pipe: Any, denoiser: nn.Module, frames: int) -> TimeAxis:
-    """Mochi's VAE decodes each latent frame to 6 frames and drops the first 5 (causal)."""
-    r = int(getattr(pipe, "vae_temporal_scale_factor", 6) or 6)
-    return TimeAxis(frames=frames, patch=video_patch(denoiser)[0], compression=r, causal=True)
+# Mochi's VAE decodes each latent frame to 6 frames and drops the first 5 (causal)
+_mochi_time = causal_vae_time("vae_temporal_scale_factor", 6)
 
 
 def _video_then_row_text(tap: Any, q_len: int, k_len: int) -> Slices | None:
