@@ -40,11 +40,11 @@ def test_select_methods_names_aliases_all_and_errors(with_echo):
     assert select_methods("daam,ovam", "unet") == (["daam", "ovam"], [])
     assert select_methods(["ovam", "cross"]) == (["ovam", "daam"], [])
     chosen, notes = select_methods("all", "unet")
-    assert chosen == ["daam", "ovam", "echo"]  # a method added to METHODS is picked up as it is
+    assert chosen == ["daam", "ovam", "refined", "echo"]  # a method added to METHODS is picked up as it is
     assert len(notes) == 1 and notes[0].startswith("concept: skipped") and "joint-attention" in notes[0]
     chosen, notes = select_methods(" all ", "flux")
     assert chosen == ["daam", "concept", "echo"] and notes[0].startswith("ovam: skipped")
-    allowed = "allowed: all, daam (alias cross), concept, ovam, echo"
+    allowed = "allowed: all, daam (alias cross), concept, ovam, refined, echo"
     with pytest.raises(InputError, match=r"unknown attribution method 'dam'; " + allowed.replace("(", r"\(").replace(")", r"\)")):
         select_methods("daam,dam")
     with pytest.raises(InputError, match="'all' stands alone"):
@@ -137,8 +137,8 @@ def world_pipe():
 def test_all_methods_on_the_same_images_of_the_embedded_model(world_pipe, with_echo):
     kw = dict(n=3, seed=5, steps=4, taus=(0.4, 0.6), batch_size=2, progress=False)
     result = evaluate_world(world_pipe, methods="all", **kw)
-    assert result.methods == ("daam", "ovam", "echo") and result.notes[0].startswith("concept: skipped")
-    assert result.settings["methods"] == ["daam", "ovam", "echo"] and len(result.checks) == 3
+    assert result.methods == ("daam", "ovam", "refined", "echo") and result.notes[0].startswith("concept: skipped")
+    assert result.settings["methods"] == ["daam", "ovam", "refined", "echo"] and len(result.checks) == 3
     by = {m: [(s.image, s.word, s.occurrence, s.iou) for s in result.scores if s.method == m] for m in result.methods}
     assert by["daam"], "nothing was scored"
     # OVAM maps the scenes' own nouns and colours: the same words are scored for every method
@@ -162,8 +162,8 @@ def test_eval_cli_writes_one_table_for_all_methods(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "daamkit eval: concept: skipped" in err
     doc = json.loads((out / "eval.json").read_text())
-    assert doc["summary"]["methods"] == ["daam", "ovam"] and doc["summary"]["taus"] == [0.3, 0.4]
-    assert {s["method"] for s in doc["scores"]} == {"daam", "ovam"}
+    assert doc["summary"]["methods"] == ["daam", "ovam", "refined"] and doc["summary"]["taus"] == [0.3, 0.4]
+    assert {s["method"] for s in doc["scores"]} == {"daam", "ovam", "refined"}
     md = (out / "eval.md").read_text()
     assert "| noun | ovam | " in md and "| colour | daam | " in md
     assert (out / "miou_vs_tau.png").stat().st_size > 1000
