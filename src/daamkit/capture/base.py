@@ -3,6 +3,7 @@ pre-hook that marks each step, what a capture reports to its sink, and the hook 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +44,15 @@ class QueryChunk:
     start: int
     stop: int
     total: int
+
+
+def query_chunks(total: int, size: int) -> Iterator[tuple[int, int, QueryChunk | None]]:
+    """``(start, stop, chunk)`` over ``total`` image queries in chunks of ``size`` (at least 1); ``chunk``
+    is None when one chunk holds them all."""
+    size = max(1, size)
+    for start in range(0, total, size):
+        stop = min(total, start + size)
+        yield start, stop, None if size >= total else QueryChunk(start, stop, total)
 
 
 class CaptureSink(Protocol):

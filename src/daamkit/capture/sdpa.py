@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from daamkit.capture.base import CaptureSink, LayerInfo, QueryChunk
+from daamkit.capture.base import CaptureSink, LayerInfo, query_chunks
 
 _SDPA = F.scaled_dot_product_attention
 
@@ -57,7 +57,7 @@ class Slices:
         return Slices(slice(r.start, r.stop, r.step), self.keys, self.valid)
 
 
-def _mask_block(mask: torch.Tensor, rows: slice, queries: slice, keys: slice) -> torch.Tensor:
+def _mask_block(mask: torch.Tensor, rows: slice, queries: slice | torch.Tensor, keys: slice) -> torch.Tensor:
     """The part of an SDPA mask (any shape that broadcasts to (B, H, Nq, Nk)) for these rows,
     queries and keys, as (b, h|1, nq|1, nk)."""
     m = mask
@@ -173,20 +173,10 @@ def block_probabilities(
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     k = k[rows].float()
-    m = None
-    if mask is not None:
-        m = mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        if m.shape[0] != 1:
-            m = m[rows]
-        if m.shape[-2] != 1:
-            m = m[..., queries, :]
     span = range(*keys.indices(k.shape[2]))
     if probabilities == "text":
         k = k[:, :, keys]
-        if m is not None and m.shape[-1] != 1:
-            m = m[..., keys]
+    m = None if mask is None else _mask_block(mask, rows, queries, keys if probabilities == "text" else slice(None))
     scores = _masked(torch.matmul(qi, k.transpose(-1, -2)).mul_(scale), m)
     if probabilities == "text":
         if valid is not None:
@@ -297,11 +287,9 @@ class AttentionTap:
         with torch.no_grad():
             for branch, rows in self.rows.items():
                 n_rows = _length(rows, int(q.shape[0]))
-                size = max(1, self.sink.query_chunk(total, total // frames, n_rows * int(q.shape[1]) * n_text * 4))
+                size = self.sink.query_chunk(total, total // frames, n_rows * int(q.shape[1]) * n_text * 4)
                 # chunks of image queries bound the memory of the (queries x text keys) block for videos
-                for start in range(0, total, size):
-                    stop = min(total, start + size)
-                    chunk = None if size >= total else QueryChunk(start, stop, total)
+                for start, stop, chunk in query_chunks(total, size):
                     these = parts if chunk is None else [p.part(start, stop, q_len) for p in parts]
                     if isinstance(where, Slices):
                         probs = text_probabilities(
@@ -333,10 +321,8 @@ class AttentionTap:
         with torch.no_grad():
             for branch, rows in self.rows.items():
                 idx = range(*rows.indices(len(calls)))
-                size = max(1, self.sink.query_chunk(total, total // frames, len(idx) * int(q0.shape[1]) * width * 4))
-                for start in range(0, total, size):
-                    stop = min(total, start + size)
-                    chunk = None if size >= total else QueryChunk(start, stop, total)
+                size = self.sink.query_chunk(total, total // frames, len(idx) * int(q0.shape[1]) * width * 4)
+                for start, stop, chunk in query_chunks(total, size):
                     probs = []
                     for r in idx:
                         q, k, mask, scale, where = calls[r]

@@ -22,8 +22,8 @@ from daamkit.capture.base import (
     HookSet,
     LayerInfo,
     ProjectionTap,
-    QueryChunk,
     attention_probs,
+    query_chunks,
 )
 from daamkit.capture.families import TextPart
 from daamkit.frames import TimeAxis
@@ -90,16 +90,11 @@ class _LayerTap(ProjectionTap):
             b = len(range(*rows.indices(batch)))
             # k rows broadcast over frames where the caller passed one key row per sample
             kb = kv[rows] if kv is not None else k[rows].unsqueeze(1).expand(b, frames, n_text, k.shape[-1])
-            size = max(1, self.sink.query_chunk(total, n, b * heads * n_text * 4))
-            for start in range(0, total, size):
-                stop = min(total, start + size)
+            size = self.sink.query_chunk(total, n, b * heads * n_text * 4)
+            for start, stop, chunk in query_chunks(total, size):
                 with torch.no_grad():
                     probs = self._probs(qv[rows], kb, start, stop, n)
-                chunk = None if size >= total else QueryChunk(start, stop, total)
-                if chunk is None:
-                    self.sink.on_attention(self.layer, probs, branch)
-                else:
-                    self.sink.on_attention(self.layer, probs, branch, chunk)
+                self.sink.on_attention(self.layer, probs, branch, chunk)
 
     def _probs(self, q: torch.Tensor, k: torch.Tensor, start: int, stop: int, n: int) -> torch.Tensor:
         """(b, heads, stop - start, T) for the frame-major queries ``start:stop`` of q (b, F, n, C)
