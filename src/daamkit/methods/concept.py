@@ -9,7 +9,9 @@ never attends to the concepts (we compute the concept stream on the side, after 
 so the generation is untouched. Each block's map is the dot product of the image tokens' attention
 outputs (read off the input of ``attn.to_out[0]``) with the concepts' attention outputs; maps are
 averaged over blocks and steps and, by default, softmax-normalised over the concepts.
-:class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream.
+:class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream; the
+video families (CogVideoX, Mochi, HunyuanVideo, HunyuanVideo 1.5) run it through the per-family
+adapters of :mod:`daamkit.methods.concept_video`, their maps with the time axis of DAAM's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from daamkit.capture.base import HookSet, LayerInfo
 from daamkit.errors import TraceError
 from daamkit.methods.base import AttributionMethod, jsonable
+from daamkit.methods.concept_video import VIDEO_FAMILIES, VideoConceptCapture, encode_video_concepts
 
 if TYPE_CHECKING:
     from daamkit.heatmap import GlobalHeatMap
@@ -192,8 +195,11 @@ class ConceptMethod(AttributionMethod):
     prompt. Captures its own side stream (:class:`ConceptCapture`) beside the joint blocks."""
 
     name = "concept"
-    families = ("sd3", "flux")
-    requirement = "concept maps need a joint-attention transformer (SD3/SD3.5 or Flux)"
+    families = ("sd3", "flux", *VIDEO_FAMILIES)
+    requirement = (
+        "concept maps need a joint-attention transformer: the families sd3 and flux, and the video families "
+        + ", ".join(VIDEO_FAMILIES)
+    )
     not_enabled = "no concepts were traced: pass concepts=[...] to trace() for method='concept'"
 
     def __init__(self, concepts: Sequence[str], embeds: torch.Tensor | None = None, softmax: bool = True):
@@ -205,7 +211,7 @@ class ConceptMethod(AttributionMethod):
             raise ValueError(f"concepts must be distinct, non-empty words, got {list(concepts)}")
         self.embeds = embeds
         self.softmax = softmax
-        self.capture: ConceptCapture | None = None
+        self.capture: ConceptCapture | VideoConceptCapture | None = None
         self._trace: Trace | None = None
         self.sum: torch.Tensor | None = None  # (B, K, h, w) sum over blocks and steps of concept maps
         self.calls = 0
@@ -229,12 +235,18 @@ class ConceptMethod(AttributionMethod):
 
     def attach(self, trace: Trace) -> None:
         self._trace = trace
+        family = trace.capture.family
         embeds = self.embeds
         if embeds is None:  # the trace attaches methods before its text-encoder hooks: its prompt capture stays clean
-            embeds = encode_concepts(trace.pipe, trace.capture.family, self.concepts)
+            encode = encode_video_concepts if family in VIDEO_FAMILIES else encode_concepts
+            embeds = encode(trace.pipe, family, self.concepts)
         # the side stream's handles go into this method's HookSet, which the trace empties on exit
         # whatever detach() does
-        self.capture = ConceptCapture(trace.capture.denoiser, trace.capture.family, embeds, self, self.hooks)
+        if family in VIDEO_FAMILIES:
+            self.capture = VideoConceptCapture(trace.capture.denoiser, family, embeds, self, self.hooks,
+                                               budget=trace.config.chunk_mib * 2**20)
+        else:
+            self.capture = ConceptCapture(trace.capture.denoiser, family, embeds, self, self.hooks)
         self.capture.attach()
 
     def start_generation(self, trace: Trace) -> None:
@@ -246,16 +258,29 @@ class ConceptMethod(AttributionMethod):
         assert self._trace is not None
         return self._trace.branch_rows(batch)
 
+    def video_tokens(self) -> int:
+        """Video tokens of the current denoiser call (frames x h x w)."""
+        assert self._trace is not None
+        call = self._trace.generation.call
+        return call.frames * call.latent_hw[0] * call.latent_hw[1]
+
     def on_concepts(self, block: str, sim: torch.Tensor) -> None:
-        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs."""
+        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs; a
+        video's N is frame-major."""
         trace = self._trace
         assert trace is not None
         family = trace.capture.family
-        layer = LayerInfo(name=f"{block}.attn", block="joint" if family == "sd3" else "double", index=-1, heads=0)
+        if isinstance(self.capture, VideoConceptCapture):
+            stream = self.capture.stream
+            layer = LayerInfo(name=f"{block}.{stream.attn}", block=stream.block_kind, index=-1, heads=0)
+        else:
+            layer = LayerInfo(name=f"{block}.attn", block="joint" if family == "sd3" else "double", index=-1, heads=0)
         if not trace.config.selects_layer(layer, 1):
             return
-        h, w = trace.generation.call.latent_hw
-        maps = sim.reshape(sim.shape[0], sim.shape[1], h, w)
+        call = trace.generation.call
+        h, w = call.latent_hw
+        frames = () if call.frames == 1 else (call.frames,)  # (B, K, F, h, w) for a video, as DAAM's sums
+        maps = sim.reshape(sim.shape[0], sim.shape[1], *frames, h, w)
         self.sum = maps.clone() if self.sum is None else self.sum.add_(maps)
         self.calls += 1
 
@@ -286,4 +311,9 @@ class ConceptMethod(AttributionMethod):
         meta = {"family": trace.capture.family, "method": "concept", "concepts": list(self.concepts),
                 "softmax": self.softmax, "image_index": i, "num_steps": gen.step + 1,
                 "config": jsonable(asdict(trace.config))}
+        time = trace.capture.time_axis(trace.pipe, gen.call.frames)
+        if time is not None and gen.decoded is not None:
+            time = time.decoded(*gen.decoded)
+        if time is not None:
+            meta["time"] = time.to_json()
         return GlobalHeatMap(maps.float().cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)
