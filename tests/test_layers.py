@@ -20,7 +20,7 @@ FLOORS = {
     "daamkit.tokens": 0, "daamkit.metrics": 0, "daamkit.stats": 0, "daamkit.heatmap": 0, "daamkit.plot": 0,
     "daamkit.frames": 0, "daamkit.video": 0, "daamkit.relation": 0,
     "daamkit.testing": 1, "daamkit.world": 1,
-    "daamkit.methods": 2, "daamkit.trace": 2,
+    "daamkit.methods": 2, "daamkit.trace": 2, "daamkit.intervene": 2, "daamkit.faithfulness": 0,
     "daamkit.io": 3,
     "daamkit.jobs": 4, "daamkit": 4,
     "daamkit.evaluate": 5, "daamkit.analysis": 5,

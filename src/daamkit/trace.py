@@ -560,70 +560,84 @@ class Trace:
 
     def alignment(self, i: int, *, prompt: str | None, branch: str, total: int) -> TokenAlignment:
         """The words of image ``i``'s prompt on the ``total`` text keys of the ``branch`` attention."""
-        from daamkit.tokens import concat_alignments
-
         gen = self._require_gen()
-        called = list(dict.fromkeys(c.encoder for c in gen.text_calls))
-        text_parts = self.capture.text_parts(called)
-        parts, used = [], 0
-        for k, part in enumerate(text_parts):
-            tok = getattr(self.pipe, part.tokenizer, None)
-            if k == len(text_parts) - 1:
-                length = total - used
-            else:
-                length = part.length or int(getattr(tok, "model_max_length", 77))
-            parts.append(self._encoder_alignment(gen, part, i, prompt, branch, length))
-            used += len(parts[-1].tokens)
-        if len(parts) == 1 and len(parts[0].tokens) == total:
-            return parts[0]
-        return concat_alignments(parts, total=total)
+        return key_alignment(self.pipe, self.capture, gen.text_calls, gen.num_images, i,
+                             prompt=prompt, branch=branch, total=total)
 
-    def _encoder_alignment(
-        self, gen: _Generation, part: TextPart, i: int, prompt: str | None, branch: str, length: int
-    ):
-        from daamkit.tokens import align, align_in_template, recover_prompt
 
-        encoder = part.encoder
-        own = [c for c in gen.text_calls if c.encoder == encoder]
-        index = 0 if branch == "cond" else 1
-        call = own[index] if len(own) > index else None
-        tokenizer = getattr(self.pipe, part.tokenizer, None)
-        if tokenizer is None:
-            raise TraceError(f"the pipeline has {encoder} but no {part.tokenizer}: cannot name its tokens")
-        if isinstance(part.drop, str):
-            drop = int(getattr(self.pipe, part.drop, 0) or 0)
-        elif callable(part.drop):
-            drop = 0 if call is None else int(part.drop(call.ids[0].tolist(), length))
+def key_alignment(
+    pipe: Any, capture: Any, text_calls: Sequence[Any], num_images: int, i: int, *,
+    prompt: str | None, branch: str, total: int,
+) -> TokenAlignment:
+    """The words of image ``i``'s prompt on the ``total`` text keys of the ``branch`` attention, from
+    the token ids the text encoders received (``text_calls``: objects with ``encoder``, ``ids`` (rows,
+    seq) and ``removed``, in call order) and the family's text parts. Shared by the trace and by
+    attention interventions, which must find a word's keys before the denoiser attends to them."""
+    from daamkit.tokens import concat_alignments
+
+    called = list(dict.fromkeys(c.encoder for c in text_calls))
+    text_parts = capture.text_parts(called)
+    parts, used = [], 0
+    for k, part in enumerate(text_parts):
+        tok = getattr(pipe, part.tokenizer, None)
+        if k == len(text_parts) - 1:
+            length = total - used
         else:
-            drop = int(part.drop)
-        if part.after is not None:
-            if call is None:
-                raise TraceError(
-                    "daamkit did not see the token ids of this prompt (the pipeline was given prompt_embeds): "
-                    "this family wraps the prompt in a template, so its positions are unknown without the ids"
-                )
-            rows = call.ids.shape[0]
-            row = min(i * rows // gen.num_images, rows - 1)
-            return align_in_template(tokenizer, call.ids[row].tolist(), part.after, prompt, drop=drop, length=length)
+            length = part.length or int(getattr(tok, "model_max_length", 77))
+        parts.append(_encoder_alignment(pipe, text_calls, num_images, part, i, prompt, branch, length))
+        used += len(parts[-1].tokens)
+    if len(parts) == 1 and len(parts[0].tokens) == total:
+        return parts[0]
+    return concat_alignments(parts, total=total)
+
+
+def _encoder_alignment(
+    pipe: Any, text_calls: Sequence[Any], num_images: int, part: TextPart, i: int, prompt: str | None,
+    branch: str, length: int,
+) -> TokenAlignment:
+    from daamkit.tokens import align, align_in_template, recover_prompt
+
+    encoder = part.encoder
+    own = [c for c in text_calls if c.encoder == encoder]
+    index = 0 if branch == "cond" else 1
+    call = own[index] if len(own) > index else None
+    tokenizer = getattr(pipe, part.tokenizer, None)
+    if tokenizer is None:
+        raise TraceError(f"the pipeline has {encoder} but no {part.tokenizer}: cannot name its tokens")
+    if isinstance(part.drop, str):
+        drop = int(getattr(pipe, part.drop, 0) or 0)
+    elif callable(part.drop):
+        drop = 0 if call is None else int(part.drop(call.ids[0].tolist(), length))
+    else:
+        drop = int(part.drop)
+    if part.after is not None:
         if call is None:
-            if prompt is None:
-                raise TraceError(
-                    "daamkit did not see the token ids of this prompt (the pipeline was given prompt_embeds, or "
-                    "its negative prompt was zeroed): pass prompt=... to heat_maps()"
-                )
-            ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
-            return align(tokenizer, ids, prompt)
+            raise TraceError(
+                "daamkit did not see the token ids of this prompt (the pipeline was given prompt_embeds): "
+                "this family wraps the prompt in a template, so its positions are unknown without the ids"
+            )
         rows = call.ids.shape[0]
-        row = min(i * rows // gen.num_images, rows - 1)
-        ids = call.ids[row].tolist()
-        ids = part.select(ids, length) if part.select is not None else ids[drop:]
-        if prompt is None and call.removed is not None and row < len(call.removed):
-            # batch_decode keeps the EOS/pad tokens of shorter rows; a pad '!' (SDXL) may be real text
-            eos = tokenizer.eos_token or "<|endoftext|>"
-            removed = " ".join(call.removed[row].replace(eos, " ").replace("<pad>", " ").split())
-            if removed:
-                prompt = recover_prompt(tokenizer, ids, removed)
+        row = min(i * rows // num_images, rows - 1)
+        return align_in_template(tokenizer, call.ids[row].tolist(), part.after, prompt, drop=drop, length=length)
+    if call is None:
+        if prompt is None:
+            raise TraceError(
+                "daamkit did not see the token ids of this prompt (the pipeline was given prompt_embeds, or "
+                "its negative prompt was zeroed): pass prompt=... to heat_maps()"
+            )
+        ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
         return align(tokenizer, ids, prompt)
+    rows = call.ids.shape[0]
+    row = min(i * rows // num_images, rows - 1)
+    ids = call.ids[row].tolist()
+    ids = part.select(ids, length) if part.select is not None else ids[drop:]
+    if prompt is None and call.removed is not None and row < len(call.removed):
+        # batch_decode keeps the EOS/pad tokens of shorter rows; a pad '!' (SDXL) may be real text
+        eos = tokenizer.eos_token or "<|endoftext|>"
+        removed = " ".join(call.removed[row].replace(eos, " ").replace("<pad>", " ").split())
+        if removed:
+            prompt = recover_prompt(tokenizer, ids, removed)
+    return align(tokenizer, ids, prompt)
 
 
 def _relation_methods(relations: Sequence[str] | None, query: Any) -> list[AttributionMethod]:
