@@ -29,12 +29,15 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
+    from daamkit.faithfulness import Counterfactual, Curve
     from daamkit.heatmap import GlobalHeatMap, WordHeatMap
     from daamkit.relation import ImageRelationMap, TokenRelationMatrix
 
 __all__ = [
     "colorize",
     "heat_image",
+    "plot_counterfactual",
+    "plot_deletion_curves",
     "overlay",
     "plot_frame_scores",
     "plot_grid",
@@ -420,3 +423,62 @@ def save_heat_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     heat_image(word_map.normalized(size), cmap).save(path)
     return path
+
+
+def _quoted(text: str, width: int = 38) -> str:
+    return f'"{text}"' if len(text) <= width else f'"{text[: width - 1]}…"'
+
+
+def plot_counterfactual(cf: Counterfactual, cmap: str | Colormap = "jet") -> Figure:
+    """Four panels of a :class:`~daamkit.faithfulness.Counterfactual`: the image, the counterfactual
+    (the word removed or swapped, same seed), the per-pixel change, and the word's map over the image
+    with the changed region's outline; Spearman's rho and the region AUC in the title."""
+    fig = Figure(figsize=(12.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 4)
+    axes[0].imshow(cf.image)
+    axes[0].set_title(_quoted(cf.prompt), fontsize="small")
+    axes[1].imshow(cf.counterfactual)
+    axes[1].set_title(_quoted(cf.counterfactual_prompt), fontsize="small")
+    top = float(cf.change.max()) or 1.0
+    shown = axes[2].imshow(cf.change, cmap="magma", vmin=0.0, vmax=top)
+    axes[2].set_title("change (L2 over RGB)", fontsize="small")
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.02)
+    axes[3].imshow(cf.image)
+    axes[3].imshow(cf.heat, cmap=_cmap(cmap), vmin=0.0, vmax=1.0, alpha=0.5)
+    if cf.region.any() and not cf.region.all():
+        axes[3].contour(cf.region.astype(float), levels=[0.5], colors="white", linewidths=1.2)
+    axes[3].set_title(f"{cf.method} map of {_quoted(cf.word)}, changed region", fontsize="small")
+    for ax in axes:
+        ax.set_axis_off()
+    rho = "n/a" if not math.isfinite(cf.spearman) else f"{cf.spearman:.3f}"
+    auc = "n/a" if not math.isfinite(cf.auc) else f"{cf.auc:.3f}"
+    fig.suptitle(f"Spearman rho(map, change) = {rho}    AUC(map -> changed region) = {auc}", fontsize="medium")
+    return fig
+
+
+def plot_deletion_curves(curves: Curve | Sequence[Curve]) -> Figure:
+    """Deletion / insertion curves (:class:`~daamkit.faithfulness.Curve`): over tau, the change inside
+    the edited region relative to outside it (left) and the mean change inside it (right), for the map's
+    region (solid) and for random regions of the same shape and area (dashed); one colour per curve."""
+    curves = [curves] if not isinstance(curves, Sequence) else list(curves)
+    if not curves:
+        raise ValueError("no curves to plot")
+    fig = Figure(figsize=(9.6, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colours = matplotlib.colormaps["tab10"]
+    for i, c in enumerate(curves):
+        colour = colours(i % 10)
+        name = f"{c.word} ({c.kind}, x{c.scale:g})"
+        left.plot(c.taus, c.map_effect, "o-", color=colour, label=f"{name}: map")
+        left.plot(c.taus, c.random_effect, "s--", color=colour, alpha=0.7, label=f"{name}: random")
+        right.plot(c.taus, c.map_inside, "o-", color=colour)
+        right.plot(c.taus, c.random_inside, "s--", color=colour, alpha=0.7)
+    left.axhline(1.0, color="grey", linewidth=0.8)
+    left.set_ylabel("change inside / outside the region")
+    right.set_ylabel("mean change inside the region")
+    for ax in (left, right):
+        ax.set_xlabel("tau (region: map >= tau)")
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+    left.legend(loc="best", fontsize="small")
+    return fig

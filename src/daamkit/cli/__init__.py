@@ -15,13 +15,13 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from daamkit.cli import analysis, batch, eval, explain, families, generate, ui, world
+from daamkit.cli import analysis, batch, eval, explain, faithfulness, families, generate, ui, world
 from daamkit.cli.common import CLIError
 from daamkit.errors import DaamkitError, environment_message, user_message
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-COMMANDS = (generate, explain, batch, ui, eval, analysis, world, families)
+COMMANDS = (generate, explain, faithfulness, batch, ui, eval, analysis, world, families)
 
 
 class Parser(argparse.ArgumentParser):
