@@ -280,3 +280,18 @@ def test_pixart_cross_correction_is_exact(t5_tokenizer_dir):
         return 0, 0, [1]
 
     check_exact(pipe, call, "transformer_blocks.1.attn2", "dog", layout)
+
+
+def test_flux_with_trace_stacks_both_modes(flux):
+    call = _dit_call(flux, max_sequence_length=16)
+    edit = AttentionEdit("dog", 0.0, region=left_half(32, 48))
+    ref = call()
+    with intervene(flux, PROMPT, [edit]) as log:
+        alone = call()
+    before = pipeline_state(flux)
+    with intervene(flux, PROMPT, [edit]), trace(flux) as tc:
+        both = call()
+        words = tc.heat_maps(0).words
+    assert not np.array_equal(alone, ref) and np.array_equal(both, alone)
+    assert "dog" in words and len(log.layers) == 4  # 2 double + 2 single blocks
+    assert_restored(flux, before)

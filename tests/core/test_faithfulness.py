@@ -219,3 +219,23 @@ def test_world_deleting_a_noun_in_its_map_region_changes_it_most():
     assert 0 < curve.area[0] < 0.5
     assert curve.map_inside[0] > 2 * curve.map_outside[0]  # the change lies in the word's region
     assert curve.map_inside[0] > 10 * curve.random_inside[0]  # and deleting elsewhere does little
+
+
+def test_plots_are_figures():
+    from daamkit.faithfulness import Counterfactual, Curve
+    from daamkit.plot import plot_counterfactual, plot_deletion_curves
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    other = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    change = change_map(image, other)
+    heat = rng.random((16, 16))
+    cf = Counterfactual("a dog", "a", "dog", None, 0, "daam", image, other, heat, change, change_region(change),
+                        rank_correlation(heat, change), region_auc(heat, change_region(change)))
+    fig = plot_counterfactual(cf)
+    assert len(fig.axes) == 5 and "Spearman" in fig._suptitle.get_text()  # 4 panels and a colour bar
+    curve = Curve("dog", 0.0, 0, [0.2, 0.4], area=[0.5, 0.2], map_inside=[1.0, 2.0], map_outside=[0.5, 0.5],
+                  map_effect=[2.0, 4.0], random_inside=[0.1, 0.1], random_outside=[0.1, 0.1], random_effect=[1, 1])
+    fig = plot_deletion_curves([curve, curve])
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 5  # map and random per curve, and y = 1
+    assert curve.auc_map == pytest.approx(0.6) and curve.auc_random == pytest.approx(0.2)
