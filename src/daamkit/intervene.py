@@ -476,8 +476,6 @@ class _Intervention:
         n_image = len(range(*first.queries.indices(int(q.shape[2]))))
         active = [i for i, e in enumerate(self.edits) if e.at_step(self.step) and e.scale != 1.0]
         keys = self.word_keys(n_text)
-        if any(p >= n_text for i in active for p in keys[i]):
-            return out  # a call whose text is shorter than the prompt's keys (not this prompt's attention)
         # the union of the edits' queries and keys, and each (query, key) pair's factor over it
         union_keys = sorted({p for i in active for p in keys[i]})
         if not union_keys:

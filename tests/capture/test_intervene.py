@@ -295,3 +295,47 @@ def test_flux_with_trace_stacks_both_modes(flux):
     assert not np.array_equal(alone, ref) and np.array_equal(both, alone)
     assert "dog" in words and len(log.layers) == 4  # 2 double + 2 single blocks
     assert_restored(flux, before)
+
+
+# ---- families whose keys need more than a tokenizer: chat templates, per-row packing, true CFG ----------
+def _zimage(d):
+    from daamkit.testing.families.zimage import qwen3_tokenizer, tiny_zimage
+
+    qwen3_tokenizer(d)
+    return tiny_zimage(d), {"height": 32, "width": 48}
+
+
+def _lumina2(d):
+    from daamkit.testing.families.lumina2 import gemma_tokenizer, tiny_lumina2
+
+    gemma_tokenizer(d)  # guidance runs the negative prompt as a call of its own
+    return tiny_lumina2(d), {"height": 64, "width": 96, "guidance_scale": 4.0}
+
+
+def _qwenimage(d):
+    from daamkit.testing.families.qwenimage import qwen2_5_vl_tokenizer, tiny_qwenimage
+
+    qwen2_5_vl_tokenizer(d)
+    return tiny_qwenimage(d), {"height": 32, "width": 48, "true_cfg_scale": 4.0, "negative_prompt": "a cat"}
+
+
+@pytest.mark.parametrize("build", [_zimage, _lumina2, _qwenimage], ids=["zimage", "lumina2", "qwenimage"])
+def test_template_and_packed_families_edit_the_words_own_keys(tmp_path, build):
+    pipe, kw = build(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        return pipe(prompt=PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np", **kw).images[0]
+
+    with trace(pipe) as tc:
+        ref = call()
+        positions = tc.heat_maps(0).alignment.positions("dog")
+    before = pipeline_state(pipe)
+    with intervene(pipe, PROMPT, [AttentionEdit("dog", 0.0, region=left_half(*ref.shape[:2]))]) as log:
+        out = call()
+    assert_restored(pipe, before)
+    assert log.word_keys == {0: positions} and log.steps == [0, 1] and log.layers
+    assert not np.array_equal(out, ref)
+    with intervene(pipe, PROMPT, [AttentionEdit("dog", 1.0)]):
+        assert np.array_equal(call(), ref)
