@@ -72,6 +72,8 @@ class AttentionEdit:
     region: (H, W) bool over the output image's pixels; None: everywhere.
     steps: the denoising steps ``[a, b)`` (0-based, in the order the denoiser runs); None: all.
     occurrence: which repeat of the word (0-based); None: all of them.
+    image: which image of the pipeline call (0-based, in the order the pipeline returns them); None: every
+        image. A batch of prompts gives ``intervene`` one prompt per image, each edit names its image.
     """
 
     word: str
@@ -79,6 +81,7 @@ class AttentionEdit:
     region: np.ndarray | None = None
     steps: tuple[int, int] | None = None
     occurrence: int | None = None
+    image: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.word, str) or not split_words(self.word):
@@ -107,6 +110,13 @@ class AttentionEdit:
             object.__setattr__(self, "steps", (int(steps[0]), int(steps[1])))
         if self.occurrence is not None and (not isinstance(self.occurrence, int) or self.occurrence < 0):
             raise InputError(f"an edit's occurrence must be an index >= 0 or None, got {self.occurrence!r}")
+        if self.image is not None and (not isinstance(self.image, int | np.integer) or self.image < 0):
+            raise InputError(f"an edit's image must be an image index >= 0 or None (every image), got {self.image!r}")
+        if self.image is not None:
+            object.__setattr__(self, "image", int(self.image))
+
+    def applies_to(self, image: int) -> bool:
+        return self.image is None or self.image == image
 
     def at_step(self, step: int) -> bool:
         return self.steps is None or self.steps[0] <= step < self.steps[1]
@@ -114,7 +124,7 @@ class AttentionEdit:
     def to_json(self) -> dict[str, Any]:
         return {
             "word": self.word, "scale": self.scale, "steps": None if self.steps is None else list(self.steps),
-            "occurrence": self.occurrence,
+            "occurrence": self.occurrence, "image": self.image,
             "region_pixels": None if self.region is None else int(np.count_nonzero(self.region)),
             "region_shape": None if self.region is None else list(self.region.shape),
         }
@@ -138,10 +148,11 @@ class InterventionLog:
     """What an intervention did, filled while the pipeline runs (the latest pipeline call's)."""
 
     family: str
-    prompt: str
+    prompt: str | list[str]
     edits: tuple[AttentionEdit, ...]
     calls: list[EditedCall] = field(default_factory=list)
-    #: each edit's text-key positions in the attention, counted from the first text key
+    #: each edit's text-key positions in the attention, counted from the first text key (in its image's
+    #: prompt; the first image's for an edit of every image)
     word_keys: dict[int, list[int]] = field(default_factory=dict)
     generations: int = 0
 
@@ -276,19 +287,24 @@ class _Intervention:
     """The state of one ``intervene`` block: steps and CFG rows as the trace counts them, the words'
     keys, the hooks."""
 
-    def __init__(self, pipe: Any, prompt: str, edits: Sequence[AttentionEdit], branch: str):
+    def __init__(self, pipe: Any, prompt: str | Sequence[str], edits: Sequence[AttentionEdit], branch: str):
         if branch != "cond":
             raise InputError(f"branch must be 'cond' (edits apply to the prompt's own rows), got {branch!r}")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt must be the non-empty text the pipeline is called with")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise InputError("the prompt must be the non-empty text (or list of texts) the pipeline is called with")
         edits = tuple(edits)
         if not edits:
             raise InputError("give at least one AttentionEdit")
         for e in edits:
             if not isinstance(e, AttentionEdit):
                 raise InputError(f"edits must be AttentionEdit objects, got {type(e).__name__}")
-            _check_word(prompt, e)
-        self.pipe, self.prompt, self.edits = pipe, prompt, edits
+            if e.image is None or len(prompts) == 1:
+                for p in dict.fromkeys(prompts):
+                    _check_word(p, e)
+            elif e.image < len(prompts):
+                _check_word(prompts[e.image], e)
+        self.pipe, self.prompts, self.edits = pipe, prompts, edits
         self.capture = detect_capture(pipe, probabilities="model")
         family = self.capture.family
         if isinstance(self.capture, UNetCapture):
@@ -307,7 +323,7 @@ class _Intervention:
         from daamkit.trace import _guider_separates
 
         self.separate_negative = self.capture.repeated_timestep_is_negative or _guider_separates(pipe)
-        self.log = InterventionLog(family=family, prompt=prompt, edits=edits)
+        self.log = InterventionLog(family=family, prompt=prompt if isinstance(prompt, str) else prompts, edits=edits)
         self.hooks = HookSet()
         self.factors = self.capture.layer_factors() if isinstance(self.capture, UNetCapture) else {}
         # per generation
@@ -319,7 +335,7 @@ class _Intervention:
         self.text_since_denoiser = True
         self.pending_text: list[_TextCall] = []
         self.text_calls: list[_TextCall] = []
-        self.keys: dict[int, list[list[int]]] = {}  # n text keys -> each edit's positions among them
+        self.keys: dict[tuple[int, int], list[list[int] | None]] = {}  # (n text keys, image) -> edits' positions
         self.regions: dict[tuple[int, int, int], torch.Tensor] = {}
 
     # ---- hooks -----------------------------------------------------------------------------------
@@ -398,6 +414,10 @@ class _Intervention:
         return batch % 2 == 0 and len(encoders) > len(set(encoders))
 
     def _check_regions(self, call: DenoiserCall) -> None:
+        n = self.num_images()
+        for e in self.edits:
+            if e.image is not None and e.image >= n:
+                raise InputError(f"the edit of {e.word!r} is for image {e.image}, but the pipeline call makes {n} image(s)")
         cell = self.capture.cell_pixels(self.pipe)
         size = (call.latent_hw[0] * cell, call.latent_hw[1] * cell)
         for e in self.edits:
@@ -425,30 +445,38 @@ class _Intervention:
         )
 
     # ---- the correction ---------------------------------------------------------------------------
-    def word_keys(self, n_text: int) -> list[list[int]]:
-        """Each edit's positions among the ``n_text`` text keys of the current generation."""
-        if n_text in self.keys:
-            return self.keys[n_text]
+    def num_images(self) -> int:
+        assert self.call is not None
+        return self.call.batch // 2 if self.cfg else self.call.batch
+
+    def word_keys(self, n_text: int, image: int) -> list[list[int] | None]:
+        """Each edit's positions among the ``n_text`` text keys of ``image`` (None for an edit of another
+        image), from the token ids its prompt was encoded with."""
+        if (n_text, image) in self.keys:
+            return self.keys[(n_text, image)]
         from daamkit.trace import key_alignment
 
-        call = self.call
-        assert call is not None
-        n = call.batch // 2 if self.cfg else call.batch
+        n = self.num_images()
+        prompt = self.prompts[min(image * len(self.prompts) // n, len(self.prompts) - 1)]
         try:
-            alignment = key_alignment(self.pipe, self.capture, self.text_calls, n, 0, prompt=None, branch="cond",
-                                      total=n_text)
-        except TraceError:  # no ids seen (prompt_embeds): tokenize the prompt given
-            alignment = key_alignment(self.pipe, self.capture, self.text_calls, n, 0, prompt=self.prompt,
+            alignment = key_alignment(self.pipe, self.capture, self.text_calls, n, image, prompt=None,
                                       branch="cond", total=n_text)
-        keys = []
+        except TraceError:  # no ids seen (prompt_embeds): tokenize the prompt given
+            alignment = key_alignment(self.pipe, self.capture, self.text_calls, n, image, prompt=prompt,
+                                      branch="cond", total=n_text)
+        keys: list[list[int] | None] = []
         for i, e in enumerate(self.edits):
+            if not e.applies_to(image):
+                keys.append(None)
+                continue
             try:
                 keys.append(alignment.positions(e.word, e.occurrence))
             except (WordNotFoundError, ValueError) as err:
                 msg = err.message if isinstance(err, WordNotFoundError) else str(err)
-                raise InputError(f"edit of {e.word!r}: {msg} (was the pipeline called with the intervention's prompt?)") from None
-            self.log.word_keys[i] = keys[-1]
-        self.keys[n_text] = keys
+                raise InputError(f"edit of {e.word!r} (image {image}): {msg} (was the pipeline called with the "
+                                 "intervention's prompt?)") from None
+            self.log.word_keys.setdefault(i, keys[-1])
+        self.keys[(n_text, image)] = keys
         return keys
 
     def region_queries(self, i: int, layer: LayerInfo, n_image: int) -> torch.Tensor | None:
@@ -470,44 +498,49 @@ class _Intervention:
         rows = self.branch_rows(int(q.shape[0])).get("cond")
         if rows is None:
             return out
-        parts = where if not isinstance(where, Slices) else None
         first = where if isinstance(where, Slices) else where[0]
         n_text = len(range(*first.keys.indices(int(k.shape[2]))))
         n_image = len(range(*first.queries.indices(int(q.shape[2]))))
-        active = [i for i, e in enumerate(self.edits) if e.at_step(self.step) and e.scale != 1.0]
-        keys = self.word_keys(n_text)
-        # the union of the edits' queries and keys, and each (query, key) pair's factor over it
-        union_keys = sorted({p for i in active for p in keys[i]})
-        if not union_keys:
-            return out
-        col = {p: j for j, p in enumerate(union_keys)}
-        inside = torch.zeros(n_image, dtype=torch.bool)
-        regions = {}
-        for i in active:
-            r = self.region_queries(i, layer, n_image)
-            regions[i] = r
-            inside |= torch.ones(n_image, dtype=torch.bool) if r is None else r
-        qidx = inside.nonzero().flatten()
-        if qidx.numel() == 0:
-            return out
-        factor = torch.ones(qidx.numel(), len(union_keys))
-        for i in active:
-            r = regions[i]
-            sel = torch.ones(qidx.numel(), dtype=torch.bool) if r is None else r[qidx]
-            cols = [col[p] for p in keys[i]]
-            factor[sel.nonzero().flatten()[:, None], torch.tensor(cols)[None, :]] *= self.edits[i].scale
-        delta = (factor - 1.0).to(out.device)
-        if out.requires_grad:
-            out = out.clone()
-        with torch.no_grad():
-            for r in range(*rows.indices(int(q.shape[0]))):
-                s = first if parts is None else parts[r]
-                q0 = range(*s.queries.indices(int(q.shape[2])))
-                qpos = (q0.start + q0.step * qidx).to(q.device)
-                k0 = range(*s.keys.indices(int(k.shape[2])))
-                kpos = torch.tensor([k0.start + k0.step * p for p in union_keys], device=k.device)
-                self._correct_row(out, q, k, v, r, qpos, kpos, delta, mask, scale)
-        self.log.calls.append(EditedCall(self.step, layer.name, tuple(active), int(qidx.numel()), tuple(union_keys)))
+        row_range = range(*rows.indices(int(q.shape[0])))
+        used: set[int] = set()
+        queries = 0
+        union_all: set[int] = set()
+        for r in row_range:
+            image = r - row_range.start  # the cond rows hold the images in order
+            active = [i for i, e in enumerate(self.edits)
+                      if e.applies_to(image) and e.at_step(self.step) and e.scale != 1.0]
+            if not active:
+                continue
+            keys = self.word_keys(n_text, image)
+            union_keys = sorted({p for i in active for p in keys[i]})
+            col = {p: c for c, p in enumerate(union_keys)}
+            inside = torch.zeros(n_image, dtype=torch.bool)
+            regions = {}
+            for i in active:
+                regions[i] = self.region_queries(i, layer, n_image)
+                inside |= True if regions[i] is None else regions[i]
+            qidx = inside.nonzero().flatten()
+            if qidx.numel() == 0 or not union_keys:
+                continue
+            # each (query, key) pair's factor: edits that meet there multiply
+            factor = torch.ones(qidx.numel(), len(union_keys))
+            for i in active:
+                sel = slice(None) if regions[i] is None else regions[i][qidx].nonzero().flatten()[:, None]
+                factor[sel, torch.tensor([col[p] for p in keys[i]])] *= self.edits[i].scale
+            s = first if isinstance(where, Slices) else where[r]
+            q0 = range(*s.queries.indices(int(q.shape[2])))
+            k0 = range(*s.keys.indices(int(k.shape[2])))
+            qpos = (q0.start + q0.step * qidx).to(q.device)
+            kpos = torch.tensor([k0.start + k0.step * p for p in union_keys], device=k.device)
+            if out.requires_grad and not used:
+                out = out.clone()
+            with torch.no_grad():
+                self._correct_row(out, q, k, v, r, qpos, kpos, (factor - 1.0).to(out.device), mask, scale)
+            used.update(active)
+            union_all.update(union_keys)
+            queries = max(queries, int(qidx.numel()))
+        if used:
+            self.log.calls.append(EditedCall(self.step, layer.name, tuple(sorted(used)), queries, tuple(sorted(union_all))))
         return out
 
     @staticmethod
@@ -539,13 +572,14 @@ def _call(pre: Any):
 
 @contextlib.contextmanager
 def intervene(
-    pipe: Any, prompt: str, edits: Sequence[AttentionEdit], *, branch: str = "cond"
+    pipe: Any, prompt: str | Sequence[str], edits: Sequence[AttentionEdit], *, branch: str = "cond"
 ) -> Iterator[InterventionLog]:
     """Reweight the attention on words of ``prompt`` while ``pipe`` runs inside the block (see the module
     docstring for the exact semantics); yields an :class:`InterventionLog` filled as the pipeline runs.
 
     The pipeline must be called with ``prompt`` (or its ``prompt_embeds``, for families without a
-    chat template). Every hook is removed on exit, also after an exception. Raises ``InputError`` for an
+    chat template); a batch of prompts is given as a list, and an edit with ``image=j`` applies to image
+    ``j`` alone (with several images per prompt, image ``j`` is of prompt ``j * len(prompt) // images``). Every hook is removed on exit, also after an exception. Raises ``InputError`` for an
     edit whose word is not in the prompt, an empty or misshaped region, and
     ``UnsupportedPipelineError`` for a family it cannot edit (video models, non-diffusers denoisers).
     """

@@ -181,6 +181,30 @@ def test_steps_occurrence_and_composition(sd):
     np.testing.assert_allclose(same, ref, atol=1e-5)
 
 
+def test_batch_edits_apply_to_their_own_image(sd):
+    prompts = ["a dog on a bench", "a red cat"]
+
+    def call():
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        return sd(prompts, num_inference_steps=2, height=64, width=64, generator=gens, output_type="np").images
+
+    ref = call()
+    with intervene(sd, prompts, [AttentionEdit("cat", 0.0, image=1)]) as log:
+        out = call()
+    assert np.array_equal(out[0], ref[0]) and not np.array_equal(out[1], ref[1])
+    assert log.word_keys == {0: [3]} and log.prompt == prompts  # <bos> a red cat
+    with intervene(sd, prompts, [AttentionEdit("dog", 0.0, image=0), AttentionEdit("cat", 0.0, image=1)]):
+        both = call()
+    assert not np.array_equal(both[0], ref[0]) and np.array_equal(both[1], out[1])
+    with pytest.raises(InputError, match="'cat' is not a word of the prompt 'a dog on a bench'"):
+        intervene(sd, prompts, [AttentionEdit("cat", 0.0, image=0)]).__enter__()
+    before = pipeline_state(sd)
+    with pytest.raises(InputError, match="for image 2, but the pipeline call makes 2 image"):
+        with intervene(sd, prompts, [AttentionEdit("cat", 0.0, image=2)]):
+            call()
+    assert_restored(sd, before)
+
+
 def test_with_trace_records_the_intervened_model(sd):
     edit = AttentionEdit("dog", 0.0, region=left_half(64, 64))
     with intervene(sd, PROMPT, [edit]):
