@@ -34,6 +34,7 @@ def maps(shape, elements=small):
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
+@settings(deadline=None)
 @given(st.data())
 def test_change_map_is_the_channel_l2_norm(data):
     shape = data.draw(grids)
@@ -56,11 +57,13 @@ def _rank_by_definition(v):
     return [sum(u < x for u in v) + (sum(u == x for u in v) + 1) / 2 for x in v]
 
 
+@settings(deadline=None)
 @given(maps(st.integers(1, 30)))
 def test_rankdata_gives_ties_their_average_rank(v):
     assert np.allclose(rankdata(v), _rank_by_definition(v))
 
 
+@settings(deadline=None)
 @given(st.data())
 def test_spearman_is_pearson_of_average_ranks(data):
     n = data.draw(st.integers(2, 30))
@@ -74,6 +77,7 @@ def test_spearman_is_pearson_of_average_ranks(data):
         assert math.isclose(rank_correlation(a, a), 1.0) and math.isclose(rank_correlation(a, -a), -1.0)
 
 
+@settings(deadline=None)
 @given(st.data())
 def test_region_auc_is_the_pairwise_win_rate(data):
     shape = data.draw(grids)
@@ -89,7 +93,7 @@ def test_region_auc_is_the_pairwise_win_rate(data):
     assert math.isclose(region_auc(-heat, region), 1 - auc, abs_tol=1e-12)
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.data())
 def test_otsu_maximises_the_between_class_variance(data):
     n = data.draw(st.integers(2, 60))
@@ -121,6 +125,7 @@ def test_change_region_splits_two_levels():
     assert not change_region(np.zeros((4, 4))).any()
 
 
+@settings(deadline=None)
 @given(arrays(bool, st.tuples(st.integers(1, 8), st.integers(1, 8))), st.integers(0, 2**32 - 1))
 def test_rolled_region_keeps_shape_and_area(region, seed):
     rolled, (dy, dx) = rolled_region(region, np.random.default_rng(seed))
