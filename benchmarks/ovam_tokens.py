@@ -3,13 +3,20 @@ shape better on held-out images than the plain word?
 
 For each shape noun: one training image (the first held-out scene from ``--train-seed`` on whose caption
 names the shape in the singular and whose object was drawn) is traced with its queries kept, and one
-token is learned from the drawn mask (``optimize_token``, started at the word). Then ``--n`` held-out
-images that name the shape (scenes from ``--seed`` on, disjoint from the training scenes) are generated
-twice, once with ``open_vocabulary=[word]`` and once with ``open_vocabulary=[learned token]``, and the
+token is learned from the drawn mask (``optimize_token``, started at the word, at ``--positions``
+positions). Then ``--n`` held-out images that name the shape (scenes from ``--seed`` on, disjoint from
+the training scenes) are generated three times: with the word encoded once (``open_vocabulary=[word]``),
+with the word at ``--positions`` positions (``encode_positions``) and with the learned token, and the
 noun's map is scored by IoU against the drawn object at tau (``daamkit eval``'s thresholding); the
-prompt word's DAAM map is reported beside them. Both runs must give the same image.
+prompt word's DAAM map is reported beside them. All runs must give the same image. The pooled means come
+with 95% bootstrap intervals, and the token's gain over the word at the same positions with a paired one.
 
-    python benchmarks/ovam_tokens.py --n 20 --iterations 30 --lr 0.01
+The shapes world's text encoder has no layers, so its embeddings carry their position and an object's
+image queries match the position its noun had in the prompt: a word encoded once sits at position 1,
+and a token learned at one position learns the training prompt's. ``--positions 14`` covers the
+positions the world's captions put nouns at (chosen on scenes from 200000 on, not on the held-out set).
+
+    python benchmarks/ovam_tokens.py --n 20 --iterations 30 --lr 0.01 --positions 14
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from PIL import Image
 
 from daamkit import trace
 from daamkit.jobs.pipeline import load_pipeline
-from daamkit.methods import OvamMethod, optimize_token
+from daamkit.methods import OvamMethod, encode_positions, optimize_token
 from daamkit.metrics import mask_iou, scaled_threshold_mask
+from daamkit.stats import bootstrap_mean_ci
 from daamkit.tokens import split_words
 from daamkit.world import SHAPES, default_model_path, drawn_masks, make_heldout_scene
 
@@ -59,6 +67,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--positions", type=int, default=14,
+                   help="positions the word and the token are encoded at (1: once, as before)")
     p.add_argument("--tau", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -83,7 +93,9 @@ def main() -> None:
                     break
             k += 1
         train_plain = iou(tc.heat_maps(0, method="ovam").word(shape), truth, args.tau)
-        token = optimize_token(tc, truth, init=shape, iterations=args.iterations, lr=args.lr)
+        token = optimize_token(tc, truth, init=shape, iterations=args.iterations, lr=args.lr,
+                               positions=args.positions)
+        word_at = encode_positions(pipe, shape, args.positions)
         del tc
         tc, again = generate(pipe, [caption], [k], args, open_vocabulary=[token])
         train_token = iou(tc.heat_maps(0, method="ovam").word(shape), truth, args.tau)
@@ -97,13 +109,14 @@ def main() -> None:
             if names_shape(caption, shape):
                 scenes.append((s, caption))
             s += 1
-        scores: dict[str, list[float]] = {"daam": [], "ovam_word": [], "ovam_token": []}
+        scores: dict[str, list[float]] = {"daam": [], "ovam_word": [], "ovam_word_at": [], "ovam_token": []}
         for start in range(0, len(scenes), args.batch):
             part = scenes[start : start + args.batch]
             seeds, captions = [x[0] for x in part], [x[1] for x in part]
             tc_word, out_word = generate(pipe, captions, seeds, args, open_vocabulary=[shape])
             tc_token, out_token = generate(pipe, captions, seeds, args, open_vocabulary=[token])
-            if not np.array_equal(out_word, out_token):
+            tc_at, out_at = generate(pipe, captions, seeds, args, open_vocabulary=[word_at])
+            if not (np.array_equal(out_word, out_token) and np.array_equal(out_word, out_at)):
                 raise SystemExit("the images differ between the two traces: OVAM changed the generation")
             for j, image in enumerate(pil(out_word)):
                 truth = drawn_masks(image, captions[j]).get(shape, [None])[0]
@@ -111,30 +124,40 @@ def main() -> None:
                     continue  # not drawn: nothing to score against, as in daamkit eval
                 scores["daam"].append(iou(tc_word.heat_maps(j).word(shape, occurrence=0), truth, args.tau))
                 scores["ovam_word"].append(iou(tc_word.heat_maps(j, method="ovam").word(shape), truth, args.tau))
+                scores["ovam_word_at"].append(iou(tc_at.heat_maps(j, method="ovam").word(shape), truth, args.tau))
                 scores["ovam_token"].append(iou(tc_token.heat_maps(j, method="ovam").word(shape), truth, args.tau))
         row = {"shape": shape, "train_scene": k, "train_iou_word": train_plain,
                "train_iou_token": train_token, "scored": len(scores["daam"]),
                **{name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()},
+               "scores": scores,
                "train_seconds": t_train, "seconds": time.time() - t0}
         rows.append(row)
         print(f"{shape:9s} train image: word {train_plain:.3f} -> token {train_token:.3f};  held-out "
               f"n={row['scored']:3d}  DAAM {row['daam']:.3f}  OVAM word {row['ovam_word']:.3f}  "
-              f"OVAM token {row['ovam_token']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+              f"OVAM word x{args.positions} {row['ovam_word_at']:.3f}  OVAM token {row['ovam_token']:.3f}  "
+              f"({row['seconds']:.0f} s)", flush=True)
 
     print()
     print(f"mIoU at tau={args.tau} over held-out images that name the shape (steps {args.steps}, "
-          f"{args.iterations} iterations, lr {args.lr})")
-    print("| shape | train IoU word | train IoU token | n | DAAM (prompt word) | OVAM word | OVAM learned token "
-          "| token - word |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.iterations} iterations, lr {args.lr}, {args.positions} positions)")
+    print(f"| shape | train IoU word | train IoU token | n | DAAM (prompt word) | OVAM word | OVAM word x{args.positions} "
+          "| OVAM learned token | token - word |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['train_iou_word']:.3f} | {r['train_iou_token']:.3f} | {r['scored']} | "
-              f"{r['daam']:.3f} | {r['ovam_word']:.3f} | {r['ovam_token']:.3f} | {r['ovam_token'] - r['ovam_word']:+.3f} |")
-    names = ("train_iou_word", "train_iou_token", "daam", "ovam_word", "ovam_token")
-    means = {name: float(np.mean([r[name] for r in rows])) for name in names}
-    print(f"| mean | {means['train_iou_word']:.3f} | {means['train_iou_token']:.3f} | {sum(r['scored'] for r in rows)} | "
-          f"{means['daam']:.3f} | {means['ovam_word']:.3f} | {means['ovam_token']:.3f} | "
-          f"{means['ovam_token'] - means['ovam_word']:+.3f} |")
+              f"{r['daam']:.3f} | {r['ovam_word']:.3f} | {r['ovam_word_at']:.3f} | {r['ovam_token']:.3f} | "
+              f"{r['ovam_token'] - r['ovam_word']:+.3f} |")
+    names = ("daam", "ovam_word", "ovam_word_at", "ovam_token")
+    pooled = {name: [v for r in rows for v in r["scores"][name]] for name in names}
+    means = {name: bootstrap_mean_ci(pooled[name]) for name in names}
+    print()
+    print(f"pooled over {len(pooled['daam'])} held-out images, mean [95% bootstrap interval]:")
+    for name in names:
+        m, lo, hi = means[name]
+        print(f"  {name:13s} {m:.3f} [{lo:.3f}, {hi:.3f}]")
+    for a, b in (("ovam_token", "ovam_word_at"), ("ovam_token", "ovam_word"), ("ovam_word_at", "ovam_word")):
+        m, lo, hi = bootstrap_mean_ci(np.subtract(pooled[a], pooled[b]))
+        print(f"  {a} - {b}: {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "rows": rows, "means": means}, f, indent=1)

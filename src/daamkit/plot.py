@@ -325,6 +325,12 @@ def plot_image_relation(
         ax.plot([x], [y], marker="o", markersize=11, markerfacecolor="none", markeredgecolor="black",
                 markeredgewidth=2.5)
         ax.plot([x], [y], marker="+", markersize=11, color=marker_color, markeredgewidth=1.8)
+    elif query.box is not None:
+        y0, x0, y1, x1 = query.box
+        xs = [x0 * sx - 0.5, x1 * sx - 0.5, x1 * sx - 0.5, x0 * sx - 0.5, x0 * sx - 0.5]
+        ys = [y0 * sy - 0.5, y0 * sy - 0.5, y1 * sy - 0.5, y1 * sy - 0.5, y0 * sy - 0.5]
+        ax.plot(xs, ys, color="black", linewidth=3.0)
+        ax.plot(xs, ys, color=marker_color, linewidth=1.5)
     else:
         assert query.mask is not None
         mh, mw = query.mask.shape

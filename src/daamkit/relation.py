@@ -42,11 +42,25 @@ def check_kind(kind: str) -> str:
 
 @dataclass(frozen=True, eq=False)
 class RelationQuery:
-    """One query of an image relation: a ``point`` (y, x) in pixels, or a ``mask`` (H, W) bool array
-    over the generated image (a region: its cells' rows are averaged, weighted by the area covered)."""
+    """One query of an image relation: a ``point`` (y, x) in pixels, a ``mask`` (H, W) bool array
+    over the generated image, or a ``box`` (y0, x0, y1, x1) in pixels (the half-open rectangle
+    y0 <= y < y1, x0 <= x < x1), which need not know the image size in advance. A region (mask or box)
+    averages its cells' rows, weighted by the area it covers."""
 
     point: tuple[float, float] | None = None
     mask: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if sum(v is not None for v in (self.point, self.mask, self.box)) != 1:
+            raise InputError("a relation query is exactly one of a point, a mask or a box")
+        if self.box is not None:
+            y0, x0, y1, x1 = (float(v) for v in self.box)
+            if not all(np.isfinite(v) for v in (y0, x0, y1, x1)):
+                raise InputError(f"the query box {self.box} must hold finite pixel coordinates")
+            if not (y0 < y1 and x0 < x1):
+                raise InputError(f"the query box (x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g}) is empty: "
+                                 "give x0 < x1 and y0 < y1 (pixels)")
 
     @classmethod
     def parse(cls, value: Any) -> RelationQuery:
@@ -74,6 +88,9 @@ class RelationQuery:
     def label(self) -> str:
         if self.point is not None:
             return f"(y={self.point[0]:g}, x={self.point[1]:g})"
+        if self.box is not None:
+            y0, x0, y1, x1 = self.box
+            return f"box x {x0:g}..{x1:g}, y {y0:g}..{y1:g}"
         assert self.mask is not None
         return f"region of {int(self.mask.sum())} px"
 
@@ -87,9 +104,26 @@ class RelationQuery:
                     f"the query point (y, x) = ({y:g}, {x:g}) lies outside the {h}x{w} image: "
                     f"use 0 <= y < {h} and 0 <= x < {w} (pixels)"
                 )
+        elif self.box is not None:
+            y0, x0, y1, x1 = self.box
+            if not (0 <= y0 and 0 <= x0 and y1 <= h and x1 <= w):
+                raise InputError(
+                    f"the query box (x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g}) reaches outside the {h}x{w} "
+                    f"image: use 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h} (pixels)"
+                )
         elif self.mask is not None and self.mask.shape != (h, w):
             raise InputError(f"the region mask is {self.mask.shape[0]}x{self.mask.shape[1]} but the image is "
                              f"{h}x{w} (height x width): give a mask of the image's size")
+
+    def region(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The (H, W) bool mask of a region query on an image of ``size`` (None for a point); a box
+        covers the pixels its rectangle overlaps."""
+        if self.box is not None:
+            y0, x0, y1, x1 = self.box
+            mask = np.zeros(size, bool)
+            mask[int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
+            return mask
+        return self.mask
 
     def weights(self, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
         """The query's weight on each cell of a (gh, gw) ``grid`` over an image of ``size`` pixels:
@@ -100,8 +134,9 @@ class RelationQuery:
             y, x = self.point
             out[min(gh - 1, int(y * gh / h)) * gw + min(gw - 1, int(x * gw / w))] = 1.0
             return out
-        assert self.mask is not None
-        m = torch.from_numpy(self.mask.astype(np.float32))[None, None]
+        region = self.region(size)
+        assert region is not None
+        m = torch.from_numpy(region.astype(np.float32))[None, None]
         area = F.adaptive_avg_pool2d(m, (gh, gw)).flatten()
         return area / area.sum()
 

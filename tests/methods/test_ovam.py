@@ -264,3 +264,38 @@ def test_token_optimisation_on_the_shapes_world():
     hm = tc3.heat_maps(0, method="ovam")
     assert hm.words == ["circle", "square"] and hm.maps.shape == (4, 16, 16)
     assert torch.isfinite(hm.maps).all()
+
+
+def test_token_learned_at_several_positions_shares_one_offset():
+    from PIL import Image
+
+    from daamkit.jobs.pipeline import load_pipeline
+    from daamkit.methods import encode_positions
+    from daamkit.world import ModelNotFoundError, default_model_path, drawn_masks
+
+    try:
+        path = default_model_path()
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
+    pipe = load_pipeline(path, progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    caption = "a red circle and a blue square"
+    copies = encode_positions(pipe, "square", 4)
+    assert copies.words == ["square"] and copies.alignment.words[0].positions == (1, 2, 3, 4)
+    # the copies differ only by their position embeddings (this text encoder has no layers)
+    assert not torch.allclose(copies.embeds[1], copies.embeds[2])
+    with trace(pipe, steps=range(2, 6), methods=[OvamMethod(["square"], keep_queries=True)]) as tc:
+        out = pipe(caption, num_inference_steps=6, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images
+    mask = drawn_masks(Image.fromarray((out[0] * 255).round().astype("uint8")), caption)["square"][0]
+    assert mask is not None
+    learned = optimize_token(tc, mask, init="square", iterations=3, positions=4)
+    assert learned.words == ["square"] and learned.alignment.words[0].positions == (1, 2, 3, 4)
+    offsets = learned.embeds[1:5] - copies.embeds[1:5]
+    assert offsets.abs().max() > 0  # it moved, by one offset shared by every copy
+    torch.testing.assert_close(offsets, offsets[:1].expand_as(offsets), rtol=0, atol=1e-5)
+    torch.testing.assert_close(learned.embeds[[0, 5]], copies.embeds[[0, 5]])  # start and end tokens as encoded
+    with pytest.raises(InputError, match="one word"):
+        encode_positions(pipe, "red circle", 2)
+    with pytest.raises(InputError, match="positions must be"):
+        optimize_token(tc, mask, init="square", positions=0)

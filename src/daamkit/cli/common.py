@@ -104,6 +104,14 @@ def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: flo
     p.add_argument("--open-vocabulary", metavar="WORDS",
                    help="comma-separated words, which need not be in the prompt, to map with OVAM (e.g. "
                         "'cat,grass'); written to ovam/ beside the DAAM maps (cross-attention models)")
+    p.add_argument("--relations", metavar="KINDS",
+                   help="comma-separated relation maps to write to relations/ beside the word maps: "
+                        "image->image (where --query / --query-box attends in the image; UNets and joint "
+                        "transformers) and text->text (prompt token to token; joint transformers)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--query", metavar="X,Y", help="image->image: the point it looks from, in pixels of the image")
+    q.add_argument("--query-box", metavar="X0,Y0,X1,Y1",
+                   help="image->image: the box it looks from, in pixels (x0 <= x < x1, y0 <= y < y1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")
@@ -155,6 +163,35 @@ def open_vocabulary(args: argparse.Namespace) -> list[str]:
     return words
 
 
+def relation_args(args: argparse.Namespace) -> tuple[list[str], tuple[float, float] | None,
+                                                     tuple[float, float, float, float] | None]:
+    """(relations, query point (y, x), query box (y0, x0, y1, x1)) of ``--relations``, ``--query X,Y`` and
+    ``--query-box X0,Y0,X1,Y1``."""
+    text = getattr(args, "relations", None)
+    kinds: list[str] = []
+    if text is not None:
+        kinds = [k.strip() for k in text.split(",")]
+        if not any(kinds) or any(not k for k in kinds):
+            raise CLIError(f"--relations holds an empty kind ({text!r}): give image->image and/or text->text, "
+                           "comma-separated")
+
+    def numbers(option: str, value: str | None, n: int, form: str) -> list[float] | None:
+        if value is None:
+            return None
+        try:
+            vals = [float(v) for v in value.split(",")]
+        except ValueError:
+            vals = []
+        if len(vals) != n or not all(math.isfinite(v) for v in vals):
+            raise CLIError(f"{option} must be {form} in pixels of the generated image, got {value!r}")
+        return vals
+
+    point = numbers("--query", getattr(args, "query", None), 2, "X,Y (e.g. 120,300)")
+    box = numbers("--query-box", getattr(args, "query_box", None), 4, "X0,Y0,X1,Y1 (e.g. 10,20,200,240)")
+    return (kinds, (point[1], point[0]) if point else None,
+            (box[1], box[0], box[3], box[2]) if box else None)
+
+
 def generate_options(args: argparse.Namespace) -> GenerateOptions:
     h, w = parse_size(args.size)
     opts = GenerateOptions(
@@ -171,5 +208,6 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         fps=getattr(args, "fps", None),
         open_vocabulary=open_vocabulary(args),
     )
+    opts.relations, opts.query, opts.query_box = relation_args(args)
     opts.check()
     return opts

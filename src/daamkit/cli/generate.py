@@ -31,7 +31,13 @@ def _rebase(value: Any, stage: Path, final: Path) -> Any:
 def _run(args: argparse.Namespace, model: str, prompts: Sequence[str]) -> Path:
     """Check, load, check against the model, generate into a staging folder that becomes ``--out``
     only when every output is written."""
-    from daamkit.jobs.generate import check_against_pipeline, generate_with_methods, slug, write_outputs
+    from daamkit.jobs.generate import (
+        check_against_pipeline,
+        generate_with_methods,
+        slug,
+        split_relations,
+        write_outputs,
+    )
     from daamkit.jobs.outdir import staged_dir
     from daamkit.jobs.pipeline import load_pipeline
 
@@ -48,13 +54,17 @@ def _run(args: argparse.Namespace, model: str, prompts: Sequence[str]) -> Path:
                 rel = Path(".") if len(prompts) == 1 and len(records) == 1 else Path(f"{k:02d}_{slug(prompt)}") / f"{i}"
                 if len(prompts) > 1 and len(records) == 1:
                     rel = Path(f"{k:02d}_{slug(prompt)}")
-                paths = write_outputs(rec, stage / rel, words=args.words, threshold=args.threshold, methods=others)
+                methods, relations = split_relations(others)
+                paths = write_outputs(rec, stage / rel, words=args.words, threshold=args.threshold, methods=methods,
+                                      relations=relations)
                 summary.append(_rebase({"prompt": prompt, "image_index": i, "dir": str(stage / rel), **paths},
                                        stage, final))
                 what = f"video of {rec.heat_maps.num_frames} frames" if rec.is_video else "image"
                 print(f"  {prompt!r} -> {final / rel}  ({what})  words: {', '.join(rec.heat_maps.words)}")
-                if "ovam" in others:
-                    print(f"    open vocabulary (ovam/): {', '.join(others['ovam'].words)}")
+                if "ovam" in methods:
+                    print(f"    open vocabulary (ovam/): {', '.join(methods['ovam'].words)}")
+                if relations:
+                    print(f"    relations (relations/): {', '.join(relations)}")
                 if rec.heat_maps.truncated_words:
                     print("  note: past the token limit, not seen by the model: "
                           f"{', '.join(rec.heat_maps.truncated_words)}")

@@ -26,6 +26,7 @@ from daamkit.heatmap import GlobalHeatMap
 from daamkit.io.record import RunRecord
 from daamkit.methods.base import jsonable
 from daamkit.metrics import DEFAULT_THRESHOLD, threshold_mask
+from daamkit.relation import RelationQuery
 from daamkit.trace import trace
 
 
@@ -76,6 +77,9 @@ class GenerateOptions:
     num_frames: int | None = None  # video pipelines: frames to generate (None: the pipeline's default)
     fps: float | None = None  # video pipelines: frames per second of the written videos (None: the model's)
     open_vocabulary: list[str] = field(default_factory=list)  # words for OVAM maps, need not be in the prompt
+    relations: list[str] = field(default_factory=list)  # relation kinds to record ("image->image", "text->text")
+    query: tuple[float, float] | None = None  # image->image: the point (y, x) in pixels
+    query_box: tuple[float, float, float, float] | None = None  # image->image: the box (y0, x0, y1, x1) in pixels
 
     def check(self) -> None:
         """Raise :class:`InputError` for a value no pipeline could use, before anything is loaded."""
@@ -101,10 +105,40 @@ class GenerateOptions:
             raise InputError(f"open_vocabulary holds an empty word: {self.open_vocabulary}")
         if len(set(self.open_vocabulary)) != len(self.open_vocabulary):
             raise InputError(f"open_vocabulary words must be distinct, got {self.open_vocabulary}")
+        self.relation_query()  # checks the relations and their query
         if self.trace:
             from daamkit.aggregate import AggregationConfig
 
             AggregationConfig(**{k: v for k, v in self.trace.items() if k in AggregationConfig.__dataclass_fields__})
+
+    def relation_query(self) -> RelationQuery | None:
+        """The image->image query (None without one); :class:`InputError` for an unknown or repeated
+        relation, an image->image relation without exactly one query, or a query without it."""
+        from daamkit.relation import RELATIONS
+
+        unknown = [k for k in self.relations if k not in RELATIONS]
+        if unknown:
+            raise InputError(f"unknown relation {unknown[0]!r}: use {' or '.join(RELATIONS)} (comma-separated)")
+        if len(set(self.relations)) != len(self.relations):
+            raise InputError(f"relations must be distinct, got {self.relations}")
+        if self.query is not None and self.query_box is not None:
+            raise InputError("give the image->image query as a point or as a box, not both")
+        given = self.query is not None or self.query_box is not None
+        if "image->image" not in self.relations:
+            if given:
+                raise InputError("a query names where an image->image relation looks from: add the image->image "
+                                 "relation (--relations image->image)")
+            return None
+        if not given:
+            raise InputError("the image->image relation needs a query: a point (--query X,Y) or a box "
+                             "(--query-box X0,Y0,X1,Y1) in pixels of the generated image")
+        if self.query is not None:
+            y, x = self.query
+            if not (math.isfinite(y) and math.isfinite(x)) or y < 0 or x < 0:
+                raise InputError(f"the query point (x={x:g}, y={y:g}) must lie on the image: pixels from 0 up")
+            return RelationQuery(point=(float(y), float(x)))
+        assert self.query_box is not None
+        return RelationQuery(box=tuple(float(v) for v in self.query_box))  # type: ignore[arg-type]
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
@@ -115,6 +149,11 @@ class GenerateOptions:
                 d.pop(key)
         if not d["open_vocabulary"]:
             d.pop("open_vocabulary")  # records of runs without OVAM stay as they were
+        for key in ("relations", "query", "query_box"):  # nor do those of runs without relations
+            if not d[key]:
+                d.pop(key)
+            else:
+                d[key] = list(d[key])
         return d
 
 
@@ -173,7 +212,7 @@ def traced_generation_maps(
     num_images_per_prompt: int | None = None,
     trace_options: dict[str, Any] | None = None,
     num_frames: int | None = None,
-) -> list[tuple[Any, dict[str, GlobalHeatMap]]]:
+) -> list[tuple[Any, dict[str, Any]]]:
     """The traced generation job: one pipeline call for ``prompts`` inside :func:`daamkit.trace`.
 
     Returns ``(image, heat maps)`` per image, in the pipeline's order (prompt by prompt, then image by
@@ -182,7 +221,10 @@ def traced_generation_maps(
     ``height``/``width``/``negative_prompt``/``num_images_per_prompt`` are passed on only when given
     (None: the pipeline's default); a single negative prompt is repeated for every prompt. The maps
     are those of every method the trace records, by method name (``"daam"`` always; ``"ovam"`` when
-    ``trace_options`` has ``open_vocabulary``).
+    ``trace_options`` has ``open_vocabulary``), and the relations it records by kind (an
+    :class:`~daamkit.relation.ImageRelationMap` under ``"image->image"``, a
+    :class:`~daamkit.relation.TokenRelationMatrix` under ``"text->text"``, when ``trace_options`` has
+    ``relations``).
 
     A video pipeline gives ``(frames, heat maps)`` per video, frames a uint8 (frames, H, W, 3) array;
     ``num_images_per_prompt`` is passed as its ``num_videos_per_prompt`` and ``num_frames`` as is (an
@@ -212,7 +254,8 @@ def traced_generation_maps(
         kwargs["negative_prompt"] = negs
     with trace(pipe, **(trace_options or {})) as tc:
         out = pipe(prompts, **kwargs)
-        maps = [{name: tc.heat_maps(i, method=name) for name in tc.method_names} for i in range(tc.num_images)]
+        maps = [{**{name: tc.heat_maps(i, method=name) for name in tc.method_names},
+                 **{kind: tc.relation(i, kind) for kind in tc.relation_names}} for i in range(tc.num_images)]
     if getattr(out, "frames", None) is not None:
         from daamkit.video import as_frames
 
@@ -237,9 +280,10 @@ def generate(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions |
 
 
 def generate_with_methods(pipe: Any, prompts: str | Sequence[str], options: GenerateOptions | None = None,
-                          model: str | None = None) -> list[tuple[RunRecord, dict[str, GlobalHeatMap]]]:
+                          model: str | None = None) -> list[tuple[RunRecord, dict[str, Any]]]:
     """:func:`generate`, each record with the maps of the other methods traced (``"ovam"`` for
-    ``options.open_vocabulary``), by method name."""
+    ``options.open_vocabulary``), by method name, and the relations of ``options.relations`` by kind
+    (``"image->image"``, ``"text->text"``: :func:`split_relations` tells them apart)."""
     opts = options or GenerateOptions()
     prompt_list = check_prompts(prompts)
     opts.check()
@@ -247,6 +291,9 @@ def generate_with_methods(pipe: Any, prompts: str | Sequence[str], options: Gene
     trace_options = dict(opts.trace)
     if opts.open_vocabulary:
         trace_options["open_vocabulary"] = list(opts.open_vocabulary)
+    if opts.relations:
+        trace_options["relations"] = list(opts.relations)
+        trace_options["query"] = opts.relation_query()
     pairs = traced_generation_maps(
         pipe, prompt_list, generator=make_generators(pipe, [opts.seed])[0], steps=opts.steps,
         guidance_scale=opts.guidance_scale, height=opts.height or None, width=opts.width or None,
@@ -277,6 +324,37 @@ def generate_with_methods(pipe: Any, prompts: str | Sequence[str], options: Gene
     return records
 
 
+def split_relations(others: Mapping[str, Any]) -> tuple[dict[str, GlobalHeatMap], dict[str, Any]]:
+    """(other methods' maps, relations) of what :func:`generate_with_methods` gives beside a record."""
+    from daamkit.relation import RELATIONS
+
+    return ({k: v for k, v in others.items() if k not in RELATIONS},
+            {k: v for k, v in others.items() if k in RELATIONS})
+
+
+def expected_image_size(pipe: Any, options: GenerateOptions) -> tuple[int, int] | None:
+    """(H, W) pixels of what ``pipe`` will generate with ``options``, where it can be told before the call:
+    ``options.height``/``width``, else the pipeline's default size (its UNet's sample size, or its
+    ``default_sample_size``, times the VAE factor); None when unknown."""
+    if options.height and options.width:
+        return options.height, options.width
+    factor = getattr(pipe, "vae_scale_factor", None)
+    unet = getattr(pipe, "unet", None)
+    sample = getattr(getattr(unet, "config", None), "sample_size", None) if unet is not None else None
+    if sample is None:
+        sample = getattr(pipe, "default_sample_size", None)
+    if isinstance(sample, (tuple, list)) and len(sample) == 2:
+        sample = tuple(sample)
+    elif isinstance(sample, int):
+        sample = (sample, sample)
+    else:
+        return None
+    if not isinstance(factor, int) or factor < 1:
+        return None
+    h, w = sample[0] * factor, sample[1] * factor
+    return options.height or h, options.width or w
+
+
 def check_prompts(prompts: str | Sequence[str]) -> list[str]:
     """``prompts`` as a list, or :class:`InputError` if there is none or one is blank."""
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -288,8 +366,9 @@ def check_prompts(prompts: str | Sequence[str]) -> list[str]:
 def check_against_pipeline(pipe: Any, options: GenerateOptions, prompts: str | Sequence[str] = (),
                            words: Sequence[str] | None = None) -> None:
     """Raise :class:`InputError` for what this pipeline decides, before any generation is spent:
-    ``options.trace`` selecting no layer, factor, head or step of it, ``words`` missing from a prompt, or
-    video options (``num_frames``, ``fps``) for an image pipeline.
+    ``options.trace`` selecting no layer, factor, head or step of it, ``words`` missing from a prompt,
+    video options (``num_frames``, ``fps``) for an image pipeline, a relation its family lacks, or a
+    relation query outside the image it will make.
     """
     from daamkit.aggregate import AggregationConfig
     from daamkit.capture import detect_capture
@@ -305,6 +384,20 @@ def check_against_pipeline(pipe: Any, options: GenerateOptions, prompts: str | S
 
         if capture.family not in (OvamMethod.families or ()):
             raise UnsupportedPipelineError(f"{OvamMethod.requirement}; this pipeline is a {capture.family} model")
+    query = options.relation_query()
+    if options.relations:
+        from daamkit.methods.relations import RELATION_METHODS
+
+        if is_video_pipeline(pipe):
+            raise InputError(f"relations are recorded for images; {type(pipe).__name__} makes videos")
+        for kind in options.relations:
+            method = RELATION_METHODS[kind]
+            if capture.family not in (method.families or ()):
+                raise InputError(f"{type(pipe).__name__} has no {kind} relation: {method.requirement}; this "
+                                 f"pipeline is a {capture.family} model")
+        size = expected_image_size(pipe, options)
+        if query is not None and size is not None:
+            query.check(size)  # else the trace checks it once the call has its size
     trace_opts = {k: v for k, v in options.trace.items() if k in AggregationConfig.__dataclass_fields__}
     config = AggregationConfig.reference(**trace_opts) if trace_opts.get("mode") == "reference" else \
         AggregationConfig(**trace_opts)
@@ -333,13 +426,16 @@ def slug(text: str, fallback: str = "word") -> str:
 
 def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] | None = None,
                   threshold: float = DEFAULT_THRESHOLD,
-                  methods: Mapping[str, GlobalHeatMap] | None = None) -> dict[str, Any]:
+                  methods: Mapping[str, GlobalHeatMap] | None = None,
+                  relations: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the image, each word's heat map, overlay and mask (the normalised map ``>= threshold``), a
     grid PNG and the record into ``out_dir``; the paths and each mask's area fraction are returned.
     A video's record gets :func:`write_video_outputs` instead.
 
     methods: other methods' maps of the same image (``{"ovam": ...}``): every word of each is written
     the same way into ``out_dir/<method>/``, with its own grid and record (without the image).
+    relations: the image's relations by kind (``{"image->image": ImageRelationMap, ...}``), written by
+    :func:`write_relations` into ``out_dir/relations/``.
     """
     from daamkit.metrics import check_threshold
 
@@ -364,6 +460,35 @@ def write_outputs(record: RunRecord, out_dir: str | Path, words: Sequence[str] |
         st, js = RunRecord(prompt=record.prompt, image=None, heat_maps=hm, seed=record.seed, settings=record.settings,
                            negative_prompt=record.negative_prompt, meta={**record.meta, "method": name}).save(sub / "record")
         paths.setdefault("methods", {})[name] = {**part, "record": [str(st), str(js)]}
+    if relations:
+        paths["relations"] = write_relations(relations, out / "relations", record.image)
+    return paths
+
+
+def write_relations(relations: Mapping[str, Any], out_dir: str | Path, image: Any = None) -> dict[str, Any]:
+    """Each relation's plot and arrays in ``out_dir``, named by its kind (``image_image``, ``text_text``):
+    ``<name>.png`` (image->image: each query's map over ``image`` with the query marked, ``_<k>`` per
+    query after the first; text->text: the word x word matrix) and ``<name>.safetensors`` + ``.json``
+    (:func:`daamkit.io.relations.save_relation`). Returns the paths."""
+    from daamkit import plot
+    from daamkit.io.relations import save_relation
+    from daamkit.relation import ImageRelationMap
+
+    out = Path(out_dir)
+    paths: dict[str, Any] = {}
+    for kind, rel in relations.items():
+        name = slug(kind, "relation")
+        entry: dict[str, Any] = {}
+        if isinstance(rel, ImageRelationMap):
+            entry["plots"] = [
+                str(plot.save_figure(rel.plot(image, k=k).figure, out / f"{name}{'' if k == 0 else f'_{k}'}.png"))
+                for k in range(rel.maps.shape[0])
+            ]
+        else:
+            entry["plots"] = [str(plot.save_figure(rel.plot().figure, out / f"{name}.png"))]
+        st, js = save_relation(rel, out / name)
+        entry["arrays"] = [str(st), str(js)]
+        paths[kind] = entry
     return paths
 
 

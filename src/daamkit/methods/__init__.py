@@ -7,7 +7,7 @@ from __future__ import annotations
 from daamkit.methods.base import CAPTURE_STREAMS, AttributionMethod
 from daamkit.methods.concept import ConceptMethod
 from daamkit.methods.daam import DaamMethod
-from daamkit.methods.ovam import OvamEmbedding, OvamMethod, optimize_token
+from daamkit.methods.ovam import OvamEmbedding, OvamMethod, encode_positions, optimize_token
 from daamkit.methods.refined import RefinedMethod
 from daamkit.methods.relations import (
     RELATION_METHODS,
@@ -41,5 +41,6 @@ __all__ = [
     "TextRelationMethod",
     "RefinedMethod",
     "canonical_name",
+    "encode_positions",
     "optimize_token",
 ]

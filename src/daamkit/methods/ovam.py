@@ -223,6 +223,30 @@ def encode_attribution(pipe: Any, words: Sequence[str]) -> OvamEmbedding:
                          "attention")
 
 
+def encode_positions(pipe: Any, word: str, positions: int) -> OvamEmbedding:
+    """``word`` as one attribution word with ``positions`` rows: the pipeline's encoding of the word
+    written ``positions`` times, all copies naming the one word (its map is their summed probability).
+
+    Why: a text encoder with few or no layers (the shapes world's has none) hands the denoiser
+    embeddings dominated by their position, and the image queries of an object then match the keys of
+    the position its noun had in the prompt. A word encoded once sits at position 1, where prompts rarely
+    put nouns; its copies at positions 1..``positions`` meet an object named anywhere in that range.
+    """
+    units = split_words(word)
+    if len(units) != 1:
+        raise InputError(f"a word encoded at several positions must be one word, got {word!r}")
+    if not isinstance(positions, int) or positions < 1:
+        raise InputError(f"positions must be a whole number of at least 1, got {positions!r}")
+    base = encode_attribution(pipe, [word] * positions)
+    rows = tuple(sorted(p for w in base.alignment.words for p in w.positions))
+    if len(rows) != positions:
+        raise InputError(f"{word!r} is not one token of this pipeline's tokenizer: it cannot be encoded at "
+                         f"{positions} positions")
+    words = (Word(units[0], 0, 0, rows, False, False),)
+    return OvamEmbedding(base.embeds, TokenAlignment(base.alignment.tokens, words, len(base.alignment.tokens), word),
+                         base.space)
+
+
 def combine(parts: Sequence[OvamEmbedding]) -> OvamEmbedding:
     """One attribution prompt from several: the word rows of the later parts go before the first
     part's end tokens, so every word competes in one softmax, as in a prompt written out."""
@@ -627,6 +651,7 @@ def optimize_token(
     name: str | None = None,
     iterations: int = 200,
     lr: float = 0.02,
+    positions: int = 1,
 ) -> OvamEmbedding:
     """Learn one attribution token from ``mask`` (a (H, W) bool/0-1 array over image ``image`` of the
     latest generation of ``tc``, traced with ``OvamMethod(..., keep_queries=True)``).
@@ -636,12 +661,19 @@ def optimize_token(
     Adam (``lr``, ``iterations`` steps) lowers the binary cross-entropy between that row's OVAM map
     (:func:`ovam_map`, on the aggregation grid; the mask is area-averaged onto it) and the mask.
     Returns the embedding, named ``name`` (default ``init``), for ``OvamMethod(embeds=...)``.
+
+    positions: above 1, ``init`` (one word) is encoded at that many positions
+    (:func:`encode_positions`) and one offset, shared by all its rows, is learned; the token's map is
+    the summed probability of its rows. With an encoder whose embeddings carry their position, this
+    keeps the token from learning the position its noun had in the training image's prompt.
     """
     method = _ovam_method(tc)
     if not init or not split_words(init):
         raise InputError("init must be a word to start the token from")
     if iterations < 1 or not lr > 0:
         raise InputError(f"iterations must be at least 1 and lr positive, got {iterations} and {lr}")
+    if not isinstance(positions, int) or positions < 1:
+        raise InputError(f"positions must be a whole number of at least 1, got {positions!r}")
     label = name if name is not None else init
     units = split_words(label)
     if not units:
@@ -649,27 +681,37 @@ def optimize_token(
     gen = tc.generation
     grid = tuple(tc.config.grid) if tc.config.grid is not None else tuple(gen.call.latent_hw)
     target = _target(mask, grid)
-    base = encode_attribution(tc.pipe, [init])
+    base = encode_attribution(tc.pipe, [init]) if positions == 1 else encode_positions(tc.pipe, init, positions)
     if base.space != "encoder":
         raise InputError(f"OVAM token optimisation learns one row of one text encoder; {type(tc.pipe).__name__}'s "
                          "denoiser reads several encoders")
     rows = sorted({p for w in base.alignment.words for p in w.positions})
     first, last = rows[0], rows[-1]
+    if rows != list(range(first, last + 1)):
+        raise InputError(f"the rows of {init!r} are not contiguous in its encoding: cannot learn a token from it")
     device = next(iter(method.queries.values())).q.device
     head = base.embeds[:first].float().to(device)
     tail = base.embeds[last + 1 :].float().to(device)
-    token = base.embeds[rows].float().mean(0).to(device).clone().requires_grad_(True)
+    start = base.embeds[rows].float().to(device)
+    if positions == 1:
+        start = start.mean(0, keepdim=True)  # a multi-token word becomes one token
+    # Adam on an offset from the start is Adam on the rows themselves: with one row, the token
+    offset = torch.zeros(start.shape[1], device=device, requires_grad=True)
+    scale = float(start.norm(dim=1).mean()) / max(1.0, start.shape[1] ** 0.5)
     target = target.to(device)
-    opt = torch.optim.Adam([token], lr=lr * float(token.detach().norm()) / max(1.0, token.numel() ** 0.5))
+    opt = torch.optim.Adam([offset], lr=lr * scale)
+    n = start.shape[0]
     with torch.enable_grad():
         for _ in range(iterations):
-            ctx = torch.cat([head, token[None], tail])
-            m = ovam_map(tc, ctx, image, base.space)[first].clamp(1e-6, 1 - 1e-6)
+            ctx = torch.cat([head, start + offset, tail])
+            # the rows' summed probability: the share of the attribution prompt the word gets
+            m = ovam_map(tc, ctx, image, base.space)[first : first + n].sum(0).clamp(1e-6, 1 - 1e-6)
             loss = F.binary_cross_entropy(m, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    embeds = torch.cat([head, token.detach()[None], tail]).to(base.embeds.dtype).cpu()
-    tokens = base.alignment.tokens[:first] + (label,) + base.alignment.tokens[last + 1 :]
-    words = tuple(Word(u, k, 0, (first,), False, False) for k, u in enumerate(units))
+    embeds = torch.cat([head, (start + offset).detach(), tail]).to(base.embeds.dtype).cpu()
+    tokens = base.alignment.tokens[:first] + (label,) * n + base.alignment.tokens[last + 1 :]
+    where = tuple(range(first, first + n))
+    words = tuple(Word(u, k, 0, where, False, False) for k, u in enumerate(units))
     return OvamEmbedding(embeds, TokenAlignment(tokens, words, len(tokens), label), base.space)
