@@ -1,0 +1,155 @@
+"""Concept maps (``method="concept"``) on the joint-attention image families beyond SD3/Flux: the image
+is unchanged, every concept gets a finite map on the image grid, and each block's concept stream is
+what the model's own block computes when handed the concepts as its text."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from family_checks import assert_restored, pipeline_state
+
+from daamkit import UnsupportedPipelineError, trace
+from daamkit.methods.concept import CONCEPT_BLOCKS, ConceptMethod
+from daamkit.testing.families import auraflow, chroma, cogview4, flux2, lumina2, qwenimage
+from daamkit.testing.tokenizers import t5_tokenizer
+
+PROMPT = "a red dog on a bench"
+CONCEPTS = ["dog", "tree", "traffic light"]
+FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow"]
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """The family tests' tiny pipelines, built once (each in well under a second)."""
+    root = tmp_path_factory.mktemp("concept_tokenizers")
+    t5_tokenizer(str(root / "t5"))
+    flux2.mistral3_tokenizer(root / "mistral")
+    flux2.qwen3_tokenizer(root / "qwen3")
+    qwenimage.qwen2_5_vl_tokenizer(root / "qwen2_5_vl")
+    cogview4.glm4_tokenizer(root / "glm4")
+    auraflow.pile_t5_tokenizer(root / "pile_t5")
+    built = {
+        "chroma": chroma.tiny_chroma(str(root / "t5")),
+        "flux2": flux2.tiny_flux2(str(root / "mistral")),
+        "klein": flux2.tiny_flux2_klein(str(root / "qwen3")),
+        "qwenimage": qwenimage.tiny_qwenimage(root / "qwen2_5_vl"),
+        "cogview4": cogview4.tiny_cogview4(root / "glm4"),
+        "auraflow": auraflow.tiny_auraflow(root / "pile_t5"),
+    }
+    for p in built.values():
+        p.set_progress_bar_config(disable=True)
+        run(p, steps=1)  # transformers' encoders add their output recorders (hooks) at a first call
+    return built
+
+
+def run(pipe, steps=2, **kw):
+    return pipe(prompt=PROMPT, num_inference_steps=steps, height=32, width=48, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kw).images
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_concept_maps_leave_the_image_unchanged_and_map_every_concept(pipes, name):
+    pipe = pipes[name]
+    ref = run(pipe)
+    before = pipeline_state(pipe)
+    with trace(pipe, concepts=CONCEPTS) as tc:
+        out = run(pipe)
+        cm = tc.heat_maps(0, method="concept")
+        words = tc.heat_maps(0)
+    assert np.array_equal(out, ref), "concept maps changed the image"
+    assert_restored(pipe, before)
+    assert cm.words == ["dog", "tree", "traffic", "light"]
+    assert cm.word("traffic light").positions == (2,)
+    assert cm.maps.shape == (3, *words.maps.shape[1:])
+    assert torch.isfinite(cm.maps).all()
+    torch.testing.assert_close(cm.maps.sum(0), torch.ones(cm.maps.shape[1:]))  # softmax over the concepts
+    assert not torch.allclose(cm.maps[0], cm.maps[1])
+    assert cm.meta["family"] == ("flux2" if name == "klein" else name) and cm.meta["method"] == "concept"
+
+
+def _block_inputs(pipe, spec):
+    """Forward pre-hooks keeping each joint block's arguments (by name) of its first call."""
+    seen: dict[str, dict] = {}
+    handles = []
+    for i, block in enumerate(getattr(pipe.transformer, spec.blocks)):
+        sig = inspect.signature(block.forward)
+
+        def keep(mod, args, kwargs, name=f"{spec.blocks}.{i}", sig=sig):
+            seen.setdefault(name, dict(sig.bind_partial(*args, **kwargs).arguments))
+
+        handles.append(block.register_forward_pre_hook(keep, with_kwargs=True))
+    return seen, handles
+
+
+def _as_text(family: str, kw: dict, concepts: torch.Tensor) -> dict:
+    """The block's arguments with the concepts as its whole text: the text's rotary table rows and
+    masks replaced as the concept stream takes them (documented in ``CONCEPT_BLOCKS``)."""
+    kw = dict(kw, encoder_hidden_states=concepts)
+    k = concepts.shape[1]
+    if family in ("chroma", "flux2"):
+        cos, sin = kw["image_rotary_emb"]
+        n_text = cos.shape[0] - kw["hidden_states"].shape[1]
+        # concepts at text position 0: no rotation (Chroma's text ids are all 0 already)
+        kw["image_rotary_emb"] = (torch.cat([torch.ones_like(cos[:k]), cos[n_text:]]),
+                                  torch.cat([torch.zeros_like(sin[:k]), sin[n_text:]]))
+        kw.pop("attention_mask", None)
+    elif family == "qwenimage":
+        img, txt = kw["image_rotary_emb"]
+        kw["image_rotary_emb"] = (img, txt[:1].expand(k, -1))  # every concept at the first text position
+        kw["encoder_hidden_states_mask"] = None
+    elif family == "cogview4":
+        kw["attention_mask"] = None
+    return kw
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_concept_stream_is_the_blocks_own_text_stream_on_the_concepts(pipes, name):
+    """Independent of the family adapter: each block's own forward, given the concepts' input state as
+    its text (and the image the real call gave it), returns the text output the side stream computed."""
+    pipe = pipes[name]
+    family = "flux2" if name == "klein" else name
+    spec = CONCEPT_BLOCKS[family]
+    seen, handles = _block_inputs(pipe, spec)
+    try:
+        with trace(pipe, concepts=CONCEPTS) as tc:
+            run(pipe, steps=1, guidance_scale=1.0)
+            capture = tc._concept_capture
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(capture.states) == set(seen)
+    for block_name, kw in seen.items():
+        block = pipe.transformer.get_submodule(block_name)
+        with torch.no_grad():
+            out = block(**_as_text(family, kw, capture.inputs[block_name]))
+        # text-first outputs for every family but CogView4, whose blocks return (image, text)
+        text = out[1] if family == "cogview4" else out[0]
+        torch.testing.assert_close(capture.states[block_name], text, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(capture.states[block_name], capture.inputs[block_name])
+
+
+def test_concepts_are_encoded_from_their_own_tokens_inside_the_template(pipes):
+    """Qwen-Image wraps the text in a chat template and drops its system part: a concept's embedding is
+    the mean of the rows of its own tokens, not of the template's."""
+    pipe = pipes["qwenimage"]
+    emb = pipe.encode_prompt(prompt="dog", device="cpu")[0][0]
+    with trace(pipe, concepts=["dog"]) as tc:
+        run(pipe, steps=1)
+        got = tc._methods["concept"].capture.embeds
+    rows = [i for i in range(emb.shape[0]) if torch.allclose(emb[i].float(), got[0])]
+    template_rows = emb.shape[0] - 1
+    assert got.shape == (1, emb.shape[1]) and template_rows >= 1
+    assert rows, "the concept's embedding is not one of its token rows"
+
+
+def test_families_without_concept_maps_say_which_have_them(tmp_path):
+    lumina2.gemma_tokenizer(tmp_path)
+    pipe = lumina2.tiny_lumina2(tmp_path)
+    before = pipeline_state(pipe)
+    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, flux2, qwenimage, cogview4, auraflow\); this pipeline is a lumina2 model"):
+        trace(pipe, concepts=["dog"])
+    assert_restored(pipe, before)
+    assert set(CONCEPT_BLOCKS) <= set(ConceptMethod.families)
