@@ -9,7 +9,9 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from family_checks import assert_restored, pipeline_state
+import torch.nn.functional as F
+from family_checks import assert_restored, pipeline_state, region_mask
+from torch.overrides import TorchFunctionMode
 
 from daamkit import UnsupportedPipelineError, trace
 from daamkit.methods.concept import CONCEPT_BLOCKS, ConceptMethod
@@ -153,3 +155,90 @@ def test_families_without_concept_maps_say_which_have_them(tmp_path):
         trace(pipe, concepts=["dog"])
     assert_restored(pipe, before)
     assert set(CONCEPT_BLOCKS) <= set(ConceptMethod.families)
+
+
+class _HandSetAttention(TorchFunctionMode):
+    """Hand-set q and k where the model attends (after its norms and rotary embeddings), for every
+    family alike. ``joint`` (the block's attention call, queries = keys, pushed on the attention module
+    so that it runs before daamkit reads the call): the image queries are +u inside ``inside`` and -u
+    outside, the text keys +u at ``plus`` and -u at ``minus`` (0 elsewhere), the image keys 0; the
+    region then reads the value of ``plus``, the rest that of ``minus``. Otherwise (around the whole
+    pipeline call) only the concept stream's call (fewer queries than keys) is set: each concept's
+    query and key are its own axis, so a concept attends to itself alone."""
+
+    def __init__(self, joint: bool, inside: torch.Tensor, concepts: int = 2):
+        super().__init__()
+        self.joint, self.inside, self.concepts = joint, inside, concepts
+        self.text, self.plus, self.minus = slice(0, 0), [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            # diffusers' dispatcher passes q, k, v by keyword, other processors by position
+            args, kwargs = (), {**dict(zip(("query", "key", "value"), args, strict=False)), **kwargs, **dict(
+                zip(("attn_mask", "dropout_p", "is_causal"), args[3:], strict=False))}
+            q, k = kwargs["query"], kwargs["key"]
+            g = (30.0 * q.shape[-1] ** 0.5) ** 0.5  # q.k = g^2, scaled by 1/sqrt(d): 30, a one-hot softmax
+            if self.joint and q.shape[2] == k.shape[2]:
+                q, k = torch.zeros_like(q), torch.zeros_like(k)
+                image = slice(self.text.stop, self.text.stop + self.inside.numel())
+                q[:, :, image, 0] = torch.where(self.inside, g, -g).to(q.dtype)
+                k[:, :, self.plus, 0] = g
+                k[:, :, self.minus, 0] = -g
+                kwargs.update(query=q, key=k)
+            elif not self.joint and q.shape[2] == self.concepts < k.shape[2]:
+                q, k = torch.zeros_like(q), torch.zeros_like(k)
+                for j in range(self.concepts):
+                    q[:, :, j, 1 + j] = g
+                    k[:, :, j, 1 + j] = g
+                kwargs.update(query=q, key=k)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, name):
+    """Concepts "dog" and "bench" are the prompt's own encoder rows of those words, so in the first block
+    their values are the prompt tokens' values. Hand-set attention makes the region read the value of
+    "dog" and the rest that of "bench", and each concept attend to itself: the map of a pixel is then
+    v(read word) . v(concept), whose dog-minus-bench difference is larger inside than outside by
+    |v(dog) - v(bench)|^2 > 0. That contrast is what is sound to expect (not that "dog" wins inside:
+    v(dog) . v(bench) may exceed |v(dog)|^2), so the softmaxed "dog" map is higher everywhere inside
+    the region than anywhere outside it, and the "bench" map the other way round."""
+    pipe = pipes[name]
+    family = "flux2" if name == "klein" else name
+    first = f"{CONCEPT_BLOCKS[family].blocks}.0.{CONCEPT_BLOCKS[family].attn}"
+    with trace(pipe, layers=[first]) as tc:
+        run(pipe, steps=1, guidance_scale=1.0)
+        words = tc.heat_maps(0)
+    dog, bench = list(words.word("dog").positions), list(words.word("bench").positions)
+    embeds = pipe.encode_prompt(prompt=PROMPT, device="cpu")[0][0]
+    concept_embeds = torch.stack([embeds[dog].float().mean(0), embeds[bench].float().mean(0)])
+    h, w = words.maps.shape[1:]
+    inside = region_mask((h, w))
+    joint, concepts = _HandSetAttention(True, inside), _HandSetAttention(False, inside)
+
+    def push(module, args, kwargs):
+        # the text keys daamkit names are the last of the call's text (AuraFlow's registers lead)
+        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        lead = ctx.shape[1] - len(words.tokens)
+        joint.text = slice(0, ctx.shape[1])
+        joint.plus, joint.minus = [lead + p for p in dog], [lead + p for p in bench]
+        joint.__enter__()
+
+    attn = pipe.transformer.get_submodule(first)
+    with trace(pipe, layers=[first], concepts=["dog", "bench"], concept_embeds=concept_embeds) as tc:
+        # after the trace's hooks: pushed last (innermost), popped first
+        handles = [attn.register_forward_pre_hook(push, with_kwargs=True),
+                   attn.register_forward_hook(lambda *a: joint.__exit__(None, None, None), prepend=True,
+                                              always_call=True)]
+        try:
+            with concepts:
+                run(pipe, steps=1, guidance_scale=1.0)
+        finally:
+            for handle in handles:
+                handle.remove()
+        cm = tc.heat_maps(0, method="concept")
+    m_dog, m_bench = cm.word("dog").value, cm.word("bench").value
+    grid = inside.reshape(h, w)
+    assert m_dog[grid].min() > m_dog[~grid].max()
+    assert m_bench[grid].max() < m_bench[~grid].min()
