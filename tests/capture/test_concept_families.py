@@ -15,12 +15,12 @@ from torch.overrides import TorchFunctionMode
 
 from daamkit import UnsupportedPipelineError, trace
 from daamkit.methods.concept import CONCEPT_BLOCKS, ConceptMethod
-from daamkit.testing.families import auraflow, chroma, cogview4, flux2, lumina2, qwenimage
+from daamkit.testing.families import auraflow, chroma, cogview4, flux2, lumina2, qwenimage, zimage
 from daamkit.testing.tokenizers import t5_tokenizer
 
 PROMPT = "a red dog on a bench"
 CONCEPTS = ["dog", "tree", "traffic light"]
-FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow"]
+FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow", "zimage"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ def pipes(tmp_path_factory):
     qwenimage.qwen2_5_vl_tokenizer(root / "qwen2_5_vl")
     cogview4.glm4_tokenizer(root / "glm4")
     auraflow.pile_t5_tokenizer(root / "pile_t5")
+    zimage.qwen3_tokenizer(root / "zimage_qwen3")
     built = {
         "chroma": chroma.tiny_chroma(str(root / "t5")),
         "flux2": flux2.tiny_flux2(str(root / "mistral")),
@@ -40,11 +41,17 @@ def pipes(tmp_path_factory):
         "qwenimage": qwenimage.tiny_qwenimage(root / "qwen2_5_vl"),
         "cogview4": cogview4.tiny_cogview4(root / "glm4"),
         "auraflow": auraflow.tiny_auraflow(root / "pile_t5"),
+        "zimage": zimage.tiny_zimage(root / "zimage_qwen3"),
     }
     for p in built.values():
         p.set_progress_bar_config(disable=True)
         run(p, steps=1)  # transformers' encoders add their output recorders (hooks) at a first call
     return built
+
+
+def no_cfg(name: str) -> dict:
+    """One conditional row per call (Z-Image guides whenever guidance_scale > 0)."""
+    return {"guidance_scale": 0.0 if name == "zimage" else 1.0}
 
 
 def run(pipe, steps=2, **kw):
@@ -104,7 +111,22 @@ def _as_text(family: str, kw: dict, concepts: torch.Tensor) -> dict:
         kw["encoder_hidden_states_mask"] = None
     elif family == "cogview4":
         kw["attention_mask"] = None
+    elif family == "zimage":  # one sequence: [image and its pads, concepts], concepts at the caption's first position
+        del kw["encoder_hidden_states"]
+        h, w = kw.pop("grid")
+        start = -(-h * w // 32) * 32
+        freqs = kw["freqs_cis"]
+        kw.update(x=torch.cat([kw["x"][:, :start], concepts], 1), attn_mask=None,
+                  freqs_cis=torch.cat([freqs[:, :start], freqs[:, start:start + 1].expand(-1, k, -1)], 1))
     return kw
+
+
+def _text_output(family: str, out, k: int) -> torch.Tensor:
+    """The concepts' rows of a block's output: (text, image) for most, (image, text) for CogView4, the
+    last ``k`` tokens of Z-Image's one sequence."""
+    if family == "zimage":
+        return out[:, -k:]
+    return out[1] if family == "cogview4" else out[0]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -117,7 +139,7 @@ def test_concept_stream_is_the_blocks_own_text_stream_on_the_concepts(pipes, nam
     seen, handles = _block_inputs(pipe, spec)
     try:
         with trace(pipe, concepts=CONCEPTS) as tc:
-            run(pipe, steps=1, guidance_scale=1.0)
+            run(pipe, steps=1, **no_cfg(name))
             capture = tc._concept_capture
     finally:
         for h in handles:
@@ -125,10 +147,12 @@ def test_concept_stream_is_the_blocks_own_text_stream_on_the_concepts(pipes, nam
     assert set(capture.states) == set(seen)
     for block_name, kw in seen.items():
         block = pipe.transformer.get_submodule(block_name)
+        concepts = capture.inputs[block_name]
+        if family == "zimage":
+            kw = dict(kw, grid=tc.generation.call.latent_hw)
         with torch.no_grad():
-            out = block(**_as_text(family, kw, capture.inputs[block_name]))
-        # text-first outputs for every family but CogView4, whose blocks return (image, text)
-        text = out[1] if family == "cogview4" else out[0]
+            out = block(**_as_text(family, kw, concepts))
+        text = _text_output(family, out, concepts.shape[1])
         torch.testing.assert_close(capture.states[block_name], text, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(capture.states[block_name], capture.inputs[block_name])
 
@@ -151,7 +175,7 @@ def test_families_without_concept_maps_say_which_have_them(tmp_path):
     lumina2.gemma_tokenizer(tmp_path)
     pipe = lumina2.tiny_lumina2(tmp_path)
     before = pipeline_state(pipe)
-    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, flux2, qwenimage, cogview4, auraflow\); this pipeline is a lumina2 model"):
+    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, flux2, qwenimage, cogview4, auraflow, zimage\); this pipeline is a lumina2 model"):
         trace(pipe, concepts=["dog"])
     assert_restored(pipe, before)
     assert set(CONCEPT_BLOCKS) <= set(ConceptMethod.families)
@@ -169,7 +193,7 @@ class _HandSetAttention(TorchFunctionMode):
     def __init__(self, joint: bool, inside: torch.Tensor, concepts: int = 2):
         super().__init__()
         self.joint, self.inside, self.concepts = joint, inside, concepts
-        self.text, self.plus, self.minus = slice(0, 0), [], []
+        self.image, self.plus, self.minus = slice(0, 0), [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -181,8 +205,7 @@ class _HandSetAttention(TorchFunctionMode):
             g = (30.0 * q.shape[-1] ** 0.5) ** 0.5  # q.k = g^2, scaled by 1/sqrt(d): 30, a one-hot softmax
             if self.joint and q.shape[2] == k.shape[2]:
                 q, k = torch.zeros_like(q), torch.zeros_like(k)
-                image = slice(self.text.stop, self.text.stop + self.inside.numel())
-                q[:, :, image, 0] = torch.where(self.inside, g, -g).to(q.dtype)
+                q[:, :, self.image, 0] = torch.where(self.inside, g, -g).to(q.dtype)
                 k[:, :, self.plus, 0] = g
                 k[:, :, self.minus, 0] = -g
                 kwargs.update(query=q, key=k)
@@ -192,6 +215,24 @@ class _HandSetAttention(TorchFunctionMode):
                     q[:, :, j, 1 + j] = g
                     k[:, :, j, 1 + j] = g
                 kwargs.update(query=q, key=k)
+        return func(*args, **kwargs)
+
+
+class _SelfOnly(TorchFunctionMode):
+    """Every query attends to its own key alone (an identity mask); entered and left by module hooks."""
+
+    def enter(self, *hook_args) -> None:
+        self.__enter__()
+
+    def exit(self, *hook_args) -> None:
+        self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            args, kwargs = (), {**dict(zip(("query", "key", "value", "attn_mask"), args, strict=False)), **kwargs}
+            n = kwargs["query"].shape[2]
+            kwargs["attn_mask"] = torch.eye(n, dtype=torch.bool)
         return func(*args, **kwargs)
 
 
@@ -208,7 +249,7 @@ def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, n
     family = "flux2" if name == "klein" else name
     first = f"{CONCEPT_BLOCKS[family].blocks}.0.{CONCEPT_BLOCKS[family].attn}"
     with trace(pipe, layers=[first]) as tc:
-        run(pipe, steps=1, guidance_scale=1.0)
+        run(pipe, steps=1, **no_cfg(name))
         words = tc.heat_maps(0)
     dog, bench = list(words.word("dog").positions), list(words.word("bench").positions)
     embeds = pipe.encode_prompt(prompt=PROMPT, device="cpu")[0][0]
@@ -218,12 +259,17 @@ def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, n
     joint, concepts = _HandSetAttention(True, inside), _HandSetAttention(False, inside)
 
     def push(module, args, kwargs):
-        # the text keys daamkit names are the last of the call's text (AuraFlow's registers lead)
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        lead = ctx.shape[1] - len(words.tokens)
-        joint.text = slice(0, ctx.shape[1])
+        if ctx is None:  # Z-Image: [image padded to a multiple of 32, caption]
+            joint.image, lead = slice(0, h * w), -(-h * w // 32) * 32
+        else:  # [text, image]; the text keys daamkit names are the text's last (AuraFlow's registers lead)
+            joint.image, lead = slice(ctx.shape[1], ctx.shape[1] + h * w), ctx.shape[1] - len(words.tokens)
         joint.plus, joint.minus = [lead + p for p in dog], [lead + p for p in bench]
         joint.__enter__()
+
+    # Z-Image refines its caption alone first: there every token attends to itself only, so that the
+    # concepts' refined state is the prompt words' one
+    refiners = [_SelfOnly() for _ in getattr(pipe.transformer, "context_refiner", ())]
 
     attn = pipe.transformer.get_submodule(first)
     with trace(pipe, layers=[first], concepts=["dog", "bench"], concept_embeds=concept_embeds) as tc:
@@ -231,9 +277,12 @@ def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, n
         handles = [attn.register_forward_pre_hook(push, with_kwargs=True),
                    attn.register_forward_hook(lambda *a: joint.__exit__(None, None, None), prepend=True,
                                               always_call=True)]
+        for layer, mode in zip(getattr(pipe.transformer, "context_refiner", ()), refiners, strict=True):
+            handles += [layer.register_forward_pre_hook(mode.enter),
+                        layer.register_forward_hook(mode.exit, prepend=True, always_call=True)]
         try:
             with concepts:
-                run(pipe, steps=1, guidance_scale=1.0)
+                run(pipe, steps=1, **no_cfg(name))
         finally:
             for handle in handles:
                 handle.remove()

@@ -11,15 +11,15 @@ outputs (read off the input of ``attn.to_out[0]``) with the concepts' attention 
 averaged over blocks and steps and, by default, softmax-normalised over the concepts.
 :class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream.
 
-The other joint-attention image families (Chroma, FLUX.2, Qwen-Image, CogView4, AuraFlow) run the
-same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
+The other joint-attention image families (Chroma, FLUX.2, Qwen-Image, CogView4, AuraFlow, Z-Image)
+run the same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
 :data:`CONCEPT_BLOCKS`: the image side (keys, values, outputs) is read off each block's attention
 call as the model made it, the concept side is that family's text-stream maths on the concept
 tokens. Each entry's ``approximation`` says what differs from running the concepts as prompt
-tokens (text positions for rotary embeddings, AuraFlow's register tokens). Only the blocks with a
-text stream of their own are used (the double / joint blocks; single-stream blocks share one
-stream). Families with no text stream separate from the image (Z-Image, Lumina 2) or whose text
-is several encoders' streams per block (HiDream) have no concept maps yet.
+tokens (text positions for rotary embeddings, AuraFlow's register tokens, Z-Image's caption
+refiner). Where a family has both, only the blocks with a text stream of their own are used (the
+double / joint blocks, as ConceptAttention does on Flux); Z-Image has single-stream layers only, and
+there the concepts take the caption's place with the layers' shared weights.
 """
 
 from __future__ import annotations
@@ -232,10 +232,15 @@ class ConceptBlocks:
     attention module. text_first: the order of [text, image] in the attention call. embed(denoiser,
     embeds): the denoiser's own input layers of the text, (K, enc dim) -> (K, dim). qkv(block, c, kw,
     rows): the concepts' (B, K, heads, head dim) q, k, v as the block attends with its text tokens'
-    (``kw``: the block's arguments by name, ``rows``: the conditional batch rows) and whatever
+    (``kw``: the block's arguments by name and ``_text_start``, the call's first text position;
+    ``rows``: the conditional batch rows) and whatever
     ``post`` needs; post(block, c, out, extra): the text stream after the attention, ``out`` being
     the concepts' attention outputs (B, K, heads * head dim). kind: the block kind layer selectors
     use. approximation: what differs from running the concepts as the prompt's own tokens.
+    image(denoiser, kw, n_image, length): the non-text tokens of the attention call, for blocks that
+    get one sequence (no ``encoder_hidden_states`` on the attention module tells the text length).
+    refine(denoiser, c, kw, rows): text-only layers the denoiser runs on its text before the joint
+    blocks (a context refiner), applied to the concepts' first state.
     """
 
     blocks: str
@@ -246,6 +251,8 @@ class ConceptBlocks:
     post: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], torch.Tensor]
     kind: str = "joint"
     approximation: str = ""
+    image: Callable[[nn.Module, dict, int, int], slice] | None = None
+    refine: Callable[[nn.Module, torch.Tensor, dict, slice], torch.Tensor] | None = None
 
 
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -360,6 +367,53 @@ def _auraflow_post(block: nn.Module, c: torch.Tensor, out: torch.Tensor, mods: A
     return c + gate_mlp.unsqueeze(1) * block.ff_context(x)
 
 
+# zimage: one stream [image, caption] through shared weights and one modulation; the caption is first
+# refined alone (context_refiner) and rotated by its positions
+def _zimage_start(n_image: int) -> int:
+    """Where the caption starts: after the image tokens padded to a multiple of 32."""
+    return -(-n_image // 32) * 32
+
+
+def _zimage_image(denoiser: nn.Module, kw: dict, n_image: int, length: int) -> slice:
+    return slice(0, _zimage_start(n_image))
+
+
+def _zimage_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """ZSingleStreamAttnProcessor's rotation: (B, L, heads, d) by complex (B, L, d / 2)."""
+    z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(z * freqs.unsqueeze(2)).flatten(3).type_as(x)
+
+
+def _zimage_refine(denoiser: nn.Module, c: torch.Tensor, kw: dict, rows: slice) -> torch.Tensor:
+    start = kw["_text_start"]
+    freqs = _rows(kw["freqs_cis"], rows)[:, start : start + 1].expand(-1, c.shape[1], -1)
+    for layer in denoiser.context_refiner:
+        c = layer(c, None, freqs)
+    return c
+
+
+def _zimage_qkv(block: nn.Module, c: torch.Tensor, kw: dict, rows: slice):
+    mod = block.adaLN_modulation(_rows(kw["adaln_input"], rows))
+    scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
+    attn = block.attention
+    x = block.attention_norm1(c) * (1.0 + scale_msa)
+    q, k, v = (p(x).unflatten(-1, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    start = kw["_text_start"]
+    freqs = _rows(kw["freqs_cis"], rows)[:, start : start + 1].expand(-1, c.shape[1], -1)
+    q, k = _zimage_rope(q, freqs), _zimage_rope(k, freqs)
+    return q, k, v, (gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh())
+
+
+def _zimage_post(block: nn.Module, c: torch.Tensor, out: torch.Tensor, extra: Any) -> torch.Tensor:
+    gate_msa, scale_mlp, gate_mlp = extra
+    c = c + gate_msa * block.attention_norm2(block.attention.to_out[0](out))
+    return c + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(c) * scale_mlp))
+
+
 #: The families whose concept stream runs through :class:`JointConceptCapture` (image families).
 CONCEPT_BLOCKS: dict[str, ConceptBlocks] = {
     "chroma": ConceptBlocks(
@@ -384,6 +438,15 @@ CONCEPT_BLOCKS: dict[str, ConceptBlocks] = {
         "joint_transformer_blocks", "attn", True, lambda d, e: d.context_embedder(e), _auraflow_qkv,
         _auraflow_post,
         approximation="the concepts do not attend to the register tokens (they attend to themselves and the image)",
+    ),
+    "zimage": ConceptBlocks(
+        "layers", "attention", False, lambda d, e: d.cap_embedder(e), _zimage_qkv, _zimage_post, kind="single",
+        image=_zimage_image, refine=_zimage_refine,
+        approximation=(
+            "one stream: the concepts take the caption's place with the layers' shared weights; every concept at "
+            "the caption's first position, refined together (context_refiner) rather than each in its caption; "
+            "they attend to the image and its pad tokens"
+        ),
     ),
 }
 
@@ -419,7 +482,7 @@ class _JointTap:
         try:
             if watch is not None:
                 watch.__exit__(None, None, None)
-            if output is not None and watch is not None and watch.call is not None and self.text_len:
+            if output is not None and watch is not None and watch.call is not None:
                 with torch.no_grad():
                     self.owner._step_block(self, *watch.call)
         finally:
@@ -474,17 +537,26 @@ class JointConceptCapture:
             return
         h, w = self.sink.latent_hw()
         n = h * w
-        t = tap.text_len
-        image = slice(t, length) if self.spec.text_first else slice(0, length - t)
+        if self.spec.image is not None:
+            image = self.spec.image(self.transformer, tap.kwargs, n, length)
+        elif tap.text_len:
+            t = tap.text_len
+            image = slice(t, length) if self.spec.text_first else slice(0, length - t)
+        else:
+            return
         kx, vx = k[rows][:, :, image], v[rows][:, :, image]  # (b, heads, image tokens, d)
         out_x = out[rows][:, :, image][:, :, :n]  # the generated image's outputs (reference images follow)
+        # where the call's text starts: single-stream families rotate concepts as its first token
+        kw = dict(tap.kwargs, _text_start=image.stop if image.start == 0 else 0)
         if self.state is None:
             b = int(out_x.shape[0])
             emb = self.embeds.to(device=q.device, dtype=q.dtype)
             self.state = self.spec.embed(self.transformer, emb)[None].expand(b, -1, -1).contiguous()
+            if self.spec.refine is not None:
+                self.state = self.spec.refine(self.transformer, self.state, kw, rows)
         c = self.state
         self.inputs[tap.name] = c
-        qc, kc, vc, extra = self.spec.qkv(tap.block, c, tap.kwargs, rows)
+        qc, kc, vc, extra = self.spec.qkv(tap.block, c, kw, rows)
         qc, kc, vc = (x.transpose(1, 2) for x in (qc, kc, vc))
         if kx.shape[1] != kc.shape[1]:  # grouped-query attention: fewer key/value heads
             kx = kx.repeat_interleave(kc.shape[1] // kx.shape[1], dim=1)
@@ -530,7 +602,9 @@ def encode_in_context(pipe: Any, family: Family, concepts: list[str]) -> torch.T
                 out = pipe.encode_prompt(prompt=concept, **kwargs)
         finally:
             handle.remove()
-        embeds = out[0] if isinstance(out, tuple | list) else out
+        embeds = out[0] if isinstance(out, tuple) else out
+        if isinstance(embeds, list) and embeds and isinstance(embeds[0], torch.Tensor):
+            embeds = embeds[0][None]  # Z-Image: one (valid tokens, dim) tensor per prompt
         if not seen or not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
             raise InputError(f"{type(pipe).__name__}.encode_prompt did not run {part.encoder}: cannot encode concepts")
         ids, n_keys = seen[0][0].tolist(), int(embeds.shape[1])
