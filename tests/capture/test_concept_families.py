@@ -15,12 +15,12 @@ from torch.overrides import TorchFunctionMode
 
 from daamkit import UnsupportedPipelineError, trace
 from daamkit.methods.concept import CONCEPT_BLOCKS, ConceptMethod
-from daamkit.testing.families import auraflow, chroma, cogview4, flux2, lumina2, qwenimage, zimage
+from daamkit.testing.families import auraflow, chroma, cogview4, flux2, hidream, lumina2, qwenimage, zimage
 from daamkit.testing.tokenizers import t5_tokenizer
 
 PROMPT = "a red dog on a bench"
 CONCEPTS = ["dog", "tree", "traffic light"]
-FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow", "zimage"]
+FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow", "zimage", "lumina2"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def pipes(tmp_path_factory):
     cogview4.glm4_tokenizer(root / "glm4")
     auraflow.pile_t5_tokenizer(root / "pile_t5")
     zimage.qwen3_tokenizer(root / "zimage_qwen3")
+    lumina2.gemma_tokenizer(root / "gemma")
     built = {
         "chroma": chroma.tiny_chroma(str(root / "t5")),
         "flux2": flux2.tiny_flux2(str(root / "mistral")),
@@ -42,6 +43,7 @@ def pipes(tmp_path_factory):
         "cogview4": cogview4.tiny_cogview4(root / "glm4"),
         "auraflow": auraflow.tiny_auraflow(root / "pile_t5"),
         "zimage": zimage.tiny_zimage(root / "zimage_qwen3"),
+        "lumina2": lumina2.tiny_lumina2(root / "gemma"),
     }
     for p in built.values():
         p.set_progress_bar_config(disable=True)
@@ -118,6 +120,13 @@ def _as_text(family: str, kw: dict, concepts: torch.Tensor) -> dict:
         freqs = kw["freqs_cis"]
         kw.update(x=torch.cat([kw["x"][:, :start], concepts], 1), attn_mask=None,
                   freqs_cis=torch.cat([freqs[:, :start], freqs[:, start:start + 1].expand(-1, k, -1)], 1))
+    elif family == "lumina2":  # one sequence: [concepts, image], concepts at the caption's first position
+        del kw["encoder_hidden_states"]
+        h, w = kw.pop("grid")
+        x, rope = kw["hidden_states"], kw["image_rotary_emb"]
+        image = slice(x.shape[1] - h * w, x.shape[1])  # one row: [caption, image], no padding
+        kw.update(hidden_states=torch.cat([concepts, x[:, image]], 1), attention_mask=None,
+                  image_rotary_emb=torch.cat([rope[:, :1].expand(-1, k, -1), rope[:, image]], 1))
     return kw
 
 
@@ -126,6 +135,8 @@ def _text_output(family: str, out, k: int) -> torch.Tensor:
     last ``k`` tokens of Z-Image's one sequence."""
     if family == "zimage":
         return out[:, -k:]
+    if family == "lumina2":
+        return out[:, :k]
     return out[1] if family == "cogview4" else out[0]
 
 
@@ -148,7 +159,7 @@ def test_concept_stream_is_the_blocks_own_text_stream_on_the_concepts(pipes, nam
     for block_name, kw in seen.items():
         block = pipe.transformer.get_submodule(block_name)
         concepts = capture.inputs[block_name]
-        if family == "zimage":
+        if family in ("zimage", "lumina2"):
             kw = dict(kw, grid=tc.generation.call.latent_hw)
         with torch.no_grad():
             out = block(**_as_text(family, kw, concepts))
@@ -171,11 +182,12 @@ def test_concepts_are_encoded_from_their_own_tokens_inside_the_template(pipes):
     assert rows, "the concept's embedding is not one of its token rows"
 
 
-def test_families_without_concept_maps_say_which_have_them(tmp_path):
-    lumina2.gemma_tokenizer(tmp_path)
-    pipe = lumina2.tiny_lumina2(tmp_path)
+def test_families_without_concept_maps_say_which_have_them(tmp_path, clip_tokenizer_dir, clip_tokenizer_2_dir,
+                                                           t5_tokenizer_dir):
+    hidream.llama3_tokenizer(tmp_path)
+    pipe = hidream.tiny_hidream(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir, tmp_path)
     before = pipeline_state(pipe)
-    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, flux2, qwenimage, cogview4, auraflow, zimage\); this pipeline is a lumina2 model"):
+    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, .*lumina2\); this pipeline is a hidream"):
         trace(pipe, concepts=["dog"])
     assert_restored(pipe, before)
     assert set(CONCEPT_BLOCKS) <= set(ConceptMethod.families)
@@ -262,6 +274,8 @@ def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, n
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if ctx is None:  # Z-Image: [image padded to a multiple of 32, caption]
             joint.image, lead = slice(0, h * w), -(-h * w // 32) * 32
+        elif name == "lumina2":  # one row [caption, image]: the text keys are the caption
+            joint.image, lead = slice(ctx.shape[1] - h * w, ctx.shape[1]), 0
         else:  # [text, image]; the text keys daamkit names are the text's last (AuraFlow's registers lead)
             joint.image, lead = slice(ctx.shape[1], ctx.shape[1] + h * w), ctx.shape[1] - len(words.tokens)
         joint.plus, joint.minus = [lead + p for p in dog], [lead + p for p in bench]

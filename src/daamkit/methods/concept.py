@@ -11,15 +11,16 @@ outputs (read off the input of ``attn.to_out[0]``) with the concepts' attention 
 averaged over blocks and steps and, by default, softmax-normalised over the concepts.
 :class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream.
 
-The other joint-attention image families (Chroma, FLUX.2, Qwen-Image, CogView4, AuraFlow, Z-Image)
-run the same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
+The other joint-attention image families (Chroma, FLUX.2, Qwen-Image, CogView4, AuraFlow, Z-Image,
+Lumina 2) run the same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
 :data:`CONCEPT_BLOCKS`: the image side (keys, values, outputs) is read off each block's attention
 call as the model made it, the concept side is that family's text-stream maths on the concept
 tokens. Each entry's ``approximation`` says what differs from running the concepts as prompt
 tokens (text positions for rotary embeddings, AuraFlow's register tokens, Z-Image's caption
 refiner). Where a family has both, only the blocks with a text stream of their own are used (the
-double / joint blocks, as ConceptAttention does on Flux); Z-Image has single-stream layers only, and
-there the concepts take the caption's place with the layers' shared weights.
+double / joint blocks, as ConceptAttention does on Flux); Z-Image and Lumina 2 have single-stream
+layers only, and there the concepts take the caption's place with the layers' shared weights.
+HiDream (its blocks' text is T5 and Llama streams, one Llama layer per block) has no concept maps yet.
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ class ConceptBlocks:
     the concepts' attention outputs (B, K, heads * head dim). kind: the block kind layer selectors
     use. approximation: what differs from running the concepts as the prompt's own tokens.
     image(denoiser, kw, n_image, length): the non-text tokens of the attention call, for blocks that
-    get one sequence (no ``encoder_hidden_states`` on the attention module tells the text length).
+    get one sequence (no ``encoder_hidden_states`` on the attention module tells the text length), or
+    one such span per batch row (``kw["_denoiser_call"]``: the denoiser call's (args, kwargs)).
     refine(denoiser, c, kw, rows): text-only layers the denoiser runs on its text before the joint
     blocks (a context refiner), applied to the concepts' first state.
     """
@@ -414,6 +416,50 @@ def _zimage_post(block: nn.Module, c: torch.Tensor, out: torch.Tensor, extra: An
     return c + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(c) * scale_mlp))
 
 
+# lumina2: one stream per row [caption (its own length), image, padding] through shared weights; the
+# caption is first refined alone (context_refiner)
+def _lumina2_image(denoiser: nn.Module, kw: dict, n_image: int, length: int) -> list[slice]:
+    args, kwargs = kw["_denoiser_call"]
+    mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError("Lumina2Transformer2DModel called without encoder_attention_mask: cannot find the image")
+    return [slice(c, c + n_image) for c in mask.sum(1).tolist()]
+
+
+def _lumina2_rope(kw: dict, rows: slice, k: int) -> torch.Tensor:
+    """The rotation of a caption's first position (0, 0, 0): none; taken from the table all the same."""
+    return _rows(kw["image_rotary_emb"], rows)[:, :1].expand(-1, k, -1)
+
+
+def _lumina2_refine(denoiser: nn.Module, c: torch.Tensor, kw: dict, rows: slice) -> torch.Tensor:
+    freqs = _lumina2_rope(kw, rows, c.shape[1])
+    for layer in denoiser.context_refiner:
+        c = layer(c, None, freqs)
+    return c
+
+
+def _lumina2_qkv(block: nn.Module, c: torch.Tensor, kw: dict, rows: slice):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    x, gate_msa, scale_mlp, gate_mlp = block.norm1(c, _rows(kw["temb"], rows))
+    attn = block.attn
+    head_dim = attn.to_q.out_features // attn.heads
+    q, k, v = (_heads(p(x), head_dim) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    freqs = _lumina2_rope(kw, rows, c.shape[1])
+    q, k = (apply_rotary_emb(t, freqs, use_real=False).to(t.dtype) for t in (q, k))
+    return q, k, v, (gate_msa[:, None].tanh(), 1 + scale_mlp[:, None], gate_mlp[:, None].tanh())
+
+
+def _lumina2_post(block: nn.Module, c: torch.Tensor, out: torch.Tensor, extra: Any) -> torch.Tensor:
+    gate_msa, scale_mlp, gate_mlp = extra
+    c = c + gate_msa * block.norm2(block.attn.to_out[1](block.attn.to_out[0](out)))
+    return c + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(c) * scale_mlp))
+
+
 #: The families whose concept stream runs through :class:`JointConceptCapture` (image families).
 CONCEPT_BLOCKS: dict[str, ConceptBlocks] = {
     "chroma": ConceptBlocks(
@@ -446,6 +492,14 @@ CONCEPT_BLOCKS: dict[str, ConceptBlocks] = {
             "one stream: the concepts take the caption's place with the layers' shared weights; every concept at "
             "the caption's first position, refined together (context_refiner) rather than each in its caption; "
             "they attend to the image and its pad tokens"
+        ),
+    ),
+    "lumina2": ConceptBlocks(
+        "layers", "attn", True, lambda d, e: d.time_caption_embed.caption_embedder(e), _lumina2_qkv, _lumina2_post,
+        image=_lumina2_image, refine=_lumina2_refine,
+        approximation=(
+            "one stream: the concepts take the caption's place with the layers' shared weights, at the caption's "
+            "first position (no rotation), refined together (context_refiner) rather than each in its caption"
         ),
     ),
 }
@@ -508,10 +562,11 @@ class JointConceptCapture:
         self.state: torch.Tensor | None = None  # the concept residual stream of the current call
         self.states: dict[str, torch.Tensor] = {}  # last output per block (for inspection and tests)
         self.inputs: dict[str, torch.Tensor] = {}  # last input per block (for tests)
+        self.call: tuple[tuple, dict] = ((), {})  # the denoiser call's arguments
 
     def attach(self) -> None:
         try:
-            self.hooks.add(self.transformer.register_forward_pre_hook(self._reset))
+            self.hooks.add(self.transformer.register_forward_pre_hook(self._reset, with_kwargs=True))
             for name, block in self.blocks:
                 attn = getattr(block, self.spec.attn)
                 tap = _JointTap(self, name, block, attn)
@@ -526,8 +581,9 @@ class JointConceptCapture:
     def detach(self) -> None:
         self.hooks.remove()
 
-    def _reset(self, module: nn.Module, args: tuple) -> None:
+    def _reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.state = None
+        self.call = (args, kwargs)
 
     def _step_block(self, tap: _JointTap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     scale: float | None) -> None:
@@ -537,17 +593,21 @@ class JointConceptCapture:
             return
         h, w = self.sink.latent_hw()
         n = h * w
+        kw = dict(tap.kwargs, _denoiser_call=self.call)
         if self.spec.image is not None:
-            image = self.spec.image(self.transformer, tap.kwargs, n, length)
+            image = self.spec.image(self.transformer, kw, n, length)
         elif tap.text_len:
             t = tap.text_len
             image = slice(t, length) if self.spec.text_first else slice(0, length - t)
         else:
             return
-        kx, vx = k[rows][:, :, image], v[rows][:, :, image]  # (b, heads, image tokens, d)
-        out_x = out[rows][:, :, image][:, :, :n]  # the generated image's outputs (reference images follow)
         # where the call's text starts: single-stream families rotate concepts as its first token
-        kw = dict(tap.kwargs, _text_start=image.stop if image.start == 0 else 0)
+        kw["_text_start"] = image.stop if isinstance(image, slice) and image.start == 0 else 0
+        if isinstance(image, slice):
+            kx, vx, out_x = (x[rows][:, :, image] for x in (k, v, out))
+        else:  # one span per batch row (rows packed with their own text length)
+            kx, vx, out_x = (torch.stack([x[r, :, image[r]] for r in range(batch)])[rows] for x in (k, v, out))
+        out_x = out_x[:, :, :n]  # the generated image's outputs (reference images follow)
         if self.state is None:
             b = int(out_x.shape[0])
             emb = self.embeds.to(device=q.device, dtype=q.dtype)
@@ -558,9 +618,9 @@ class JointConceptCapture:
         self.inputs[tap.name] = c
         qc, kc, vc, extra = self.spec.qkv(tap.block, c, kw, rows)
         qc, kc, vc = (x.transpose(1, 2) for x in (qc, kc, vc))
-        if kx.shape[1] != kc.shape[1]:  # grouped-query attention: fewer key/value heads
-            kx = kx.repeat_interleave(kc.shape[1] // kx.shape[1], dim=1)
-            vx = vx.repeat_interleave(kc.shape[1] // vx.shape[1], dim=1)
+        heads = int(qc.shape[1])  # grouped-query attention: fewer key/value heads, each serving a group
+        kc, vc, kx, vx = (x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+                          for x in (kc, vc, kx, vx))
         out_c = F.scaled_dot_product_attention(
             qc, torch.cat([kc, kx.to(kc.dtype)], dim=2), torch.cat([vc, vx.to(vc.dtype)], dim=2), scale=scale
         )
