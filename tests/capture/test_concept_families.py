@@ -16,11 +16,11 @@ from torch.overrides import TorchFunctionMode
 from daamkit import UnsupportedPipelineError, trace
 from daamkit.methods.concept import CONCEPT_BLOCKS, ConceptMethod
 from daamkit.testing.families import auraflow, chroma, cogview4, flux2, hidream, lumina2, qwenimage, zimage
-from daamkit.testing.tokenizers import t5_tokenizer
+from daamkit.testing.tokenizers import clip_tokenizer, t5_tokenizer
 
 PROMPT = "a red dog on a bench"
 CONCEPTS = ["dog", "tree", "traffic light"]
-FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow", "zimage", "lumina2"]
+FAMILIES = ["chroma", "flux2", "klein", "qwenimage", "cogview4", "auraflow", "zimage", "lumina2", "hidream"]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,9 @@ def pipes(tmp_path_factory):
     auraflow.pile_t5_tokenizer(root / "pile_t5")
     zimage.qwen3_tokenizer(root / "zimage_qwen3")
     lumina2.gemma_tokenizer(root / "gemma")
+    hidream.llama3_tokenizer(root / "llama3")
+    clip_tokenizer(root / "clip")
+    clip_tokenizer(root / "clip_2", pad_token="!")
     built = {
         "chroma": chroma.tiny_chroma(str(root / "t5")),
         "flux2": flux2.tiny_flux2(str(root / "mistral")),
@@ -44,6 +47,7 @@ def pipes(tmp_path_factory):
         "auraflow": auraflow.tiny_auraflow(root / "pile_t5"),
         "zimage": zimage.tiny_zimage(root / "zimage_qwen3"),
         "lumina2": lumina2.tiny_lumina2(root / "gemma"),
+        "hidream": hidream.tiny_hidream(root / "clip", root / "clip_2", root / "t5", root / "llama3"),
     }
     for p in built.values():
         p.set_progress_bar_config(disable=True)
@@ -120,6 +124,8 @@ def _as_text(family: str, kw: dict, concepts: torch.Tensor) -> dict:
         freqs = kw["freqs_cis"]
         kw.update(x=torch.cat([kw["x"][:, :start], concepts], 1), attn_mask=None,
                   freqs_cis=torch.cat([freqs[:, :start], freqs[:, start:start + 1].expand(-1, k, -1)], 1))
+    elif family == "hidream":  # text positions are all 0: the first k rows of the text's rotary table
+        kw["image_rotary_emb"] = kw["image_rotary_emb"][:, : kw["hidden_states"].shape[1] + k]
     elif family == "lumina2":  # one sequence: [concepts, image], concepts at the caption's first position
         del kw["encoder_hidden_states"]
         h, w = kw.pop("grid")
@@ -137,6 +143,8 @@ def _text_output(family: str, out, k: int) -> torch.Tensor:
         return out[:, -k:]
     if family == "lumina2":
         return out[:, :k]
+    if family == "hidream":  # (image, text) as well
+        return out[1]
     return out[1] if family == "cogview4" else out[0]
 
 
@@ -182,12 +190,12 @@ def test_concepts_are_encoded_from_their_own_tokens_inside_the_template(pipes):
     assert rows, "the concept's embedding is not one of its token rows"
 
 
-def test_families_without_concept_maps_say_which_have_them(tmp_path, clip_tokenizer_dir, clip_tokenizer_2_dir,
-                                                           t5_tokenizer_dir):
-    hidream.llama3_tokenizer(tmp_path)
-    pipe = hidream.tiny_hidream(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir, tmp_path)
+def test_a_model_without_joint_attention_is_told_which_families_have_concept_maps(clip_tokenizer_dir):
+    from daamkit.testing.pipelines import tiny_sd
+
+    pipe = tiny_sd(clip_tokenizer_dir)
     before = pipeline_state(pipe)
-    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, .*lumina2\); this pipeline is a hidream"):
+    with pytest.raises(UnsupportedPipelineError, match=r"\(sd3, flux, chroma, .*, hidream\); this pipeline is a unet"):
         trace(pipe, concepts=["dog"])
     assert_restored(pipe, before)
     assert set(CONCEPT_BLOCKS) <= set(ConceptMethod.families)
@@ -263,8 +271,9 @@ def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, n
     with trace(pipe, layers=[first]) as tc:
         run(pipe, steps=1, **no_cfg(name))
         words = tc.heat_maps(0)
-    dog, bench = list(words.word("dog").positions), list(words.word("bench").positions)
     embeds = pipe.encode_prompt(prompt=PROMPT, device="cpu")[0][0]
+    # the first encoder's rows only (HiDream's keys hold the words again in its Llama parts)
+    dog, bench = ([p for p in words.word(x).positions if p < embeds.shape[0]] for x in ("dog", "bench"))
     concept_embeds = torch.stack([embeds[dog].float().mean(0), embeds[bench].float().mean(0)])
     h, w = words.maps.shape[1:]
     inside = region_mask((h, w))
@@ -272,7 +281,9 @@ def test_a_concept_equal_to_a_prompt_word_peaks_where_that_word_is_read(pipes, n
 
     def push(module, args, kwargs):
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if ctx is None:  # Z-Image: [image padded to a multiple of 32, caption]
+        if name == "hidream":  # [image, text: T5 first]
+            joint.image, lead = slice(0, h * w), args[0].shape[1]
+        elif ctx is None:  # Z-Image: [image padded to a multiple of 32, caption]
             joint.image, lead = slice(0, h * w), -(-h * w // 32) * 32
         elif name == "lumina2":  # one row [caption, image]: the text keys are the caption
             joint.image, lead = slice(ctx.shape[1] - h * w, ctx.shape[1]), 0

@@ -12,15 +12,15 @@ averaged over blocks and steps and, by default, softmax-normalised over the conc
 :class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream.
 
 The other joint-attention image families (Chroma, FLUX.2, Qwen-Image, CogView4, AuraFlow, Z-Image,
-Lumina 2) run the same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
+Lumina 2, HiDream) run the same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
 :data:`CONCEPT_BLOCKS`: the image side (keys, values, outputs) is read off each block's attention
 call as the model made it, the concept side is that family's text-stream maths on the concept
 tokens. Each entry's ``approximation`` says what differs from running the concepts as prompt
-tokens (text positions for rotary embeddings, AuraFlow's register tokens, Z-Image's caption
-refiner). Where a family has both, only the blocks with a text stream of their own are used (the
+tokens (text positions for rotary embeddings, AuraFlow's register tokens, the caption refiners of
+Z-Image and Lumina 2, HiDream's Llama streams). Where a family has both, only the blocks with a text stream of their own are used (the
 double / joint blocks, as ConceptAttention does on Flux); Z-Image and Lumina 2 have single-stream
 layers only, and there the concepts take the caption's place with the layers' shared weights.
-HiDream (its blocks' text is T5 and Llama streams, one Llama layer per block) has no concept maps yet.
+Families without a joint text-image attention are refused with the list of those that have one.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ class _AttentionWatch(TorchFunctionMode):
 class ConceptBlocks:
     """How one family's joint blocks run their text stream: the facts the concept side stream needs.
 
-    blocks: the transformer's attribute holding the joint (text-stream) blocks; attn: the block's
-    attention module. text_first: the order of [text, image] in the attention call. embed(denoiser,
+    blocks: the transformer's attribute holding the joint (text-stream) blocks; attn: the path of the
+    block's attention module. text_first: the order of [text, image] in the attention call. embed(denoiser,
     embeds): the denoiser's own input layers of the text, (K, enc dim) -> (K, dim). qkv(block, c, kw,
     rows): the concepts' (B, K, heads, head dim) q, k, v as the block attends with its text tokens'
     (``kw``: the block's arguments by name and ``_text_start``, the call's first text position;
@@ -460,6 +460,32 @@ def _lumina2_post(block: nn.Module, c: torch.Tensor, out: torch.Tensor, extra: A
     return c + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(c) * scale_mlp))
 
 
+# hidream: the double blocks' text is [T5, Llama (last layer), Llama (the block's own layer)], image
+# first; the first two persist from block to block, the block's Llama layer is dropped after it
+def _hidream_image(denoiser: nn.Module, kw: dict, n_image: int, length: int) -> slice:
+    return slice(0, int(kw["hidden_states"].shape[1]))  # the image tokens, padded ones included (zero keys)
+
+
+def _hidream_qkv(block: nn.Module, c: torch.Tensor, kw: dict, rows: slice):
+    inner = block.block
+    mods = inner.adaLN_modulation(_rows(kw["temb"], rows))[:, None].chunk(12, dim=-1)
+    shift_msa, scale_msa = mods[6], mods[7]
+    x = inner.norm1_t(c).to(c.dtype) * (1 + scale_msa) + shift_msa
+    attn = inner.attn1
+    q = attn.q_rms_norm_t(attn.to_q_t(x)).to(c.dtype)
+    k = attn.k_rms_norm_t(attn.to_k_t(x)).to(c.dtype)
+    v = attn.to_v_t(x)
+    return (*(t.unflatten(-1, (attn.heads, -1)) for t in (q, k, v)), mods[8:])
+
+
+def _hidream_post(block: nn.Module, c: torch.Tensor, out: torch.Tensor, mods: Any) -> torch.Tensor:
+    inner = block.block
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    c = c + gate_msa * inner.attn1.to_out_t(out)
+    x = inner.norm3_t(c).to(c.dtype) * (1 + scale_mlp) + shift_mlp
+    return c + gate_mlp * inner.ff_t(x)
+
+
 #: The families whose concept stream runs through :class:`JointConceptCapture` (image families).
 CONCEPT_BLOCKS: dict[str, ConceptBlocks] = {
     "chroma": ConceptBlocks(
@@ -500,6 +526,14 @@ CONCEPT_BLOCKS: dict[str, ConceptBlocks] = {
         approximation=(
             "one stream: the concepts take the caption's place with the layers' shared weights, at the caption's "
             "first position (no rotation), refined together (context_refiner) rather than each in its caption"
+        ),
+    ),
+    "hidream": ConceptBlocks(
+        "double_stream_blocks", "block.attn1", False, lambda d, e: d.caption_projection[-1](e), _hidream_qkv,
+        _hidream_post, kind="double", image=_hidream_image,
+        approximation=(
+            "the concepts are T5 tokens of the text stream (their Llama rows are not used); text positions are "
+            "all 0 (no rotation), as the concepts'"
         ),
     ),
 }
@@ -568,7 +602,7 @@ class JointConceptCapture:
         try:
             self.hooks.add(self.transformer.register_forward_pre_hook(self._reset, with_kwargs=True))
             for name, block in self.blocks:
-                attn = getattr(block, self.spec.attn)
+                attn = block.get_submodule(self.spec.attn)
                 tap = _JointTap(self, name, block, attn)
                 self.hooks.add(block.register_forward_pre_hook(tap.before, with_kwargs=True))
                 self.hooks.add(attn.register_forward_pre_hook(tap.attn_before, with_kwargs=True))
