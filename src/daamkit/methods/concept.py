@@ -230,19 +230,19 @@ class ConceptBlocks:
     """How one family's joint blocks run their text stream: the facts the concept side stream needs.
 
     blocks: the transformer's attribute holding the joint (text-stream) blocks; attn: the path of the
-    block's attention module. text_first: the order of [text, image] in the attention call. embed(denoiser,
-    embeds): the denoiser's own input layers of the text, (K, enc dim) -> (K, dim). qkv(block, c, kw,
-    rows): the concepts' (B, K, heads, head dim) q, k, v as the block attends with its text tokens'
-    (``kw``: the block's arguments by name and ``_text_start``, the call's first text position;
-    ``rows``: the conditional batch rows) and whatever
-    ``post`` needs; post(block, c, out, extra): the text stream after the attention, ``out`` being
-    the concepts' attention outputs (B, K, heads * head dim). kind: the block kind layer selectors
-    use. approximation: what differs from running the concepts as the prompt's own tokens.
-    image(denoiser, kw, n_image, length): the non-text tokens of the attention call, for blocks that
-    get one sequence (no ``encoder_hidden_states`` on the attention module tells the text length), or
-    one such span per batch row (``kw["_denoiser_call"]``: the denoiser call's (args, kwargs)).
-    refine(denoiser, c, kw, rows): text-only layers the denoiser runs on its text before the joint
-    blocks (a context refiner), applied to the concepts' first state.
+    block's attention module; text_first: the order of [text, image] in the attention call.
+    embed(denoiser, embeds): the denoiser's own input layers of the text, (K, enc dim) -> (K, dim).
+    qkv(block, c, kw, rows): the concepts' (B, K, heads, head dim) q, k, v as the block attends with
+    its text tokens', and whatever ``post`` needs; ``kw`` holds the block's arguments by name,
+    ``_text_start`` (the call's first text position) and ``_denoiser_call`` (the denoiser call's
+    (args, kwargs)); ``rows`` are the conditional batch rows. post(block, c, out, extra): the text
+    stream after the attention, ``out`` being the concepts' attention outputs (B, K, heads * head dim).
+    kind: the block kind layer selectors use. approximation: what differs from running the concepts
+    as the prompt's own tokens. image(denoiser, kw, n_image, length): the non-text tokens of the
+    attention call where the attention module's ``encoder_hidden_states`` does not tell the text
+    length (one sequence), or one such span per batch row. refine(denoiser, c, kw, rows): text-only
+    layers the denoiser runs on its text before the joint blocks (a context refiner), applied to the
+    concepts' first state.
     """
 
     blocks: str
@@ -253,7 +253,7 @@ class ConceptBlocks:
     post: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], torch.Tensor]
     kind: str = "joint"
     approximation: str = ""
-    image: Callable[[nn.Module, dict, int, int], slice] | None = None
+    image: Callable[[nn.Module, dict, int, int], slice | list[slice]] | None = None
     refine: Callable[[nn.Module, torch.Tensor, dict, slice], torch.Tensor] | None = None
 
 
