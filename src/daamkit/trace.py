@@ -32,7 +32,7 @@ from torch import nn
 
 from daamkit.aggregate import Accumulator, AggregationConfig, chunk_size
 from daamkit.capture import UnsupportedPipelineError, detect_capture
-from daamkit.capture.base import DenoiserCall, HookSet, LayerInfo, QueryChunk, is_traced
+from daamkit.capture.base import DenoiserCall, HookSet, ImageQueries, LayerInfo, QueryChunk, is_traced
 from daamkit.errors import InputError, TraceError
 from daamkit.methods import (
     CAPTURE_STREAMS,
@@ -247,6 +247,7 @@ class Trace:
             self._methods[m.name] = m
         self._attention_methods = [m for m in self._methods.values() if "cross_attention" in m.captures]
         self._joint_methods = [m for m in self._methods.values() if "joint_attention" in m.captures]
+        self._query_methods = [m for m in self._methods.values() if "image_queries" in m.captures]
         self._hooks = HookSet()
         self._log = _TruncationLog()
         self._gen: _Generation | None = None
@@ -405,6 +406,15 @@ class Trace:
         if self._gen is None:
             return True  # on_attention's own checks say what is wrong
         return any(m.wants(self, layer, image_tokens) for m in self._attention_methods)
+
+    def wants_queries(self, layer: LayerInfo, image_tokens: int) -> bool:
+        if self._gen is None:
+            return bool(self._query_methods)
+        return any(m.wants(self, layer, image_tokens) for m in self._query_methods)
+
+    def on_image_queries(self, layer: LayerInfo, queries: ImageQueries) -> None:
+        for m in self._query_methods:
+            m.on_image_queries(self, layer, queries)
 
     def query_chunk(self, total: int, frame: int, bytes_per_query: int) -> int:
         if not all(m.chunks for m in self._attention_methods):
@@ -663,12 +673,13 @@ def trace(
         :class:`~daamkit.aggregate.AggregationConfig`.
     chunk_mib: memory budget of one block of probabilities; larger calls (videos) run in chunks.
     concepts: words (need not be in the prompt) for ConceptAttention-style maps on joint-attention
-        transformers (``daamkit.methods.ConceptMethod.families``), read with
+        transformers (``daamkit.methods.ConceptMethod.families``: images, and videos with maps over time
+        as DAAM's), read with
         ``tc.heat_maps(i, method="concept")``; ``concept_embeds`` (concepts x context dim) overrides how
         they are encoded; ``concept_softmax`` normalises the maps over the concepts at each pixel.
     open_vocabulary: words (need not be in the prompt) and/or learned tokens
         (:func:`daamkit.methods.optimize_token`) for OVAM maps on cross-attention models (UNets,
-        PixArt, Sana), read with ``tc.heat_maps(i, method="ovam")``; they form one attribution prompt.
+        AnimateDiff, PixArt, Sana, HunyuanDiT, Wan, LTX, LTX-2, Sana-Video), read with ``tc.heat_maps(i, method="ovam")``; they form one attribution prompt.
     refine: also record DAAM maps refined by the model's own self-attention (UNets), read with
         ``tc.heat_maps(i, method="refined")``; True for the defaults or a
         :class:`~daamkit.methods.RefinedMethod` (``resolutions``, ``iterations``). Off by default: it

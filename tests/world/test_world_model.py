@@ -182,3 +182,25 @@ def test_restoration_from_lightly_noised_renders_keeps_the_scene():
         assert res["n"] == 12
         assert res["all_objects_drawn"] >= 0.8, res
         assert res["shapes_correct"] >= 0.75, res
+
+
+def test_model_names_resolve_to_shipped_folders_and_unknown_names_are_refused():
+    from daamkit.world import WORLD_MODELS, model_path
+
+    _model_or_skip()
+    assert model_path("world") == default_model_path()
+    assert set(WORLD_MODELS) >= {"world"}
+    with pytest.raises(ModelNotFoundError, match="no shipped shapes-world model is called 'wrld'.*world"):
+        model_path("wrld")
+
+
+def test_load_pipeline_takes_a_model_name_unless_a_local_path_has_that_name(tmp_path, monkeypatch):
+    from daamkit.jobs.pipeline import ModelLoadError, load_pipeline
+
+    _model_or_skip()
+    pipe = load_pipeline("world", progress=False)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "world").mkdir()  # the user's own folder of that name is what they mean
+    with pytest.raises(ModelLoadError, match="has no model_index.json"):
+        load_pipeline("world", progress=False)

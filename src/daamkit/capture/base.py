@@ -55,6 +55,21 @@ def query_chunks(total: int, size: int) -> Iterator[tuple[int, int, QueryChunk |
         yield start, stop, None if size >= total else QueryChunk(start, stop, total)
 
 
+@dataclass(frozen=True)
+class ImageQueries:
+    """The generated image's queries in one text-image attention call, as the model attended with them
+    (after the module's own q norm and rotary embedding), for the images of one branch.
+
+    module: the attention module that ran (an expert's own where the pipeline takes turns between
+    denoisers); q: (b, heads, N, d), a video's queries frame-major; scale: the call's softmax scale.
+    """
+
+    module: nn.Module
+    q: torch.Tensor
+    scale: float
+    branch: str
+
+
 class CaptureSink(Protocol):
     def on_denoiser_call(self, call: DenoiserCall) -> None: ...
 
@@ -74,6 +89,14 @@ class CaptureSink(Protocol):
 
     def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None) -> None:
         """probs: (b, heads, n, T) for the image queries ``chunk`` (all of them when None)."""
+        ...
+
+    def wants_queries(self, layer: LayerInfo, image_tokens: int) -> bool:
+        """Whether any consumer takes this layer's image queries (``on_image_queries``)."""
+        ...
+
+    def on_image_queries(self, layer: LayerInfo, queries: ImageQueries) -> None:
+        """The image queries of one call and branch (for methods that attend with keys of their own)."""
         ...
 
 

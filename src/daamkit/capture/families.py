@@ -185,6 +185,15 @@ class Family:
     # denoiser calls that are guidance passes of another kind (perturbed layers, modalities cut apart),
     # given the call's (args, kwargs): not a step, nothing traced
     skip_call: Callable[[tuple, dict], bool] | None = None
+    # cross-attention families: the attention modules' text from the denoiser's text inputs, one tensor
+    # (b, tokens, dim) per TextPart as the pipeline hands them over; it gives the keys of words that are
+    # not the prompt's (OVAM). None where the text has no keys of its own (joint attention)
+    text_input: Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor] | None = None
+    # what the pipeline does between its encode_prompt and the denoiser: (pipe, encode_prompt's output)
+    # -> the denoiser's text input, in key order (LTX-2's connectors); None: the output's first tensor
+    text_handoff: Callable[[Any, Any], torch.Tensor] | None = None
+    # why a denoiser's text keys are not a fixed function of its text input (None: they are)
+    text_varies: Callable[[nn.Module], str | None] | None = None
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
     tests: str = ""  # the test file
     notes: str = ""
@@ -194,6 +203,70 @@ class Family:
         ran = [p for p in self.text if p.encoder in called]
         return ran or list(self.text[:1])
 
+
+
+# ---- the text of cross-attention modules ----------------------------------------------------------
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else None
+
+
+def _through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    dtype = _param_dtype(module)
+    return module(x if dtype is None else x.to(dtype))
+
+
+def _projected(*names: str) -> Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]:
+    """One encoder's text through the denoiser's modules ``names`` (dotted paths), those it has, in order."""
+
+    def text(denoiser: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        (x,) = parts
+        for name in names:
+            try:
+                module = denoiser.get_submodule(name)
+            except AttributeError:
+                continue
+            x = _through(module, x)
+        return x
+
+    return text
+
+
+def _unet_text(denoiser: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Kolors projects its ChatGLM states (``encoder_hid_proj``, "text_proj"); SD's UNets take the encoder's."""
+    (x,) = parts
+    proj = getattr(denoiser, "encoder_hid_proj", None)
+    if proj is not None and getattr(denoiser.config, "encoder_hid_dim_type", None) == "text_proj":
+        x = _through(proj, x)
+    return x
+
+
+def _hunyuandit_text(denoiser: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[BERT states | mT5 states through ``text_embedder``]: HunyuanDiT2DModel.forward's concatenation."""
+    bert, mt5 = parts
+    mt5 = _through(denoiser.text_embedder, mt5)
+    return torch.cat([bert.to(mt5.dtype), mt5], dim=1)
+
+
+def _ltx2_text(denoiser: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """LTX-2.0 projects the connectors' output (``caption_projection``); later versions take it as it is."""
+    (x,) = parts
+    if getattr(denoiser.config, "use_prompt_embeddings", True) and getattr(denoiser, "caption_projection", None) is not None:
+        x = _through(denoiser.caption_projection, x)
+    return x
+
+
+def _ltx2_handoff(pipe: Any, out: Any) -> torch.Tensor:
+    """LTX2Pipeline hands the denoiser the text connectors' video output, not Gemma's states."""
+    embeds, mask = out[0], out[1]
+    side = getattr(getattr(pipe, "tokenizer", None), "padding_side", "left") or "left"
+    return pipe.connectors(embeds, mask, padding_side=side)[0]
+
+
+def _ltx2_varies(denoiser: nn.Module) -> str | None:
+    if getattr(denoiser.config, "cross_attn_mod", False):
+        return "its blocks modulate the text keys by the timestep (cross_attn_mod, LTX-2.3)"
+    return None
 
 
 # ---- qwenimage, zimage ------------------------------------------------------------------------------
@@ -430,6 +503,7 @@ FAMILIES: tuple[Family, ...] = (
         attr="unet",
         capture="projections",
         text=_UNET_TEXT,
+        text_input=_unet_text,
         pipelines=(
             "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
             "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLModularPipeline",
@@ -553,6 +627,7 @@ FAMILIES: tuple[Family, ...] = (
         # attn1 is linear attention (no softmax, no attention call): only attn2 meets the text
         sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
         text=(TextPart("text_encoder", "tokenizer", select=_sana_keys),),
+        text_input=_projected("caption_projection", "caption_norm"),
         pipelines=("SanaPipeline",),
         tests="tests/capture/test_family_sana.py",
         notes=(
@@ -566,6 +641,7 @@ FAMILIES: tuple[Family, ...] = (
         denoisers=("PixArtTransformer2DModel",),
         sites=(Site(r"transformer_blocks\.\d+\.attn2", "cross", "cross"),),
         text=(TextPart("text_encoder", "tokenizer"),),
+        text_input=_projected("caption_projection"),
         pipelines=("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
         tests="tests/capture/test_family_pixart.py",
         notes="T5 keys, padding masked; resolution binning as Sana",
@@ -578,6 +654,7 @@ FAMILIES: tuple[Family, ...] = (
         # keys = [BERT (77) | mT5 (256)]; a word pools its positions in both
         text=(TextPart("text_encoder", "tokenizer", length=77), TextPart("text_encoder_2", "tokenizer_2")),
         timestep_position=1,
+        text_input=_hunyuandit_text,
         pipelines=("HunyuanDiTPipeline",),
         tests="tests/capture/test_family_hunyuandit.py",
         notes="padding keys hold a learned vector and are attended (no mask); queries carry the image RoPE",
@@ -661,6 +738,7 @@ FAMILIES: tuple[Family, ...] = (
         separate_negative=True,
         time=vae_time,
         experts=("transformer_2",),
+        text_input=_projected("condition_embedder.text_embedder"),
         pipelines=("WanPipeline", "WanImageToVideoPipeline"),
         tests="tests/capture/test_family_wan.py",
         notes=(
@@ -711,6 +789,7 @@ FAMILIES: tuple[Family, ...] = (
         grid=video_grid,
         patch=lambda denoiser: video_patch(denoiser)[1],
         time=vae_time,
+        text_input=_projected("caption_projection", "caption_norm"),
         pipelines=("SanaVideoPipeline", "SanaImageToVideoPipeline"),
         tests="tests/capture/test_family_sana_video.py",
         notes=(
@@ -730,6 +809,7 @@ FAMILIES: tuple[Family, ...] = (
         grid=_ltx_grid,
         patch=lambda denoiser: video_patch(denoiser)[1],
         time=_ltx_time,
+        text_input=_projected("caption_projection"),
         pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
         tests="tests/capture/test_family_ltx.py",
         notes=(
@@ -752,6 +832,9 @@ FAMILIES: tuple[Family, ...] = (
         timestep_position=4,
         time=_ltx_time,
         skip_call=_ltx2_guidance_pass,
+        text_input=_ltx2_text,
+        text_handoff=_ltx2_handoff,
+        text_varies=_ltx2_varies,
         pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline"),
         tests="tests/capture/test_family_ltx2.py",
         notes=(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from daamkit.capture.base import CaptureSink, LayerInfo, query_chunks
+from daamkit.capture.base import CaptureSink, ImageQueries, LayerInfo, query_chunks
 
 _SDPA = F.scaled_dot_product_attention
 
@@ -234,6 +234,7 @@ class AttentionTap:
         self.rows: dict[str, slice] = {}
         self.hidden_len = 0
         self.text_len: int | None = None
+        self.probs_wanted = self.queries_wanted = False
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.seen = True
@@ -242,7 +243,9 @@ class AttentionTap:
             return
         rows = self.sink.branch_rows(call.batch)
         n_image = call.latent_hw[0] * call.latent_hw[1]
-        if not rows or not self.sink.wants(self.layer, n_image):
+        self.probs_wanted = bool(rows) and self.sink.wants(self.layer, n_image)
+        self.queries_wanted = bool(rows) and self.sink.wants_queries(self.layer, n_image)
+        if not (self.probs_wanted or self.queries_wanted):
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
@@ -272,12 +275,21 @@ class AttentionTap:
             return
         q, k = q.detach(), k.detach()
         if self.per_row:
+            if not self.probs_wanted:
+                return
             if not isinstance(where, Slices):
                 raise ValueError(f"{self.layer.name}: a per-row attention call takes one Slices")
             self.row_calls.append((q, k, mask, kwargs.get("scale"), where))
             if len(self.row_calls) >= self.capture.current.batch:
                 calls, self.row_calls = self.row_calls, []
                 self._deliver_rows(calls)
+            return
+        if self.queries_wanted and isinstance(where, Slices):
+            scale = kwargs.get("scale")
+            scale = float(q.shape[-1] ** -0.5) if scale is None else float(scale)
+            for branch, rows in self.rows.items():
+                self.sink.on_image_queries(self.layer, ImageQueries(self.module, q[rows][:, :, where.queries], scale, branch))
+        if not self.probs_wanted:
             return
         parts = [where] if isinstance(where, Slices) else list(where)
         q_len = int(q.shape[2])

@@ -20,6 +20,7 @@ from daamkit.capture.base import (
     DenoiserCall,
     DenoiserPreHook,
     HookSet,
+    ImageQueries,
     LayerInfo,
     ProjectionTap,
     attention_probs,
@@ -75,13 +76,17 @@ class _LayerTap(ProjectionTap):
                 ehs = self.attn.norm_encoder_hidden_states(ehs)
             with torch.no_grad():
                 k = nn.functional.linear(ehs, self.attn.to_k.weight, self.attn.to_k.bias)
-        if q.dim() != 3 or not self.sink.wants(self.layer, q.shape[1]):
+        if q.dim() != 3:
             return
         call = self.capture.current
         frames = call.frames if call is not None else 1
         if frames > 1 and (call.batch * frames != q.shape[0] or k.shape[0] != q.shape[0]):
             return  # not the per-frame rows of this call
         batch = q.shape[0] // frames
+        if self.sink.wants_queries(self.layer, q.shape[1]):
+            self._queries(q, batch, frames)
+        if not self.sink.wants(self.layer, q.shape[1]):
+            return
         n, n_text = int(q.shape[1]), int(k.shape[1])
         qv = q.view(batch, frames, n, q.shape[-1])
         kv = k.reshape(k.shape[0] // frames, frames, n_text, k.shape[-1]) if k.shape[0] == q.shape[0] else None
@@ -95,6 +100,18 @@ class _LayerTap(ProjectionTap):
                 with torch.no_grad():
                     probs = self._probs(qv[rows], kb, start, stop, n)
                 self.sink.on_attention(self.layer, probs, branch, chunk)
+
+    def _queries(self, q: torch.Tensor, batch: int, frames: int) -> None:
+        """Each branch's image queries (b, heads, frames * n, d), frame-major, with the module's q norm
+        applied after the head split as its processor does."""
+        attn = self.attn
+        heads = int(attn.heads)
+        norm = getattr(attn, "norm_q", None)
+        for branch, rows in self.sink.branch_rows(batch).items():
+            qb = q.view(batch, frames, q.shape[1], heads, -1)[rows].permute(0, 3, 1, 2, 4).flatten(2, 3)
+            with torch.no_grad():
+                qb = norm(qb) if norm is not None else qb
+            self.sink.on_image_queries(self.layer, ImageQueries(attn, qb, float(attn.scale), branch))
 
     def _probs(self, q: torch.Tensor, k: torch.Tensor, start: int, stop: int, n: int) -> torch.Tensor:
         """(b, heads, stop - start, T) for the frame-major queries ``start:stop`` of q (b, F, n, C)

@@ -103,7 +103,7 @@ def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: flo
     p.add_argument("--words", nargs="+", help="words to map (default: every word of the prompt)")
     p.add_argument("--open-vocabulary", metavar="WORDS",
                    help="comma-separated words, which need not be in the prompt, to map with OVAM (e.g. "
-                        "'cat,grass'); written to ovam/ beside the DAAM maps (UNet, PixArt and Sana models)")
+                        "'cat,grass'); written to ovam/ beside the DAAM maps (cross-attention models)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")

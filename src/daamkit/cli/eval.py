@@ -8,6 +8,7 @@ import sys
 from daamkit.cli.common import (
     CLIError,
     add_trace_options,
+    at_least,
     finite_float,
     positive_int,
     seed_int,
@@ -26,6 +27,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.runs:
         from daamkit.io.runs import load_runs
 
+        if args.faithfulness:
+            raise CLIError("--faithfulness applies when eval generates the images (its tests generate again); "
+                           "leave it out with --runs")
         if methods != ["daam"]:
             raise CLIError("--methods applies when eval generates the images; --runs scores the DAAM maps its "
                            "records hold (leave --methods out)")
@@ -54,15 +58,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result.settings["model"] = str(model)
         for note in result.notes:
             print(f"daamkit eval: {note}", file=sys.stderr)
+        if args.faithfulness:
+            from daamkit.evaluate.faithfulness import evaluate_faithfulness
+
+            faith = evaluate_faithfulness(pipe, n=min(args.faithfulness, args.n), seed=args.seed, steps=args.steps,
+                                          guidance_scale=args.guidance, taus=args.faithfulness_taus,
+                                          batch_size=args.batch_size, methods=args.methods,
+                                          trace_options=trace_kwargs(args), progress=not args.no_progress)
+            faith.settings["model"] = str(model)
     paths = result.save(args.out, tau=tau)
     print(result.markdown(tau))
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
+    if not args.runs and args.faithfulness:
+        fpaths = faith.save(args.out, tau=tau)
+        print(faith.markdown(tau))
+        print(f"wrote {fpaths['markdown']}, {fpaths['json']}, {fpaths['plot']}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="COCO-Gen style mIoU of noun/colour maps on the shapes world")
-    e.add_argument("--model", help="model to evaluate (default: the embedded shapes-world model)")
+    e.add_argument("--model", help="model to evaluate: a local folder or a shipped shapes-world model (world, world-ungrounded; "
+                   "default: world)")
     e.add_argument("--runs", help="score a runs directory of saved records instead of generating")
     e.add_argument("--n", type=positive_int, default=200, help="held-out captions to generate (default 200)")
     e.add_argument(
@@ -89,5 +106,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "or 'all' for every method that applies to the model (default: daam); methods that map given words "
         "(ovam) map each scene's nouns and colours",
     )
+    e.add_argument(
+        "--faithfulness",
+        type=at_least(0),
+        default=0,
+        metavar="N",
+        help="also run the causal tests on the first N of the scenes (0, the default: off): each word's "
+        "counterfactual (swapped for another of its kind, same seed) and the deletion of its attention in "
+        "its map's region vs a random region of equal area; writes faithfulness.md/json and "
+        "deletion_curves.png",
+    )
+    e.add_argument("--faithfulness-taus", type=unit_float, nargs="+", default=[0.2, 0.4, 0.6],
+                   help="taus of the deletion curve (default 0.2 0.4 0.6)")
     add_trace_options(e)
     e.set_defaults(func=cmd_eval)

@@ -129,7 +129,9 @@ def load_pipeline(
     config: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Any:
-    """Load a diffusers pipeline from a local folder (``model_index.json``) or a single checkpoint file.
+    """Load a diffusers pipeline from a local folder (``model_index.json``), a single checkpoint file, or
+    the name of a shipped shapes-world model (:data:`daamkit.world.WORLD_MODELS`; a local path of the
+    same name wins).
 
     Offline only (``local_files_only=True``): a single-file checkpoint needs ``config``, a local
     diffusers folder of the same architecture, since diffusers would otherwise fetch one from the Hub.
@@ -137,11 +139,16 @@ def load_pipeline(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not str(path).strip():
         raise ModelLoadError("the model path is empty: give a local diffusers folder or a checkpoint file")
+    from daamkit.world import WORLD_MODELS, model_path
+
+    if str(path) in WORLD_MODELS and not Path(path).exists():
+        path = model_path(str(path))
     p = Path(path).expanduser()
     torch_dtype = parse_dtype(dtype)
     check_device(device)
     if not p.exists():
-        raise ModelLoadError(f"model path {str(p)!r} does not exist (daamkit loads local models only, it never downloads)")
+        raise ModelLoadError(f"model path {str(p)!r} does not exist (daamkit loads local models only, it never downloads; "
+                             f"the shipped shapes-world models are {', '.join(WORLD_MODELS)})")
     kwargs: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype

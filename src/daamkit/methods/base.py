@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from daamkit.capture.base import HookSet, LayerInfo, QueryChunk
+from daamkit.capture.base import HookSet, ImageQueries, LayerInfo, QueryChunk
 
 if TYPE_CHECKING:
     from daamkit.capture.sdpa import JointCall
@@ -65,7 +65,10 @@ if TYPE_CHECKING:
 #: ``"joint_attention"``: the q and k of every joint (text + image) attention call of a traced layer at
 #: a selected step, routed to ``on_joint_attention(trace, layer, call)`` (a
 #: :class:`~daamkit.capture.sdpa.JointCall`); only joint-attention transformers make such calls.
-CAPTURE_STREAMS = frozenset({"cross_attention", "joint_attention"})
+#: ``"image_queries"``: the generated image's queries of every text-image attention call of a traced layer
+#: at a selected step, as the model attended with them, routed to ``on_image_queries(trace, layer,
+#: queries)`` (an :class:`~daamkit.capture.base.ImageQueries`), for methods that bring keys of their own.
+CAPTURE_STREAMS = frozenset({"cross_attention", "joint_attention", "image_queries"})
 
 
 class AttributionMethod(ABC):
@@ -109,9 +112,10 @@ class AttributionMethod(ABC):
         """A new pipeline call started (``trace.generation``): reset per-generation state."""
 
     def wants(self, trace: Trace, layer: LayerInfo, image_tokens: int) -> bool:
-        """Whether ``on_attention`` would use ``layer``'s probabilities at the current step (its image
-        sequence has ``image_tokens`` positions). A method that selects layers says no to the others,
-        and the capture then skips their probabilities unless another method wants them."""
+        """Whether ``on_attention`` (``on_image_queries``) would use ``layer``'s probabilities (queries) at
+        the current step (its image sequence has ``image_tokens`` positions per frame). A method that
+        selects layers says no to the others, and the capture then skips them unless another method
+        wants them."""
         return True
 
     def on_attention(  # noqa: B027
@@ -124,6 +128,9 @@ class AttributionMethod(ABC):
 
     def on_joint_attention(self, trace: Trace, layer: LayerInfo, call: JointCall) -> None:  # noqa: B027
         """One joint attention call's q and k (only when ``"joint_attention"`` is in ``captures``)."""
+
+    def on_image_queries(self, trace: Trace, layer: LayerInfo, queries: ImageQueries) -> None:  # noqa: B027
+        """One call's image queries for one branch (only when ``"image_queries"`` is in ``captures``)."""
 
     @abstractmethod
     def heat_maps(self, trace: Trace, i: int, **options: Any) -> GlobalHeatMap:

@@ -9,18 +9,21 @@ never attends to the concepts (we compute the concept stream on the side, after 
 so the generation is untouched. Each block's map is the dot product of the image tokens' attention
 outputs (read off the input of ``attn.to_out[0]``) with the concepts' attention outputs; maps are
 averaged over blocks and steps and, by default, softmax-normalised over the concepts.
-:class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream.
+:class:`ConceptMethod` is the attribution method (``method="concept"``) built on that stream; the
+video families (CogVideoX, Mochi, HunyuanVideo, HunyuanVideo 1.5) run it through the per-family
+adapters of :mod:`daamkit.methods.concept_video`, their maps with the time axis of DAAM's.
 
 The other joint-attention image families (Chroma, FLUX.2, Qwen-Image, CogView4, AuraFlow, Z-Image,
-Lumina 2, HiDream) run the same stream through :class:`JointConceptCapture`, one :class:`ConceptBlocks` entry each in
-:data:`CONCEPT_BLOCKS`: the image side (keys, values, outputs) is read off each block's attention
-call as the model made it, the concept side is that family's text-stream maths on the concept
-tokens. Each entry's ``approximation`` says what differs from running the concepts as prompt
-tokens (text positions for rotary embeddings, AuraFlow's register tokens, the caption refiners of
-Z-Image and Lumina 2, HiDream's Llama streams). Where a family has both, only the blocks with a text stream of their own are used (the
-double / joint blocks, as ConceptAttention does on Flux); Z-Image and Lumina 2 have single-stream
-layers only, and there the concepts take the caption's place with the layers' shared weights.
-Families without a joint text-image attention are refused with the list of those that have one.
+Lumina 2, HiDream) run the same stream through :class:`JointConceptCapture`, one
+:class:`ConceptBlocks` entry each in :data:`CONCEPT_BLOCKS`: the image side (keys, values, outputs)
+is read off each block's attention call as the model made it, the concept side is that family's
+text-stream maths on the concept tokens. Each entry's ``approximation`` says what differs from
+running the concepts as prompt tokens (text positions for rotary embeddings, AuraFlow's register
+tokens, the caption refiners of Z-Image and Lumina 2, HiDream's Llama streams). Where a family has
+both, only the blocks with a text stream of their own are used (the double / joint blocks, as
+ConceptAttention does on Flux); Z-Image and Lumina 2 have single-stream layers only, and there the
+concepts take the caption's place with the layers' shared weights. Families without a joint
+text-image attention are refused with the list of those that have one.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from daamkit.capture.base import HookSet, LayerInfo
 from daamkit.errors import InputError, TraceError
 from daamkit.methods.base import AttributionMethod, jsonable
+from daamkit.methods.concept_video import VIDEO_FAMILIES, VideoConceptCapture, encode_video_concepts
 
 if TYPE_CHECKING:
     from daamkit.capture.families import Family
@@ -724,7 +728,7 @@ class ConceptMethod(AttributionMethod):
     prompt. Captures its own side stream (:class:`ConceptCapture`) beside the joint blocks."""
 
     name = "concept"
-    families = ("sd3", "flux", *CONCEPT_BLOCKS)
+    families = ("sd3", "flux", *CONCEPT_BLOCKS, *VIDEO_FAMILIES)
     requirement = "concept maps need a joint-attention transformer (" + ", ".join(families) + ")"
     not_enabled = "no concepts were traced: pass concepts=[...] to trace() for method='concept'"
 
@@ -737,7 +741,7 @@ class ConceptMethod(AttributionMethod):
             raise ValueError(f"concepts must be distinct, non-empty words, got {list(concepts)}")
         self.embeds = embeds
         self.softmax = softmax
-        self.capture: ConceptCapture | None = None
+        self.capture: ConceptCapture | JointConceptCapture | VideoConceptCapture | None = None
         self._trace: Trace | None = None
         self.sum: torch.Tensor | None = None  # (B, K, h, w) sum over blocks and steps of concept maps
         self.calls = 0
@@ -766,12 +770,19 @@ class ConceptMethod(AttributionMethod):
         if embeds is None:  # the trace attaches methods before its text-encoder hooks: its prompt capture stays clean
             if family in CONCEPT_BLOCKS:
                 embeds = encode_in_context(trace.pipe, trace.capture.spec, self.concepts)
+            elif family in VIDEO_FAMILIES:
+                embeds = encode_video_concepts(trace.pipe, family, self.concepts)
             else:
                 embeds = encode_concepts(trace.pipe, family, self.concepts)
         # the side stream's handles go into this method's HookSet, which the trace empties on exit
         # whatever detach() does
-        kind = JointConceptCapture if family in CONCEPT_BLOCKS else ConceptCapture
-        self.capture = kind(trace.capture.denoiser, family, embeds, self, self.hooks)
+        if family in VIDEO_FAMILIES:
+            self.capture = VideoConceptCapture(trace.capture.denoiser, family, embeds, self, self.hooks,
+                                               budget=trace.config.chunk_mib * 2**20)
+        elif family in CONCEPT_BLOCKS:
+            self.capture = JointConceptCapture(trace.capture.denoiser, family, embeds, self, self.hooks)
+        else:
+            self.capture = ConceptCapture(trace.capture.denoiser, family, embeds, self, self.hooks)
         self.capture.attach()
 
     def start_generation(self, trace: Trace) -> None:
@@ -788,19 +799,31 @@ class ConceptMethod(AttributionMethod):
         assert self._trace is not None
         return self._trace.generation.call.latent_hw
 
+    def video_tokens(self) -> int:
+        """Video tokens of the current denoiser call (frames x h x w)."""
+        assert self._trace is not None
+        call = self._trace.generation.call
+        return call.frames * call.latent_hw[0] * call.latent_hw[1]
+
     def on_concepts(self, block: str, sim: torch.Tensor, kind: str | None = None, attn: str = "attn") -> None:
-        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs;
-        kind: the block kind layer selectors use (SD3's "joint" or Flux's "double" when not given);
-        attn: the block's attention module, which names the layer."""
+        """sim: (B, K, N) dot products of image attention outputs with concept attention outputs; a
+        video's N is frame-major. kind: the block kind layer selectors use (the video stream's, or
+        SD3's "joint" / Flux's "double" when not given); attn: the block's attention module, which
+        names the layer."""
         trace = self._trace
         assert trace is not None
-        if kind is None:
+        if isinstance(self.capture, VideoConceptCapture):
+            stream = self.capture.stream
+            kind, attn = stream.block_kind, stream.attn
+        elif kind is None:
             kind = "joint" if trace.capture.family == "sd3" else "double"
         layer = LayerInfo(name=f"{block}.{attn}", block=kind, index=-1, heads=0)
         if not trace.config.selects_layer(layer, 1):
             return
-        h, w = trace.generation.call.latent_hw
-        maps = sim.reshape(sim.shape[0], sim.shape[1], h, w)
+        call = trace.generation.call
+        h, w = call.latent_hw
+        frames = () if call.frames == 1 else (call.frames,)  # (B, K, F, h, w) for a video, as DAAM's sums
+        maps = sim.reshape(sim.shape[0], sim.shape[1], *frames, h, w)
         self.sum = maps.clone() if self.sum is None else self.sum.add_(maps)
         self.calls += 1
 
@@ -831,4 +854,9 @@ class ConceptMethod(AttributionMethod):
         meta = {"family": trace.capture.family, "method": "concept", "concepts": list(self.concepts),
                 "softmax": self.softmax, "image_index": i, "num_steps": gen.step + 1,
                 "config": jsonable(asdict(trace.config))}
+        time = trace.capture.time_axis(trace.pipe, gen.call.frames)
+        if time is not None and gen.decoded is not None:
+            time = time.decoded(*gen.decoded)
+        if time is not None:
+            meta["time"] = time.to_json()
         return GlobalHeatMap(maps.float().cpu(), alignment, image_size=(h * scale, w * scale), meta=meta)

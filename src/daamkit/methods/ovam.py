@@ -1,20 +1,25 @@
 """OVAM (Marcos-Manchón et al., "Open-Vocabulary Attention Maps with Token Optimization for Semantic
 Segmentation in Diffusion Models", CVPR 2024): maps for words that need not be in the prompt.
 
-An *attribution prompt* ("dog cat grass") is encoded by the pipeline's own text encoder. In every
-traced cross-attention layer and step, the image queries the model used (read off ``attn.to_q`` as
-it produced them) attend to the attribution prompt's keys, computed with the layer's own ``to_k``
-and key norm: softmax over the attribution prompt's tokens, then the head mean, upsampling and
+An *attribution prompt* ("dog cat grass") is encoded by the pipeline's own ``encode_prompt`` (and
+whatever the pipeline does before the denoiser, e.g. LTX-2's connectors). In every traced
+cross-attention layer and step, the image queries the model attended with (the capture's
+``"image_queries"`` stream: after the module's own q norm and rotary embedding) attend to the
+attribution prompt's keys, computed with the layer's own ``to_k`` and key norm from the text the
+denoiser makes of the attribution prompt (its caption projection, say: the family table's
+``text_input``): softmax over the attribution prompt's tokens, then the head mean, upsampling and
 streaming sums of DAAM (:class:`~daamkit.aggregate.Accumulator`, with the trace's
-``AggregationConfig``). The model never sees the attribution prompt, so the image is untouched.
+``AggregationConfig``; videos keep their time axis and are computed in query chunks). The model never
+sees the attribution prompt, so the image is untouched.
 
 Token optimisation (OVAM §3.3): :func:`optimize_token` learns the embedding of one attribution token
 from one mask on one generated image, by gradient descent on the binary cross-entropy between the
 token's OVAM map and the mask; the result (an :class:`OvamEmbedding`) is given back to
 ``OvamMethod(embeds=...)`` / ``trace(open_vocabulary=[...])`` for other images.
 
-Families: those whose text attention is plain cross-attention with un-rotated queries (the UNet
-family, PixArt, Sana). Joint-attention transformers have no separate text keys to swap; their
+Families: those whose text attention is cross-attention, i.e. whose text keys are a fixed function of
+the text encoders' output (the entries of :data:`daamkit.capture.families.FAMILIES` with a
+``text_input``). Joint-attention transformers have no separate text keys to swap; their
 open-vocabulary maps are ConceptAttention's (``method="concept"``).
 """
 
@@ -30,29 +35,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daamkit.aggregate import Accumulator, layer_grid, resize_and_crop_maps
-from daamkit.capture.base import LayerInfo
+from daamkit.aggregate import Accumulator, chunk_size, layer_grid, resize_and_crop_maps
+from daamkit.capture import UnsupportedPipelineError
+from daamkit.capture.base import ImageQueries, LayerInfo, query_chunks
+from daamkit.capture.families import FAMILIES as FAMILY_TABLE
+from daamkit.capture.families import Family, TextPart, family_of
 from daamkit.errors import InputError, TraceError
 from daamkit.methods.base import AttributionMethod, jsonable
-from daamkit.tokens import TokenAlignment, Word, split_words
+from daamkit.tokens import TokenAlignment, Word, align, concat_alignments, split_words
 
 if TYPE_CHECKING:
     from daamkit.heatmap import GlobalHeatMap
     from daamkit.trace import Trace
 
-FAMILIES = ("unet", "pixart", "sana")
+FAMILIES = tuple(f.name for f in FAMILY_TABLE if f.text_input is not None)
+
+#: Where an attribution embedding's rows live: ``"encoder"``, what the pipeline hands the denoiser as
+#: its text (one encoder's); ``"attention"``, the attention modules' text input, for a family that
+#: joins several encoders inside the denoiser (HunyuanDiT's BERT and mT5).
+SPACES = ("encoder", "attention")
 
 
 @dataclass(frozen=True)
 class OvamEmbedding:
-    """An attribution prompt in the text encoder's output space (what the pipeline hands the denoiser
-    as ``encoder_hidden_states``): one row per token, start/end tokens included, no padding.
+    """An attribution prompt as rows of text states, one row per token, start/end tokens included, no
+    padding: in ``space`` ``"encoder"`` what the pipeline hands the denoiser as its text (one text
+    encoder's output), in ``"attention"`` the text the attention modules receive (a family that joins
+    several encoders in the denoiser; a word then has rows of each encoder).
 
     ``alignment`` names the rows: its words are the attribution words, its tokens label every row.
     """
 
     embeds: torch.Tensor  # (tokens, dim)
     alignment: TokenAlignment
+    space: str = "encoder"
 
     def __post_init__(self) -> None:
         if not isinstance(self.embeds, torch.Tensor) or self.embeds.ndim != 2:
@@ -63,6 +79,8 @@ class OvamEmbedding:
                              f"{len(self.alignment.tokens)} tokens")
         if not any(w.positions for w in self.alignment.words):
             raise InputError("the attribution embedding names no word")
+        if self.space not in SPACES:
+            raise InputError(f"an attribution embedding's space must be one of {SPACES}, got {self.space!r}")
 
     @property
     def words(self) -> list[str]:
@@ -70,19 +88,41 @@ class OvamEmbedding:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``torch.save`` (``from_dict`` reads them back)."""
-        return {"embeds": self.embeds.detach().cpu(), "alignment": self.alignment.to_dict()}
+        return {"embeds": self.embeds.detach().cpu(), "alignment": self.alignment.to_dict(), "space": self.space}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OvamEmbedding:
-        return cls(d["embeds"], TokenAlignment.from_dict(d["alignment"]))
+        return cls(d["embeds"], TokenAlignment.from_dict(d["alignment"]), d.get("space", "encoder"))
 
 
 # ---- encoding the attribution prompt --------------------------------------------------------------
-def _first_encoder(pipe: Any) -> tuple[nn.Module, Any]:
-    for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        if isinstance(getattr(pipe, enc, None), nn.Module) and getattr(pipe, tok, None) is not None:
-            return getattr(pipe, enc), getattr(pipe, tok)
-    raise InputError(f"{type(pipe).__name__} has no text encoder with a tokenizer: cannot encode attribution words")
+def _family(pipe: Any) -> Family:
+    found = family_of(pipe)
+    if found is None:
+        raise UnsupportedPipelineError(f"{type(pipe).__name__} is not a pipeline daamkit traces: cannot encode "
+                                       "attribution words")
+    return found[0]
+
+
+def _entry(name: str) -> Family:
+    return next(f for f in FAMILY_TABLE if f.name == name)
+
+
+def _text_parts(pipe: Any, family: Family) -> list[TextPart]:
+    """The family's text encoders the pipeline has; a UNet pipeline with only its second encoder (the
+    SDXL refiner) reads that one."""
+    parts = [p for p in family.text
+             if isinstance(getattr(pipe, p.encoder, None), nn.Module) and getattr(pipe, p.tokenizer, None) is not None]
+    if len(parts) == len(family.text):
+        return parts
+    if len(family.text) == 1:
+        for enc in ("text_encoder", "text_encoder_2"):
+            tok = enc.replace("text_encoder", "tokenizer")
+            if isinstance(getattr(pipe, enc, None), nn.Module) and getattr(pipe, tok, None) is not None:
+                return [TextPart(enc, tok)]
+    have = ", ".join(p.encoder for p in parts) or "none of them"
+    raise InputError(f"{type(pipe).__name__} lacks text encoders its model reads ({', '.join(p.encoder for p in family.text)}; "
+                     f"it has {have}): cannot encode attribution words")
 
 
 def _used_length(tokenizer: Any, ids: list[int]) -> int:
@@ -94,16 +134,23 @@ def _used_length(tokenizer: Any, ids: list[int]) -> int:
     return min(first_eos, ids.index(pad) if pad in ids else len(ids))
 
 
-def encode_attribution(pipe: Any, words: Sequence[str]) -> OvamEmbedding:
-    """The attribution prompt ``" ".join(words)`` through the pipeline's own ``encode_prompt``, cut to
-    its start token, words and end token.
+def _key_ids(pipe: Any, part: TextPart, ids: list[int], n_keys: int) -> list[int]:
+    """The ids of the denoiser's text rows, in row order, as the family's TextPart says."""
+    if part.select is not None:
+        return part.select(ids, n_keys)
+    if isinstance(part.drop, str):
+        drop = int(getattr(pipe, part.drop, 0) or 0)
+    elif callable(part.drop):
+        drop = int(part.drop(ids, n_keys))
+    else:
+        drop = int(part.drop)
+    return ids[drop:]
 
-    The ids are read off the text encoder as it runs, so the pipeline's own caption cleaning and
-    templates count; a template before the prompt or left padding (the words not at the start)
-    is refused, as the rows could not be named.
-    """
-    encoder, tokenizer = _first_encoder(pipe)
-    text = " ".join(words)
+
+def _encode_part(pipe: Any, family: Family, part: TextPart, index: int, text: str,
+                 want: list[str]) -> tuple[torch.Tensor, TokenAlignment]:
+    """One encoder's rows of the attribution prompt (start token, words, end token) and their names."""
+    encoder, tokenizer = getattr(pipe, part.encoder), getattr(pipe, part.tokenizer)
     seen: list[torch.Tensor] = []
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -112,36 +159,68 @@ def encode_attribution(pipe: Any, words: Sequence[str]) -> OvamEmbedding:
             seen.append(ids.detach().cpu())
 
     params = inspect.signature(pipe.encode_prompt).parameters
-    kwargs: dict[str, Any] = {"prompt": text, "num_images_per_prompt": 1, "do_classifier_free_guidance": False}
-    device = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", None)
+    kwargs: dict[str, Any] = {"prompt": text}
+    for name, value in (("do_classifier_free_guidance", False), ("num_images_per_prompt", 1),
+                        ("num_videos_per_prompt", 1), ("clean_caption", False),
+                        # Sana's instruction would precede the words
+                        ("complex_human_instruction", None)):
+        if name in params:
+            kwargs[name] = value
     if "device" in params:
-        kwargs["device"] = device
-    if "clean_caption" in params:
-        kwargs["clean_caption"] = False
-    if "complex_human_instruction" in params:
-        kwargs["complex_human_instruction"] = None  # Sana's instruction would precede the words
+        kwargs["device"] = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", None)
+    if "text_encoder_index" in params:  # HunyuanDiT encodes one encoder per call
+        kwargs["text_encoder_index"] = index
+    elif index:
+        raise InputError(f"{type(pipe).__name__}.encode_prompt cannot be asked for {part.encoder} alone")
     handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             out = pipe.encode_prompt(**kwargs)
+            if family.text_handoff is not None:
+                embeds = family.text_handoff(pipe, out)
+            else:
+                embeds = out[0] if isinstance(out, tuple | list) else out
     finally:
         handle.remove()
-    embeds = out[0] if isinstance(out, tuple | list) else out
     if not seen:
-        raise InputError(f"{type(pipe).__name__}.encode_prompt did not run its text encoder: cannot name the rows")
+        raise InputError(f"{type(pipe).__name__}.encode_prompt did not run its {part.encoder}: cannot name the rows")
     ids = seen[0][0].tolist()
-    n = _used_length(tokenizer, ids)
-    from daamkit.tokens import align
-
-    alignment = align(tokenizer, ids[:n], None)
+    keys = _key_ids(pipe, part, ids, int(embeds.shape[1])) if part.after is None else []
+    n = _used_length(tokenizer, keys)
+    alignment = align(tokenizer, keys[:n], None)
     got = [w.text for w in alignment.words if w.positions]
-    want = [u for w in words for u in split_words(w)]
-    if [g.lower() for g in got if g.strip()] != [u.lower() for u in want] or embeds.shape[1] < n:
+    if part.after is not None or [g.lower() for g in got if g.strip()] != [u.lower() for u in want] or embeds.shape[1] < n:
         raise InputError(
             f"{type(pipe).__name__} does not hand the denoiser the attribution words at the start of its text "
             f"tokens (read {got}, expected {want}): OVAM cannot name the rows of this pipeline's encoding"
         )
-    return OvamEmbedding(embeds[0, :n].detach(), TokenAlignment(alignment.tokens, alignment.words, n, text))
+    return embeds[0, :n].detach(), TokenAlignment(alignment.tokens, alignment.words, n, text)
+
+
+def encode_attribution(pipe: Any, words: Sequence[str]) -> OvamEmbedding:
+    """The attribution prompt ``" ".join(words)`` through the pipeline's own ``encode_prompt``, cut to
+    its start token, words and end token.
+
+    The ids are read off the text encoder as it runs, so the pipeline's own caption cleaning and
+    templates count; a template before the prompt or left padding the pipeline keeps (the words not
+    at the start of the denoiser's text) is refused, as the rows could not be named. A family whose
+    denoiser joins several encoders (HunyuanDiT) gets the rows of each, joined as the denoiser joins
+    them (space ``"attention"``); a word then pools its rows in all of them, as in DAAM's maps.
+    """
+    family = _family(pipe)
+    parts = _text_parts(pipe, family)
+    text = " ".join(words)
+    want = [u for w in words for u in split_words(w)]
+    encoded = [_encode_part(pipe, family, part, k, text, want) for k, part in enumerate(parts)]
+    if len(encoded) == 1:
+        return OvamEmbedding(*encoded[0])
+    assert family.text_input is not None
+    denoiser = getattr(pipe, family.attr)
+    with torch.no_grad():
+        rows = family.text_input(denoiser, [e[None] for e, _ in encoded])[0]
+    alignment = concat_alignments([a for _, a in encoded])
+    return OvamEmbedding(rows.detach(), TokenAlignment(alignment.tokens, alignment.words, len(alignment.tokens), text),
+                         "attention")
 
 
 def combine(parts: Sequence[OvamEmbedding]) -> OvamEmbedding:
@@ -155,9 +234,10 @@ def combine(parts: Sequence[OvamEmbedding]) -> OvamEmbedding:
     tokens = list(base.alignment.tokens[:end])
     words = list(base.alignment.words)
     for part in parts[1:]:
-        if part.embeds.shape[1] != base.embeds.shape[1]:
-            raise InputError(f"attribution embeddings of width {part.embeds.shape[1]} and {base.embeds.shape[1]} "
-                             "cannot be combined: they come from different text encoders")
+        if part.embeds.shape[1] != base.embeds.shape[1] or part.space != base.space:
+            raise InputError(f"attribution embeddings of width {part.embeds.shape[1]} ({part.space}) and "
+                             f"{base.embeds.shape[1]} ({base.space}) cannot be combined: they come from different "
+                             "text encoders")
         keep = sorted({p for w in part.alignment.words for p in w.positions})
         where = {p: len(tokens) + k for k, p in enumerate(keep)}
         rows.append(part.embeds[keep].to(base.embeds))
@@ -173,26 +253,19 @@ def combine(parts: Sequence[OvamEmbedding]) -> OvamEmbedding:
         numbered.append(Word(w.text, k, seen.get(w.text, 0), w.positions, w.truncated, w.is_punctuation))
         seen[w.text] = seen.get(w.text, 0) + 1
     prompt = " ".join(w.text for w in numbered)
-    return OvamEmbedding(torch.cat(rows), TokenAlignment(tuple(tokens), tuple(numbered), len(tokens), prompt))
+    return OvamEmbedding(torch.cat(rows), TokenAlignment(tuple(tokens), tuple(numbered), len(tokens), prompt), base.space)
 
 
 # ---- keys and probabilities -----------------------------------------------------------------------
-def attribution_context(denoiser: nn.Module, family: str, embeds: torch.Tensor) -> torch.Tensor:
+def attribution_context(denoiser: nn.Module, family: str, embeds: torch.Tensor, space: str = "encoder") -> torch.Tensor:
     """The attribution prompt as the attention modules receive text: through the denoiser's own
-    caption projection (and norm) where it has one. (1, tokens, dim)."""
-    x = embeds[None]
-    if family == "unet":
-        proj = getattr(denoiser, "encoder_hid_proj", None)
-        if proj is not None and getattr(denoiser.config, "encoder_hid_dim_type", None) == "text_proj":
-            x = proj(x.to(proj.weight.dtype))
-        return x
-    proj = getattr(denoiser, "caption_projection", None)
-    if proj is not None:
-        x = proj(x.to(next(proj.parameters()).dtype))
-    norm = getattr(denoiser, "caption_norm", None)
-    if norm is not None:
-        x = norm(x)
-    return x
+    caption projection (and norm) where it has one (the family's ``text_input``). (1, tokens, dim)."""
+    if space == "attention":
+        return embeds[None]
+    text_input = _entry(family).text_input
+    if text_input is None:
+        raise UnsupportedPipelineError(OvamMethod.requirement)
+    return text_input(denoiser, [embeds[None]])
 
 
 def _norm_width(norm: nn.Module) -> int | None:
@@ -206,7 +279,7 @@ def _norm_width(norm: nn.Module) -> int | None:
 
 def _split_heads(x: torch.Tensor, heads: int, norm: nn.Module | None) -> torch.Tensor:
     """(b, n, heads*d) -> (b, heads, n, d), with the module's q/k norm where its processor applies it:
-    over all heads at once (Sana's ``rms_norm_across_heads``) or per head (the usual)."""
+    over all heads at once (``rms_norm_across_heads``: Sana, Wan, LTX) or per head (the usual)."""
     if norm is not None and heads > 1 and _norm_width(norm) == x.shape[-1]:
         x, norm = norm(x), None
     x = x.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -215,7 +288,8 @@ def _split_heads(x: torch.Tensor, heads: int, norm: nn.Module | None) -> torch.T
 
 def attribution_keys(attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
     """The attribution prompt's keys in one cross-attention layer: ``to_k`` (after the module's
-    cross norm), head split and key norm. (1, heads, tokens, d)."""
+    cross norm), head split and key norm. (1, heads, tokens, d). No family rotates the text keys of
+    its cross-attention (HunyuanDiT rotates the image queries only; the sdpa tap gives them rotated)."""
     if getattr(attn, "norm_cross", None):
         context = attn.norm_encoder_hidden_states(context)
     # forward(), not the module call: the capture's hook on to_k keeps the first keys of each
@@ -225,35 +299,37 @@ def attribution_keys(attn: nn.Module, context: torch.Tensor) -> torch.Tensor:
 
 
 def attribution_probs(
-    attn: nn.Module, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None
+    q: torch.Tensor, keys: torch.Tensor, scale: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """softmax over the attribution tokens of the image queries ``q`` ((b, N, heads*d), the output of
-    ``to_q``) on ``keys``, in fp32: (b, heads, N, tokens). ``mask`` ((b, tokens) bool): the tokens each
-    image's softmax runs over, when the images have attribution prompts of their own (padded keys)."""
-    qh = _split_heads(q, int(attn.heads), getattr(attn, "norm_q", None))
-    scores = torch.matmul(qh.float(), keys.float().transpose(-1, -2)) * float(attn.scale)
+    """softmax over the attribution tokens of the image queries ``q`` ((b, heads, N, d), as the model
+    attended with them) on ``keys`` ((1 | b, heads, tokens, d)), in fp32: (b, heads, N, tokens).
+    ``mask`` ((b, tokens) bool): the tokens each image's softmax runs over, when the images have
+    attribution prompts of their own (padded keys)."""
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * float(scale)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :].to(scores.device), float("-inf"))
     return scores.softmax(dim=-1)
 
 
-class _QueryTap:
-    """Reads one layer's image queries (the first ``to_q`` output of each call) and hands them on."""
+@dataclass(frozen=True)
+class _Kept:
+    """One layer's conditional image queries at one step, for :func:`optimize_token`."""
 
-    def __init__(self, owner: OvamMethod, layer: LayerInfo, attn: nn.Module):
-        self.owner, self.layer, self.attn = owner, layer, attn
-        self.done = False
+    module: nn.Module
+    q: torch.Tensor  # (b, heads, N, d)
+    scale: float
 
-    def reset(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.done = False
 
-    def on_query(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.done:
-            return
-        self.done = True
-        if isinstance(out, torch.Tensor) and out.dim() == 3:
-            with torch.no_grad():
-                self.owner._on_query(self.layer, self.attn, out.detach())
+def _denoisers(capture: Any) -> list[nn.Module]:
+    return list(getattr(capture, "denoisers", None) or [capture.denoiser])
+
+
+def _owners(capture: Any) -> dict[int, nn.Module]:
+    """The denoiser of each traced attention module (by id): Wan 2.2's experts have their own text projection."""
+    taps = getattr(capture, "taps", None)
+    if taps is not None:
+        return {id(m): d for d, _, m in taps}
+    return {id(m): capture.denoiser for _, m in capture.modules}
 
 
 class OvamMethod(AttributionMethod):
@@ -262,7 +338,8 @@ class OvamMethod(AttributionMethod):
     the prompt. All of them form one attribution prompt: one softmax over its tokens.
 
     keep_queries: also keep each selected layer's conditional image queries at every selected step
-        (``trace(steps=..., layers=...)`` bound the memory), which :func:`optimize_token` learns from.
+        (``trace(steps=..., layers=...)`` bound the memory), which :func:`optimize_token` learns from
+        (images only).
     per_image: instead of ``words``/``embeds``, one list of words per image of the pipeline call (e.g.
         the objects each prompt names): image ``i`` gets the attribution prompt ``per_image[i]``, its
         own softmax, and maps of those words only. A word may repeat within an image's list; its
@@ -270,10 +347,12 @@ class OvamMethod(AttributionMethod):
     """
 
     name = "ovam"
+    captures = frozenset({"image_queries"})
     families = FAMILIES
     requirement = (
-        "open-vocabulary (OVAM) maps need a denoiser whose text attention is plain cross-attention (Stable "
-        "Diffusion UNets, PixArt, Sana); for SD3 and Flux, trace with concepts=[...] and read method='concept'"
+        "open-vocabulary (OVAM) maps need a denoiser whose text attention is cross-attention (Stable Diffusion "
+        "UNets and AnimateDiff, PixArt, Sana, HunyuanDiT, Wan, LTX-Video, LTX-2, Sana-Video); for joint-attention "
+        "models (SD3, Flux, ...), trace with concepts=[...] and read method='concept'"
     )
     not_enabled = "no open-vocabulary words were traced: pass open_vocabulary=[...] to trace() for method='ovam'"
 
@@ -316,12 +395,11 @@ class OvamMethod(AttributionMethod):
         self.attributions: list[OvamEmbedding] = []  # one per image, with per_image
         self._mask: torch.Tensor | None = None  # (images, tokens) of the padded per-image prompts
         self.accumulator: Accumulator | None = None
-        self.queries: dict[tuple[int, str], torch.Tensor] = {}  # (step, layer) -> (b, N, heads*d) cond queries
-        self.modules: dict[str, nn.Module] = {}
-        self._keys: dict[str, torch.Tensor] = {}
-        self._context: torch.Tensor | None = None
+        self.queries: dict[tuple[int, str], _Kept] = {}  # (step, layer) -> the conditional image queries
+        self._owner: dict[int, nn.Module] = {}  # attention module id -> its denoiser
+        self._keys: dict[int, torch.Tensor] = {}  # attention module id -> attribution keys
+        self._contexts: dict[int, torch.Tensor] = {}  # denoiser id -> attribution context
         self._trace: Trace | None = None
-        self._video = False
 
     @classmethod
     def from_options(cls, items: Sequence[str | OvamEmbedding] | OvamEmbedding | str | None) -> OvamMethod | None:
@@ -342,6 +420,15 @@ class OvamMethod(AttributionMethod):
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, trace: Trace) -> None:
         self._trace = trace
+        capture = trace.capture
+        varies = _entry(capture.family).text_varies
+        for denoiser in _denoisers(capture):
+            why = varies(denoiser) if varies is not None else None
+            if why:
+                raise UnsupportedPipelineError(
+                    f"open-vocabulary (OVAM) maps need text keys that are a fixed function of the text, but this "
+                    f"{type(denoiser).__name__}'s are not: {why}; use the cross-attention maps (method='daam')"
+                )
         if self.per_image is not None:
             encoded: dict[tuple[str, ...], OvamEmbedding] = {}
             for ws in self.per_image:
@@ -351,63 +438,68 @@ class OvamMethod(AttributionMethod):
         else:
             parts = ([encode_attribution(trace.pipe, self.words)] if self.words else []) + self.embeds
             self.attribution = combine(parts)
-        capture = trace.capture
-        self.modules = dict(capture.modules)
-        for layer in capture.layers:
-            attn = self.modules[layer.name]
-            tap = _QueryTap(self, layer, attn)
-            self.hooks.add(attn.register_forward_pre_hook(tap.reset, with_kwargs=True))
-            self.hooks.add(attn.to_q.register_forward_hook(tap.on_query))
+        self._owner = _owners(capture)
 
     def start_generation(self, trace: Trace) -> None:
         gen = trace.generation
         if self.per_image is not None and len(self.per_image) != gen.num_images:
             raise InputError(f"OVAM was given words for {len(self.per_image)} image(s) (per_image), but the "
                              f"pipeline call makes {gen.num_images}")
-        self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images)
+        self.accumulator = Accumulator(trace.config, gen.call.latent_hw, gen.num_images, frames=gen.call.frames)
         self.queries = {}
         self._keys = {}
-        self._context = None
+        self._contexts = {}
         self._mask = None
-        self._video = gen.call.frames > 1
 
-    def _layer_keys(self, layer: str, attn: nn.Module) -> torch.Tensor:
-        keys = self._keys.get(layer)
+    def wants(self, trace: Trace, layer: LayerInfo, image_tokens: int) -> bool:
+        return self.accumulator is None or self.accumulator.wants(layer, image_tokens)
+
+    def _module_keys(self, attn: nn.Module) -> torch.Tensor:
+        keys = self._keys.get(id(attn))
         if keys is None:
             assert self._trace is not None
-            if self._context is None:
-                self._context = self._attribution_context(attn.to_k.weight.device)
-            keys = self._keys[layer] = attribution_keys(attn, self._context.to(attn.to_k.weight.device))
+            denoiser = self._owner.get(id(attn), self._trace.capture.denoiser)
+            device = attn.to_k.weight.device
+            context = self._contexts.get(id(denoiser))
+            if context is None:
+                with torch.no_grad():
+                    context = self._contexts[id(denoiser)] = self._attribution_context(denoiser, device)
+            with torch.no_grad():
+                keys = self._keys[id(attn)] = attribution_keys(attn, context.to(device))
         return keys
 
-    def _attribution_context(self, device: torch.device) -> torch.Tensor:
+    def _attribution_context(self, denoiser: nn.Module, device: torch.device) -> torch.Tensor:
         """(1, tokens, dim); with per-image prompts (images, longest, dim), zero-padded, and
         ``self._mask`` saying which rows are real."""
         assert self._trace is not None
-        denoiser, family = self._trace.capture.denoiser, self._trace.capture.family
+        family = self._trace.capture.family
         if self.per_image is None:
             assert self.attribution is not None
-            return attribution_context(denoiser, family, self.attribution.embeds.to(device=device))
-        contexts = [attribution_context(denoiser, family, a.embeds.to(device=device))[0] for a in self.attributions]
+            a = self.attribution
+            return attribution_context(denoiser, family, a.embeds.to(device=device), a.space)
+        contexts = [attribution_context(denoiser, family, a.embeds.to(device=device), a.space)[0] for a in self.attributions]
         longest = max(c.shape[0] for c in contexts)
         self._mask = torch.zeros(len(contexts), longest, dtype=torch.bool)
         for k, c in enumerate(contexts):
             self._mask[k, : c.shape[0]] = True
         return torch.stack([F.pad(c, (0, 0, 0, longest - c.shape[0])) for c in contexts])
 
-    def _on_query(self, layer: LayerInfo, attn: nn.Module, q: torch.Tensor) -> None:
-        trace = self._trace
-        if trace is None or self.accumulator is None or self._video:
+    def on_image_queries(self, trace: Trace, layer: LayerInfo, queries: ImageQueries) -> None:
+        if queries.branch != "cond" or self.accumulator is None:
             return
-        rows = trace.branch_rows(q.shape[0]).get("cond")
-        if rows is None or not self.accumulator.wants(layer, q.shape[1]):
-            return
-        qc = q[rows]
-        probs = attribution_probs(attn, qc, self._layer_keys(layer.name, attn), self._mask)
+        q = queries.q
+        keys = self._module_keys(queries.module)
+        b, heads, total, _ = q.shape
+        frames = max(1, trace.generation.call.frames)
         step = trace.generation.step
-        self.accumulator.add(layer, step, probs, "cond")
-        if self.keep_queries and layer.name in self.accumulator.layers:  # selected: add() kept it
-            self.queries[(step, layer.name)] = qc.clone()
+        # a video's (queries x attribution tokens) block is small per query but its queries are many
+        size = chunk_size(total, total // frames, b * heads * int(keys.shape[-2]) * 4, trace.config.chunk_mib)
+        with torch.no_grad():
+            for start, stop, chunk in query_chunks(total, size):
+                probs = attribution_probs(q[:, :, start:stop], keys, queries.scale, self._mask)
+                self.accumulator.add(layer, step, probs, "cond", chunk)
+        if self.keep_queries and frames == 1 and layer.name in self.accumulator.layers:  # selected: add() kept it
+            self.queries[(step, layer.name)] = _Kept(queries.module, q.detach().clone(), queries.scale)
 
     # ---- results -----------------------------------------------------------------------------
     def heat_maps(
@@ -422,14 +514,12 @@ class OvamMethod(AttributionMethod):
         heads: Sequence[int] | None = None,
     ) -> GlobalHeatMap:
         """``prompt`` does not apply (the words are the attribution prompt's); the maps are those of the
-        conditional branch's queries."""
+        conditional branch's queries. A video's maps have its time axis, as DAAM's."""
         from daamkit.heatmap import GlobalHeatMap
 
         gen = trace.generation
         if branch != "cond":
             raise InputError("OVAM maps are read from the conditional branch's queries only: use branch='cond'")
-        if self._video:
-            raise TraceError("OVAM maps of videos are not supported: the traced call denoised several frames")
         if not 0 <= i < gen.num_images:
             raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
         attribution = self.attributions[i] if self.per_image is not None else self.attribution
@@ -455,6 +545,11 @@ class OvamMethod(AttributionMethod):
             "config": jsonable(asdict(trace.config)),
             "selection": jsonable({"steps": steps, "layers": layers, "heads": heads}),
         }
+        time = trace.capture.time_axis(trace.pipe, gen.call.frames)
+        if time is not None and gen.decoded is not None:
+            time = time.decoded(*gen.decoded)
+        if time is not None:
+            meta["time"] = time.to_json()
         if gen.output_resize is not None:
             generated, image_size = gen.output_resize
             maps = resize_and_crop_maps(maps, generated, image_size)
@@ -467,6 +562,8 @@ def _ovam_method(tc: Trace) -> OvamMethod:
     method = tc.method("ovam")
     if not isinstance(method, OvamMethod):
         raise TraceError("the trace's 'ovam' method is not daamkit's OvamMethod")
+    if tc.generation.call.frames > 1:
+        raise InputError("OVAM token optimisation learns from one image: the traced call made a video")
     if not method.queries:
         raise TraceError(
             "no image queries were kept: trace with methods=[OvamMethod([...], keep_queries=True)] to optimise a token"
@@ -474,25 +571,30 @@ def _ovam_method(tc: Trace) -> OvamMethod:
     return method
 
 
-def ovam_map(tc: Trace, embeds: torch.Tensor, image: int = 0) -> torch.Tensor:
-    """The OVAM maps (tokens, gh, gw) of the attribution rows ``embeds`` on image ``image`` of the latest
-    generation, from the queries the trace kept, differentiable in ``embeds``: the mean over the kept
-    (step, layer) pairs of each pair's head-mean map on the grid (the method's maps over the steps)."""
+def ovam_map(tc: Trace, embeds: torch.Tensor, image: int = 0, space: str = "encoder") -> torch.Tensor:
+    """The OVAM maps (tokens, gh, gw) of the attribution rows ``embeds`` (in ``space``, see
+    :class:`OvamEmbedding`) on image ``image`` of the latest generation, from the queries the trace
+    kept, differentiable in ``embeds``: the mean over the kept (step, layer) pairs of each pair's
+    head-mean map on the grid (the method's maps over the steps)."""
     method = _ovam_method(tc)
     gen = tc.generation
     if not 0 <= image < gen.num_images:
         raise IndexError(f"image index {image} out of range: the traced call made {gen.num_images} image(s)")
     config = tc.config
     grid = tuple(config.grid) if config.grid is not None else tuple(gen.call.latent_hw)
-    context = attribution_context(tc.capture.denoiser, tc.capture.family, embeds)
-    by_layer: dict[str, list[torch.Tensor]] = {}
-    for (_, name), q in method.queries.items():
-        by_layer.setdefault(name, []).append(q[image : image + 1])
+    by_module: dict[int, list[_Kept]] = {}
+    for kept in method.queries.values():
+        by_module.setdefault(id(kept.module), []).append(kept)
+    contexts: dict[int, torch.Tensor] = {}
     total: torch.Tensor | None = None
-    for name, qs in by_layer.items():  # the steps of a layer in one product
-        attn = method.modules[name]
-        keys = attribution_keys(attn, context.to(attn.to_k.weight.device))
-        probs = attribution_probs(attn, torch.cat(qs), keys)  # (steps, heads, N, tokens)
+    for kept in by_module.values():  # the steps of a module in one product
+        attn = kept[0].module
+        denoiser = method._owner.get(id(attn), tc.capture.denoiser)
+        if id(denoiser) not in contexts:
+            contexts[id(denoiser)] = attribution_context(denoiser, tc.capture.family, embeds, space)
+        keys = attribution_keys(attn, contexts[id(denoiser)].to(attn.to_k.weight.device))
+        q = torch.cat([k.q[image : image + 1] for k in kept])
+        probs = attribution_probs(q, keys, kept[0].scale)  # (steps, heads, N, tokens)
         if config.heads is not None:
             probs = probs[:, list(config.heads)]
         p = probs.mean(1)  # (steps, N, tokens)
@@ -548,9 +650,12 @@ def optimize_token(
     grid = tuple(tc.config.grid) if tc.config.grid is not None else tuple(gen.call.latent_hw)
     target = _target(mask, grid)
     base = encode_attribution(tc.pipe, [init])
+    if base.space != "encoder":
+        raise InputError(f"OVAM token optimisation learns one row of one text encoder; {type(tc.pipe).__name__}'s "
+                         "denoiser reads several encoders")
     rows = sorted({p for w in base.alignment.words for p in w.positions})
     first, last = rows[0], rows[-1]
-    device = next(iter(method.queries.values())).device
+    device = next(iter(method.queries.values())).q.device
     head = base.embeds[:first].float().to(device)
     tail = base.embeds[last + 1 :].float().to(device)
     token = base.embeds[rows].float().mean(0).to(device).clone().requires_grad_(True)
@@ -559,7 +664,7 @@ def optimize_token(
     with torch.enable_grad():
         for _ in range(iterations):
             ctx = torch.cat([head, token[None], tail])
-            m = ovam_map(tc, ctx, image)[first].clamp(1e-6, 1 - 1e-6)
+            m = ovam_map(tc, ctx, image, base.space)[first].clamp(1e-6, 1 - 1e-6)
             loss = F.binary_cross_entropy(m, target)
             opt.zero_grad()
             loss.backward()
@@ -567,4 +672,4 @@ def optimize_token(
     embeds = torch.cat([head, token.detach()[None], tail]).to(base.embeds.dtype).cpu()
     tokens = base.alignment.tokens[:first] + (label,) + base.alignment.tokens[last + 1 :]
     words = tuple(Word(u, k, 0, (first,), False, False) for k, u in enumerate(units))
-    return OvamEmbedding(embeds, TokenAlignment(tokens, words, len(tokens), label))
+    return OvamEmbedding(embeds, TokenAlignment(tokens, words, len(tokens), label), base.space)

@@ -52,25 +52,41 @@ class ModelNotFoundError(DaamkitError, FileNotFoundError):
     """The shipped shapes-world model folder is missing or incomplete."""
 
 
-def default_model_path() -> Path:
-    """The shipped shapes-world pipeline folder (``daamkit/world/model``), for
-    ``StableDiffusionPipeline.from_pretrained(default_model_path(), local_files_only=True)``.
+#: The shapes-world models shipped with daamkit: name -> its folder beside this file. "world" was trained
+#: with a cross-attention grounding loss, "world-ungrounded" by the same recipe with that loss off
+#: (docs/model_card.md says which claims each supports).
+WORLD_MODELS = {"world": "model", "world-ungrounded": "model_ungrounded"}
 
-    Raises ModelNotFoundError if it is missing (e.g. a source checkout without the weights).
+
+def model_path(name: str = "world") -> Path:
+    """The folder of the shipped shapes-world model ``name`` (one of :data:`WORLD_MODELS`), for
+    ``StableDiffusionPipeline.from_pretrained(model_path(name), local_files_only=True)``.
+
+    Raises ModelNotFoundError if the name is unknown or its folder is missing or incomplete.
     """
-    path = Path(__file__).resolve().parent / "model"
+    if name not in WORLD_MODELS:
+        raise ModelNotFoundError(f"no shipped shapes-world model is called {name!r}; the shipped models are "
+                                 f"{', '.join(WORLD_MODELS)}")
+    path = Path(__file__).resolve().parent / WORLD_MODELS[name]
     needed = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise ModelNotFoundError(
-            f"the shipped shapes-world model is missing or incomplete at {path} (missing: {', '.join(missing)}). "
-            "Train one with `daamkit world train --out runs/world_train` and copy runs/world_train/model there, "
-            "or reinstall daamkit with its package data."
+            f"the shipped shapes-world model {name!r} is missing or incomplete at {path} (missing: "
+            f"{', '.join(missing)}). Train one with `daamkit world train --out runs/world_train` and copy "
+            "runs/world_train/model there, or reinstall daamkit with its package data."
         )
     return path
 
 
+def default_model_path() -> Path:
+    """The shipped shapes-world pipeline folder (``daamkit/world/model``): ``model_path("world")``."""
+    return model_path("world")
+
+
 __all__ = [
+    "WORLD_MODELS",
+    "model_path",
     "BACKGROUNDS",
     "COLORS",
     "HELDOUT_PAIRS",
