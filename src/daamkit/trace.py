@@ -686,8 +686,9 @@ def trace(
     probabilities: ``"text"`` (default) or ``"model"``: how joint attention is normalised, see
         :class:`~daamkit.aggregate.AggregationConfig`.
     chunk_mib: memory budget of one block of probabilities; larger calls (videos) run in chunks.
-    concepts: words (need not be in the prompt) for ConceptAttention-style maps on SD3/Flux and the video
-        families CogVideoX, Mochi, HunyuanVideo and HunyuanVideo 1.5 (maps over time, as DAAM's), read with
+    concepts: words (need not be in the prompt) for ConceptAttention-style maps on joint-attention
+        transformers (``daamkit.methods.ConceptMethod.families``: images, and videos with maps over time
+        as DAAM's), read with
         ``tc.heat_maps(i, method="concept")``; ``concept_embeds`` (concepts x context dim) overrides how
         they are encoded; ``concept_softmax`` normalises the maps over the concepts at each pixel.
     open_vocabulary: words (need not be in the prompt) and/or learned tokens
