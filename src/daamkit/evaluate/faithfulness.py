@@ -12,7 +12,8 @@ every method's map of each noun and colour adjective whose object was drawn is p
   attention is set to zero in the region where the map is at least tau of its maximum, and, as the
   control, in a random region of equal area (the same region rolled by a random offset, wrapping).
   The world's own segmenter judges whether the requested object (its colour and shape) is still
-  drawn; the pixel change inside the region over the change outside says where the edit acted.
+  drawn; the share of the image's pixel change that falls inside the region says where the edit
+  acted (a region of area a that the edit ignores gets about a of a change spread evenly).
 
 A map that tells the truth makes the counterfactual change land on it (high correlation and AUC) and
 makes deletion in its own region remove the object more often than deletion in a random region of the
@@ -55,8 +56,8 @@ class CausalScore:
     auc: float  # map as a score for the counterfactual's change region (NaN: no region)
     change_area: float  # share of the image in the change region
     # per tau (as text): 1.0 when the object is gone after deleting the word's attention in the map's
-    # region / in the random region; the pixel change inside the region over the change outside; the
-    # region's share of the image
+    # region / in the random region; the share of the pixel change inside the region (NaN: nothing
+    # changed); the region's share of the image
     removed: dict[str, float] = field(default_factory=dict)
     removed_random: dict[str, float] = field(default_factory=dict)
     inside: dict[str, float] = field(default_factory=dict)
@@ -98,7 +99,7 @@ class FaithfulnessResult:
     def summary(self) -> dict[str, Any]:
         """Per word kind and map: n, the counterfactual scores, and per tau the removal rates in the
         map's region and in the random region, their paired difference, the inside/outside change
-        ratios; each a (mean, low, high) with its 95% bootstrap interval. ``deletion_area`` is the
+        shares; each a (mean, low, high) with its 95% bootstrap interval. ``deletion_area`` is the
         mean removal over tau (area under the deletion curve) of the map's and the random regions."""
         out: dict[str, Any] = {}
         for kind in sorted({s.kind for s in self.scores}):
@@ -356,7 +357,8 @@ def evaluate_faithfulness(
             for (ti, m, tau, which, reg), im in zip(chunk, ims, strict=True):
                 t = tasks[ti]
                 ch = change_map(t["image"], im)
-                inside = float(ch[reg].mean()) / max(float(ch[~reg].mean()), 1e-6)
+                total = float(ch.sum())
+                inside = float(ch[reg].sum()) / total if total > 0 else float("nan")
                 gone = not _still_drawn(im, captions[t["j"]], t["inst"])
                 done[(ti, m, tau, which)] = (gone, inside)
         for ti, t in enumerate(tasks):
