@@ -78,8 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="COCO-Gen style mIoU of noun/colour maps on the shapes world")
-    e.add_argument("--model", help="model to evaluate: a local folder or a shipped shapes-world model (world, world-ungrounded; "
-                   "default: world)")
+    e.add_argument("--model", help="model to evaluate: a local folder, or the shipped shapes-world model by name (world, the "
+                   "default)")
     e.add_argument("--runs", help="score a runs directory of saved records instead of generating")
     e.add_argument("--n", type=positive_int, default=200, help="held-out captions to generate (default 200)")
     e.add_argument(

@@ -117,8 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--prompt", required=True, help="the prompt to generate")
     f.add_argument("--word", required=True, help="the word of the prompt under test")
     f.add_argument("--model", default=None,
-                   help="local diffusers folder, single-file checkpoint, or a shipped shapes-world model (world, "
-                        "world-ungrounded; default: world)")
+                   help="local diffusers folder, single-file checkpoint, or the shipped shapes-world model by "
+                        "name (world, the default)")
     f.add_argument("--swap", type=_swap, metavar="WORD=REPLACEMENT",
                    help="counterfactual: replace WORD (the --word) by REPLACEMENT instead of removing it, e.g. red=blue")
     f.add_argument("--seed", type=seed_int, default=0, help="seed of every generation (default 0)")

@@ -95,8 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "map (video pipelines: video.mp4, overlays/<word>.mp4, overlays/<word>_frames.png, "
                        "frame_scores.png)")
     g.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
-    g.add_argument("--model", required=True, help="local diffusers folder, single-file checkpoint, or a shipped "
-                   "shapes-world model (world, world-ungrounded)")
+    g.add_argument("--model", required=True, help="local diffusers folder, single-file checkpoint, or the shipped "
+                   "shapes-world model by name (world)")
     g.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder of its architecture")
     g.add_argument("--out", default="daamkit-out", help="output folder (default: daamkit-out)")
     add_generation_options(g, steps=30, guidance=7.5)
@@ -104,8 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="run the embedded shapes-world model on a few prompts")
     d.add_argument("prompt", nargs="*", help="prompts (default: a few shapes-world scenes)")
-    d.add_argument("--model", help="another local model, or the other shipped shapes-world model "
-                   "(world-ungrounded), instead of the embedded one")
+    d.add_argument("--model", help="another local model instead of the embedded one")
     d.add_argument("--out", default="daamkit-demo", help="output folder (default: daamkit-demo)")
     add_generation_options(d, steps=20, guidance=5.0)
     d.set_defaults(func=cmd_demo)

@@ -12,7 +12,7 @@ every method's map of each noun and colour adjective whose object was drawn is p
   attention is set to zero in the region where the map is at least tau of its maximum, and, as the
   control, in a random region of equal area (the same region rolled by a random offset, wrapping).
   The world's own segmenter judges whether the requested object (its colour and shape) is still
-  drawn; the share of the image's pixel change that falls inside the region says where the edit
+  drawn (so only objects the clean image drew with their shape are put to this test); the share of the image's pixel change that falls inside the region says where the edit
   acted (a region of area a that the edit ignores gets about a of a change spread evenly).
 
 A map that tells the truth makes the counterfactual change land on it (high correlation and AUC) and
@@ -216,10 +216,11 @@ def _still_drawn(image: Any, caption: str, index: int) -> bool:
     return m is not None and m.shape == inst.shape
 
 
-def _words_of(scene: Any, image: Any) -> list[tuple[str, str, int, int, np.ndarray]]:
-    """(word, kind, occurrence, object instance, drawn mask) for each noun and colour adjective of the
-    scene whose object was drawn; plural nouns and counted objects are left out (one word, several
-    objects: a single region and a single verdict do not fit them)."""
+def _words_of(scene: Any, image: Any) -> list[tuple[str, str, int, int, bool]]:
+    """(word, kind, occurrence, object instance, drawn with its shape) for each noun and colour adjective
+    of the scene whose object was drawn in its colour; plural nouns and counted objects are left out (one
+    word, several objects: a single region and a single verdict do not fit them). Only an object drawn
+    with its requested shape can be judged removed by an edit (a wrong shape reads as absent already)."""
     from daamkit.world import COLORS, SHAPES, generation_accuracy
 
     chk = generation_accuracy(image, scene.caption)
@@ -230,7 +231,7 @@ def _words_of(scene: Any, image: Any) -> list[tuple[str, str, int, int, np.ndarr
                 if not word or (kind == "noun" and word not in SHAPES) or (kind == "colour" and word not in COLORS):
                     continue
                 occ = seen.get(word, 0)
-                out.append((word, kind, occ, k, chk.matches[k].mask))
+                out.append((word, kind, occ, k, chk.matches[k].shape == r.shape))
         for word in (r.shape, r.color):
             if word:
                 seen[word] = seen.get(word, 0) + 1
@@ -320,7 +321,7 @@ def evaluate_faithfulness(
         tasks = []
         for j, (image, maps) in enumerate(pairs):
             image = np.asarray(image)
-            for word, kind, occ, inst, _mask in _words_of(part[j], image):
+            for word, kind, occ, inst, judged in _words_of(part[j], image):
                 heat = {}
                 for m in chosen:
                     try:
@@ -328,7 +329,7 @@ def evaluate_faithfulness(
                     except (KeyError, ValueError):
                         continue
                 heat[FLOOR] = centre_gaussian(image.shape[:2])
-                tasks.append(dict(j=j, image=image, word=word, kind=kind, occ=occ, inst=inst, heat=heat,
+                tasks.append(dict(j=j, image=image, word=word, kind=kind, occ=occ, inst=inst, heat=heat, judged=judged,
                                   swap=_swap(captions[j], word, occ, kind, rng)))
         # counterfactuals, batched
         for b in range(0, len(tasks), batch_size):
@@ -340,6 +341,8 @@ def evaluate_faithfulness(
         # deletions: every (task, map, tau, region kind) is one image of a batch
         jobs = []
         for ti, t in enumerate(tasks):
+            if not t["judged"]:
+                continue
             for m, heat in t["heat"].items():
                 for tau in taus:
                     region = scaled_threshold_mask(heat, tau)

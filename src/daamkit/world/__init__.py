@@ -53,9 +53,9 @@ class ModelNotFoundError(DaamkitError, FileNotFoundError):
 
 
 #: The shapes-world models shipped with daamkit: name -> its folder beside this file. "world" was trained
-#: with a cross-attention grounding loss, "world-ungrounded" by the same recipe with that loss off
-#: (docs/model_card.md says which claims each supports).
-WORLD_MODELS = {"world": "model", "world-ungrounded": "model_ungrounded"}
+#: with a cross-attention grounding loss; the same recipe without it is not shipped, because it draws the
+#: requested shapes too rarely (docs/model_card.md gives its figures).
+WORLD_MODELS = {"world": "model"}
 
 
 def model_path(name: str = "world") -> Path:
