@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 from daamkit.capture.base import HookSet, LayerInfo
 from daamkit.errors import InputError, TraceError
 from daamkit.methods.base import AttributionMethod, jsonable
-from daamkit.methods.concept_video import VIDEO_FAMILIES, VideoConceptCapture, encode_video_concepts
+from daamkit.methods.concept_video import VIDEO_FAMILIES, BlockTap, VideoConceptCapture, encode_video_concepts
 
 if TYPE_CHECKING:
     from daamkit.capture.families import Family
@@ -49,38 +49,10 @@ if TYPE_CHECKING:
     from daamkit.trace import Trace
 
 
-class _BlockTap:
+class _BlockTap(BlockTap):
     def __init__(self, owner: ConceptCapture, name: str, block: nn.Module, kind: str):
-        self.owner, self.name, self.block, self.kind = owner, name, block, kind
-        self.kwargs: dict = {}
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
-
-    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.kwargs = kwargs
-        self.k = self.v = self.out = None
-
-    def save_k(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.k is None:
-            self.k = out.detach()
-
-    def save_v(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if self.v is None:
-            self.v = out.detach()
-
-    def save_out(self, module: nn.Module, args: tuple) -> None:
-        if self.out is None:
-            self.out = args[0].detach()
-
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        try:
-            if self.k is not None and self.v is not None and self.out is not None:
-                with torch.no_grad():
-                    self.owner._step_block(self)
-        finally:
-            self.kwargs = {}
-            self.k = self.v = self.out = None
+        super().__init__(owner, name, block)
+        self.kind = kind
 
 
 class ConceptCapture:

@@ -208,8 +208,12 @@ STREAMS: dict[str, type[VideoStream]] = {
 }
 
 
-class _Tap:
-    def __init__(self, owner: VideoConceptCapture, name: str, block: nn.Module, attn: nn.Module):
+class BlockTap:
+    """The hooks of one block's attention: its k and v projections and the input of its output
+    projection, read once per block forward; ``owner._step_block(tap)`` runs the concept side after it.
+    Shared by the image and video concept captures."""
+
+    def __init__(self, owner: Any, name: str, block: nn.Module, attn: nn.Module | None = None):
         self.owner, self.name, self.block, self.attn = owner, name, block, attn
         self.args: tuple = ()
         self.kwargs: dict = {}
@@ -268,7 +272,7 @@ class VideoConceptCapture:
             self.hooks.add(self.transformer.register_forward_pre_hook(self._reset, with_kwargs=True))
             for name, block in self.stream.blocks(self.transformer):
                 attn = getattr(block, self.stream.attn)
-                tap = _Tap(self, name, block, attn)
+                tap = BlockTap(self, name, block, attn)
                 self.hooks.add(block.register_forward_pre_hook(tap.before, with_kwargs=True))
                 self.hooks.add(attn.to_k.register_forward_hook(tap.save_k))
                 self.hooks.add(attn.to_v.register_forward_hook(tap.save_v))
@@ -286,7 +290,7 @@ class VideoConceptCapture:
         self.ended = False
         self.timestep = _input(args, kwargs, "timestep", self.stream.timestep_position)
 
-    def _step_block(self, tap: _Tap) -> None:
+    def _step_block(self, tap: BlockTap) -> None:
         if self.ended:
             return
         rows = self.sink.branch_rows(tap.out.shape[0]).get("cond")
