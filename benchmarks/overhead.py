@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TARGET_TIME_RATIO = 1.03
+TARGET_TIME_RATIO_LARGE = 1.02  # at 512 px and up, where users generate
 TARGET_EXTRA_MEM_PCT = 2.0
 MiB = 1024 * 1024
 
@@ -88,6 +89,12 @@ def build_sd15(device: torch.device, dtype: torch.dtype, seed: int, args: argpar
     from daamkit.testing.configs import build_random_pipeline
 
     return build_random_pipeline("sd15", dtype=dtype, device=device, seed=seed)
+
+
+def build_sdxl(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
+    from daamkit.testing.configs import build_random_pipeline
+
+    return build_random_pipeline("sdxl", dtype=dtype, device=device, seed=seed)
 
 
 SD3_WITHOUT = ("text_encoder_3", "tokenizer_3")
@@ -274,6 +281,9 @@ MODELS: dict[str, Model] = {
     "sd15": Model(
         build_sd15, {"guidance_scale": 7.5}, "Stable Diffusion 1.5 (UNet 859.5M, CLIP ViT-L/14 text, VAE)"
     ),
+    "sdxl": Model(
+        build_sdxl, {"guidance_scale": 5.0}, "SDXL base 1.0 (UNet 2.57B, CLIP ViT-L/14 + OpenCLIP bigG text, VAE)"
+    ),
     "sd3": Model(
         build_sd3,
         {"guidance_scale": 7.0},
@@ -293,7 +303,7 @@ MODELS: dict[str, Model] = {
         {"guidance_scale": 1.0},
         "FLUX.2 [klein] 4B architecture (MM-DiT 3.9B at full width, fewer blocks; Qwen3-4B-width text "
         "encoder with few layers; 32-ch VAE)",
-        time_target=1.05,
+        time_target=TARGET_TIME_RATIO_LARGE,
         reduced=_flux2_reduced,
         extra_kwargs=lambda args: {"text_encoder_out_layers": flux2_text_layers(args)},
     ),
@@ -302,7 +312,7 @@ MODELS: dict[str, Model] = {
         {"true_cfg_scale": 4.0, "negative_prompt": " "},
         "Qwen-Image architecture (MM-DiT 20.4B at full width, few blocks; Qwen2.5-VL-7B-width text encoder "
         "with few layers; Wan-style 16-ch VAE)",
-        time_target=1.05,
+        time_target=TARGET_TIME_RATIO_LARGE,
         reduced=_qwenimage_reduced,
     ),
     "sana": Model(
@@ -310,7 +320,7 @@ MODELS: dict[str, Model] = {
         {"guidance_scale": 4.5, "use_resolution_binning": False},
         "Sana 1600M 1024px (linear DiT 1.6B, DC-AE f32c32 as released; Gemma-2-2B-width text encoder with "
         "few layers)",
-        time_target=1.05,
+        time_target=TARGET_TIME_RATIO_LARGE,
         reduced=_sana_reduced,
     ),
     "wan": Model(
@@ -585,6 +595,18 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def paired_ratio(u: list[float], t: list[float], seed: int = 0, draws: int = 10000) -> dict[str, float]:
+    """Traced/untraced ratio from the pairs run back to back: the geometric mean of the pair ratios and
+    a 95 % bootstrap interval over the pairs. Slow drift of the machine cancels within a pair, so
+    this resolves a smaller difference than the ratio of medians does with the same calls."""
+    logs = np.log(np.asarray(t, dtype=float) / np.asarray(u, dtype=float))
+    rng = np.random.default_rng(seed)
+    means = logs[rng.integers(0, len(logs), size=(draws, len(logs)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"ratio": float(np.exp(logs.mean())), "low": float(np.exp(lo)), "high": float(np.exp(hi)),
+            "median": float(np.exp(np.median(logs))), "pairs": [round(float(x), 4) for x in np.exp(logs)]}
+
+
 def summarize(runs: list[Run], steps: int) -> dict[str, Any]:
     def pick(traced: bool) -> list[Run]:
         return [r for r in runs if r.traced == traced and r.steps == steps]
@@ -614,6 +636,9 @@ def summarize(runs: list[Run], steps: int) -> dict[str, Any]:
         out["cpu_time_ratio_median"] = _median([r.cpu_seconds for r in t]) / _median(
             [r.cpu_seconds for r in u]
         )
+        if len(u) == len(t) and len(u) > 1:  # the measured calls come as back-to-back pairs
+            out["time_ratio_paired"] = paired_ratio([r.seconds for r in u], [r.seconds for r in t])
+            out["cpu_time_ratio_paired"] = paired_ratio([r.cpu_seconds for r in u], [r.cpu_seconds for r in t])
         extra = out["traced_call_peak_mib"] - out["untraced_call_peak_mib"]
         out["extra_peak_mib"] = extra
         out["extra_peak_pct_of_untraced_total"] = 100 * extra / out["untraced_total_peak_mib"]
@@ -801,8 +826,16 @@ def main(argv: list[str] | None = None) -> int:
     if scaled_steps:
         result["scaled"] = summarize(runs, scaled_steps)
     targets: dict[str, Any] = {}
+    target = model.time_target
+    if min(args.height, args.width) >= 512:
+        target = min(target, TARGET_TIME_RATIO_LARGE)
+    result["time_target"] = target
     if trace_fn is not None:
-        targets[f"time_ratio<={model.time_target}"] = main_sum["time_ratio_median"] <= model.time_target
+        # judged on the median of the back-to-back pairs' ratios and on CPU time where there are pairs
+        wall = main_sum.get("time_ratio_paired", {}).get("median", main_sum["time_ratio_median"])
+        cpu = main_sum.get("cpu_time_ratio_paired", {}).get("median", main_sum["cpu_time_ratio_median"])
+        targets[f"time_ratio<={target}"] = wall <= target
+        targets[f"cpu_time_ratio<={target}"] = cpu <= target
         targets["extra_mem<=2%"] = main_sum["extra_peak_pct_of_untraced_total"] <= TARGET_EXTRA_MEM_PCT
         if scaled_steps:
             growth = result["scaled"]["extra_peak_mib"] - main_sum["extra_peak_mib"]
@@ -840,10 +873,15 @@ def main(argv: list[str] | None = None) -> int:
             ),
             (
                 "time ratio traced/untraced",
-                f"{m['time_ratio_median']:.4f} (median)  {m['time_ratio_min']:.4f} (min)   target <= {model.time_target}",
+                f"{m['time_ratio_median']:.4f} (median)  {m['time_ratio_min']:.4f} (min)   target <= {target}",
             ),
             ("CPU-time ratio (process, median)", f"{m['cpu_time_ratio_median']:.4f}"),
         ]
+        for key, label in (("time_ratio_paired", "time ratio, paired"), ("cpu_time_ratio_paired", "CPU-time ratio, paired")):
+            if key in m:
+                pr = m[key]
+                rows.append((label, f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} [{pr['low']:.4f}, "
+                                    f"{pr['high']:.4f}] (95 %, {len(pr['pairs'])} pairs) {pr['pairs']}"))
     rows.append(
         (
             "untraced peak: call / total",

@@ -91,6 +91,7 @@ from overhead import (  # noqa: E402
     _fmt_table,
     _median,
     add_model_args,
+    paired_ratio,
     parse_size,
     tensor_bytes,
 )
@@ -340,6 +341,9 @@ def summarize(calls: list[Call], arm: str, base: str = "untraced") -> dict[str, 
         out["extra_peak_mib"] = out["call_peak_mib"] - u_call
         out["extra_peak_pct_of_untraced_total"] = 100 * out["extra_peak_mib"] / u_total
         out["max_abs_image_diff"] = float(np.abs(t[0].image - u[0].image).max())
+        if len(t) == len(u) > 1:  # one call of each arm per round, back to back
+            out["time_ratio_paired"] = paired_ratio([c.seconds for c in u], [c.seconds for c in t])
+            out["cpu_time_ratio_paired"] = paired_ratio([c.cpu_seconds for c in u], [c.cpu_seconds for c in t])
     return out
 
 
@@ -586,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         "arms": {arm: summarize(calls, arm) for arm in arms},
         "agreement": agree,
     }
+    # the two tools against each other, round by round: below 1, daamkit took less time than the peer
+    if "daamkit" in arms and "peer" in arms:
+        d = summarize(calls, "daamkit", base="peer")
+        result["daamkit_vs_peer"] = {k: d[k] for k in ("time_ratio_median", "cpu_time_ratio_median",
+                                                       "time_ratio_paired", "cpu_time_ratio_paired") if k in d}
 
     rows = [
         ("model / device / dtype", f"{args.model} / {result['device_name']} ({device}) / {result['dtype']}"),
@@ -617,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['time_ratio_median']:.4f} median, {s['time_ratio_min']:.4f} min; "
                 f"CPU time {s['cpu_time_ratio_median']:.4f}",
             ),
+            *[
+                (f"  {arm}: {label}, paired", f"median {s[key]['median']:.4f}, geometric mean {s[key]['ratio']:.4f} "
+                                               f"[{s[key]['low']:.4f}, {s[key]['high']:.4f}] {s[key]['pairs']}")
+                for key, label in (("time_ratio_paired", "time ratio"), ("cpu_time_ratio_paired", "CPU-time ratio"))
+                if key in s
+            ],
             (
                 f"  {arm}: extra peak",
                 f"{s['extra_peak_mib']:+.1f} MiB = {s['extra_peak_pct_of_untraced_total']:+.3f} % "
@@ -628,6 +643,12 @@ def main(argv: list[str] | None = None) -> int:
                 + ("left unchanged" if not s["left_changed"] else f"LEFT CHANGED {s['left_changed']}"),
             ),
         ]
+    vs = result.get("daamkit_vs_peer", {})
+    for key, label in (("time_ratio_paired", "time"), ("cpu_time_ratio_paired", "CPU time")):
+        if key in vs:
+            pr = vs[key]
+            rows.append((f"daamkit / peer, {label}", f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} "
+                                                     f"[{pr['low']:.4f}, {pr['high']:.4f}] {pr['pairs']}"))
     for prob in (args.probabilities, other_probabilities):
         a = agree.get(prob)
         if not a:

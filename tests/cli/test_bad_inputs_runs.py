@@ -148,3 +148,29 @@ def test_editing_the_same_prompt_file_regenerates_that_line(made: Path, tmp_path
     assert main(args) == 0
     assert "1 record(s) made from other prompts" in capsys.readouterr().err
     assert (out / "records" / "000000.safetensors").read_bytes() == first
+
+
+@pytest.mark.parametrize("command", [["eval", "--runs"], ["syntax", "--parser", "world"], ["pos", "--parser", "world"]])
+def test_reports_refuse_to_overwrite_and_replace_whole_with_overwrite(made: Path, tmp_path: Path, capsys,
+                                                                      command: list[str]) -> None:
+    name, *opts = command
+    argv = [name, *opts, str(made / "base")] if name == "eval" else [name, str(made / "base"), *opts]
+    out = tmp_path / "report"
+    # a folder of someone else's files is refused, before any work, and left as it was
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "already holds files" in capsys.readouterr().err and _snapshot(out) == {"notes.txt": b"mine"}
+    (out / "notes.txt").unlink()
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+    first = _snapshot(out)
+    summary = json.loads(first["summary.json"])
+    assert summary["command"] == name and all((out / f).is_file() for f in summary["files"].values())
+    # an earlier result: refused without --overwrite, replaced whole with it (no stray file survives)
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and _snapshot(out) == first
+    (out / "stray.txt").write_text("old")
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stray.txt").exists() and set(_snapshot(out)) == set(first)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

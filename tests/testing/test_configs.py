@@ -103,6 +103,28 @@ FLUX_PARAMS = {
 }
 
 
+# stabilityai/stable-diffusion-xl-base-1.0
+SDXL_PARAMS = {
+    "unet": 2_567_463_684,
+    "text_encoder": CLIP_L,
+    "text_encoder_2": CLIP_G_PROJ,
+    "vae": SD15_PARAMS["vae"],
+}
+
+
+def test_sdxl_parameter_counts_and_layout():
+    assert configs.components("sdxl")["unet"] == ("diffusers", "UNet2DConditionModel")
+    assert configs.parameter_counts("sdxl") == SDXL_PARAMS
+    unet = configs.build_model("sdxl", "unet", device="meta")
+    attn2 = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    # transformer depths [1, 2, 10] per level: 4 + 20 down, 10 mid, 30 + 6 up
+    assert len(attn2) == 70
+    assert {m.heads for m in attn2} == {10, 20} and {m.to_k.in_features for m in attn2} == {2048}
+    vae = configs.load_config("sdxl", "vae")
+    assert (vae["scaling_factor"], vae["force_upcast"], vae["sample_size"]) == (0.13025, True, 1024)
+    assert configs.model_index("sdxl")["force_zeros_for_empty_prompt"] is True
+
+
 def test_sd3_and_flux_are_listed():
     assert {"sd15", "sd3", "flux"} <= set(configs.available())
     assert configs.components("sd3")["transformer"] == ("diffusers", "SD3Transformer2DModel")

@@ -82,9 +82,9 @@ class CaptureSink(Protocol):
         has ``image_tokens`` positions; when not, the capture skips computing them."""
         ...
 
-    def query_chunk(self, total: int, frame: int, bytes_per_query: int) -> int:
+    def query_chunk(self, total: int, frame: int, bytes_per_query: int, device: torch.device | None = None) -> int:
         """How many of ``total`` image queries (``frame`` per frame) to compute at once, when each
-        costs ``bytes_per_query`` of probabilities; ``total`` means no chunking."""
+        costs ``bytes_per_query`` of probabilities on ``device``; ``total`` means no chunking."""
         ...
 
     def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None) -> None:

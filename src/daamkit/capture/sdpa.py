@@ -299,7 +299,7 @@ class AttentionTap:
         with torch.no_grad():
             for branch, rows in self.rows.items():
                 n_rows = _length(rows, int(q.shape[0]))
-                size = self.sink.query_chunk(total, total // frames, n_rows * int(q.shape[1]) * n_text * 4)
+                size = self.sink.query_chunk(total, total // frames, n_rows * int(q.shape[1]) * n_text * 4, q.device)
                 # chunks of image queries bound the memory of the (queries x text keys) block for videos
                 for start, stop, chunk in query_chunks(total, size):
                     these = parts if chunk is None else [p.part(start, stop, q_len) for p in parts]
@@ -333,7 +333,7 @@ class AttentionTap:
         with torch.no_grad():
             for branch, rows in self.rows.items():
                 idx = range(*rows.indices(len(calls)))
-                size = self.sink.query_chunk(total, total // frames, len(idx) * int(q0.shape[1]) * width * 4)
+                size = self.sink.query_chunk(total, total // frames, len(idx) * int(q0.shape[1]) * width * 4, q0.device)
                 for start, stop, chunk in query_chunks(total, size):
                     probs = []
                     for r in idx:

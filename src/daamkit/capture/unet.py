@@ -95,7 +95,7 @@ class _LayerTap(ProjectionTap):
             b = len(range(*rows.indices(batch)))
             # k rows broadcast over frames where the caller passed one key row per sample
             kb = kv[rows] if kv is not None else k[rows].unsqueeze(1).expand(b, frames, n_text, k.shape[-1])
-            size = self.sink.query_chunk(total, n, b * heads * n_text * 4)
+            size = self.sink.query_chunk(total, n, b * heads * n_text * 4, q.device)
             for start, stop, chunk in query_chunks(total, size):
                 with torch.no_grad():
                     probs = self._probs(qv[rows], kb, start, stop, n)

@@ -16,7 +16,15 @@ from daamkit.analysis.entanglement import (
 )
 from daamkit.analysis.pos import analyze_pos
 from daamkit.analysis.syntax import PAPER_RELATIONS, ParserNotFoundError, analyze_syntax
-from daamkit.cli.common import CLIError, finite_float, positive_int, seed_int, unit_float
+from daamkit.cli.common import (
+    CLIError,
+    add_overwrite_option,
+    finite_float,
+    positive_int,
+    seed_int,
+    unit_float,
+)
+from daamkit.jobs.outdir import check_out_dir, save_result
 from daamkit.metrics import DEFAULT_THRESHOLD
 
 
@@ -42,10 +50,13 @@ def add_syntax_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"relations to tabulate (default: {' '.join(PAPER_RELATIONS)}; 'all' = every one found)")
     p.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD, help="tau (default 0.4)")
     p.add_argument("--out", default="daamkit-syntax", help="output folder (default: daamkit-syntax)")
+    add_overwrite_option(p)
 
 
 def syntax_main(args: argparse.Namespace) -> int:
     from daamkit.analysis import open_runs
+
+    check_out_dir(args.out, overwrite=args.overwrite)
 
     relations: Sequence[str] | None = PAPER_RELATIONS
     if args.relations:
@@ -59,7 +70,8 @@ def syntax_main(args: argparse.Namespace) -> int:
     result.settings = {"runs": str(args.runs_dir), "parser": args.parser or "spacy"}
     if result.n_runs == 0:
         raise CLIError(f"no run records found in {args.runs_dir}")
-    paths = result.save(args.out)
+    paths = save_result(args.out, result.save, command="syntax", overwrite=args.overwrite,
+                        settings=result.settings)
     print(result.markdown())
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0
@@ -72,10 +84,13 @@ def add_pos_arguments(p: argparse.ArgumentParser) -> None:
                         "installed English spaCy pipeline)")
     p.add_argument("--threshold", type=unit_float, default=DEFAULT_THRESHOLD, help="tau for the area column (default 0.4)")
     p.add_argument("--out", default="daamkit-pos", help="output folder (default: daamkit-pos)")
+    add_overwrite_option(p)
 
 
 def pos_main(args: argparse.Namespace) -> int:
     from daamkit.analysis import open_runs
+
+    check_out_dir(args.out, overwrite=args.overwrite)
 
     try:
         result = analyze_pos(open_runs(args.runs_dir), args.parser, args.threshold)
@@ -84,7 +99,8 @@ def pos_main(args: argparse.Namespace) -> int:
     if result.n_runs == 0:
         raise CLIError(f"no run records found in {args.runs_dir}")
     result.settings = {"runs": str(args.runs_dir), "parser": args.parser or "spacy"}
-    paths = result.save(args.out)
+    paths = save_result(args.out, result.save, command="pos", overwrite=args.overwrite,
+                        settings=result.settings)
     print(result.markdown())
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0
@@ -108,6 +124,7 @@ def add_entangle_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--save-records", action="store_true", help="also write each run's record under OUT/records")
     p.add_argument("--out", default="daamkit-entangle", help="output folder (default: daamkit-entangle)")
+    add_overwrite_option(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -122,11 +139,13 @@ def _world_mode(args: argparse.Namespace) -> bool:
 def entangle_main(args: argparse.Namespace) -> int:
     world = _world_mode(args)
     onto = load_ontology(args.ontology) if args.ontology else None
+    check_out_dir(args.out, overwrite=args.overwrite)
     if args.runs:
         from daamkit.analysis import open_runs
 
         res = analyze_entanglement(open_runs(args.runs), world=world, ontology=onto, threshold=args.threshold)
         res.settings = {"runs": str(args.runs), "world": world}
+        paths = save_result(args.out, res.save, command="entangle", overwrite=args.overwrite, settings=res.settings)
     else:
         from daamkit.jobs.pipeline import load_pipeline
 
@@ -149,15 +168,23 @@ def entangle_main(args: argparse.Namespace) -> int:
                     raise CLIError(f"--pairs takes X,Y (got {spec!r})")
                 prompts.append(pair_prompt(a.strip().lower(), b.strip().lower(), onto_for_pairs, seed=args.seed + i, index=i))
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
-        res = run_entanglement(pipe, prompts, n=args.n, seed=args.seed, world=world, ontology=onto, steps=args.steps,
-                               guidance_scale=args.guidance, batch_size=args.batch_size, threshold=args.threshold,
-                               save_dir=(Path(args.out) / "records") if args.save_records else None,
-                               progress=not args.no_progress)
-        res.settings["model"] = str(model)
+        done: list[Any] = []
+
+        def write(folder: Path) -> dict[str, str]:
+            # generated inside the staging folder: the records written along the way go with the result
+            res = run_entanglement(pipe, prompts, n=args.n, seed=args.seed, world=world, ontology=onto,
+                                   steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
+                                   threshold=args.threshold, save_dir=(folder / "records") if args.save_records else None,
+                                   progress=not args.no_progress)
+            res.settings["model"] = str(model)
+            done.append(res)
+            return res.save(folder)
+
+        paths = save_result(args.out, write, command="entangle", overwrite=args.overwrite, settings={"model": str(model)})
+        res = done[0]
         if not world:
             print("note: generation success on real models needs a judge (e.g. an object detector): pass "
                   "judge=... to daamkit.analysis.entanglement.run_entanglement; only overlaps are reported here")
-    paths = res.save(args.out)
     print(res.markdown())
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0

@@ -113,9 +113,13 @@ def add_generation_options(p: argparse.ArgumentParser, steps: int, guidance: flo
     q.add_argument("--query-box", metavar="X0,Y0,X1,Y1",
                    help="image->image: the box it looks from, in pixels (x0 <= x < x1, y0 <= y < y1)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_overwrite_option(p)
+    add_trace_options(p)
+
+
+def add_overwrite_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")
-    add_trace_options(p)
 
 
 def trace_kwargs(args: argparse.Namespace) -> dict:

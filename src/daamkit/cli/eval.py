@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from daamkit.cli.common import (
     CLIError,
+    add_overwrite_option,
     add_trace_options,
     at_least,
     finite_float,
@@ -19,7 +21,9 @@ from daamkit.cli.common import (
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from daamkit.evaluate.protocol import evaluate_records, evaluate_world, select_methods
+    from daamkit.jobs.outdir import check_out_dir, save_result
 
+    check_out_dir(args.out, overwrite=args.overwrite)  # before the work, not after it
     # the names are checked before a model loads; whether each applies is decided once it has
     methods, _ = select_methods(args.methods)
     tau = args.threshold  # the headline tau (default 0.4); --taus is the sweep
@@ -66,13 +70,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                           batch_size=args.batch_size, methods=args.methods,
                                           trace_options=trace_kwargs(args), progress=not args.no_progress)
             faith.settings["model"] = str(model)
-    paths = result.save(args.out, tau=tau)
+    def write(folder: Path) -> dict[str, str]:
+        paths = result.save(folder, tau=tau)
+        if not args.runs and args.faithfulness:
+            paths |= {f"faithfulness_{k}": v for k, v in faith.save(folder, tau=tau).items()}
+        return paths
+
+    paths = save_result(args.out, write, command="eval", overwrite=args.overwrite, settings=result.settings)
     print(result.markdown(tau))
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}")
     if not args.runs and args.faithfulness:
-        fpaths = faith.save(args.out, tau=tau)
         print(faith.markdown(tau))
-        print(f"wrote {fpaths['markdown']}, {fpaths['json']}, {fpaths['plot']}")
+        print(f"wrote {paths['faithfulness_markdown']}, {paths['faithfulness_json']}, {paths['faithfulness_plot']}")
     return 0
 
 
@@ -96,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--taus", type=unit_float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7], help="tau sweep")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default=None)
-    e.add_argument("--out", default="daamkit-eval")
+    e.add_argument("--out", default="daamkit-eval", help="output folder (default: daamkit-eval)")
+    add_overwrite_option(e)
     e.add_argument("--no-progress", action="store_true")
     e.add_argument(
         "--methods",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from daamkit.cli.common import (
     CLIError,
+    add_overwrite_option,
     add_trace_options,
     finite_float,
     open_vocabulary,
@@ -107,7 +108,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--open-vocabulary", metavar="WORDS",
                    help="comma-separated words, which need not be in the prompt, to map with OVAM; written to ovam/")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    e.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")
+    add_overwrite_option(e)
     add_trace_options(e)
     e.set_defaults(func=cmd_explain)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from daamkit.cli.common import CLIError, finite_float, positive_int, seed_int, unit_float
+from daamkit.cli.common import (
+    CLIError,
+    add_overwrite_option,
+    finite_float,
+    positive_int,
+    seed_int,
+    unit_float,
+)
 
 
 def _swap(text: str) -> tuple[str, str]:
@@ -138,6 +145,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: as saved)")
     f.add_argument("--out", default="daamkit-faithfulness", help="output folder (default: daamkit-faithfulness)")
     f.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    f.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier result in --out entirely (without it, a folder that holds files is refused)")
+    add_overwrite_option(f)
     f.set_defaults(func=cmd_faithfulness)

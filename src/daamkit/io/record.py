@@ -315,8 +315,17 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
         },
         "safetensors_sha256": hashlib.sha256(data).hexdigest(),
     }
-    text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_pair(st_path, json_path, data, doc)
+    return st_path, json_path
 
+
+def write_pair(st_path: Path, json_path: Path, data: bytes, doc: dict[str, Any]) -> None:
+    """Write safetensors ``data`` and the JSON ``doc`` that describes them, each atomically.
+
+    Tensors first, JSON last: a crash in between leaves either no JSON (reported as a missing sidecar)
+    or an old JSON whose checksum does not match the new tensors (reported as a mismatch).
+    """
+    text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     st_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_st = _write_atomic(st_path, data)
     try:
@@ -324,8 +333,6 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
     except BaseException:
         os.unlink(tmp_st)
         raise
-    # Tensors first, JSON last: a crash in between leaves either no JSON (reported as a missing sidecar)
-    # or an old JSON whose checksum does not match the new tensors (reported as a mismatch).
     try:
         os.replace(tmp_st, st_path)
         os.replace(tmp_json, json_path)
@@ -334,7 +341,6 @@ def save_record(record: RunRecord, path: str | os.PathLike[str]) -> tuple[Path, 
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
-    return st_path, json_path
 
 
 # -- loading -------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ written atomically as run records are (tensors first, JSON last, both by rename)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from daamkit.errors import DaamkitError
-from daamkit.io.record import _write_atomic, record_paths
+from daamkit.io.record import record_paths, write_pair
 from daamkit.relation import ImageRelationMap, RelationQuery, TokenRelationMatrix
 
 FORMAT_NAME = "daamkit-relation"
@@ -63,22 +62,7 @@ def save_relation(relation: ImageRelationMap | TokenRelationMatrix, path: str | 
     doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **doc, "meta": relation.meta,
            "tensors": {k: {"dtype": "float32", "shape": list(v.shape)} for k, v in tensors.items()},
            "safetensors_sha256": hashlib.sha256(data).hexdigest()}
-    text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    st_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_st = _write_atomic(st_path, data)
-    try:
-        tmp_json = _write_atomic(json_path, text.encode("utf-8"))
-    except BaseException:
-        os.unlink(tmp_st)
-        raise
-    try:
-        os.replace(tmp_st, st_path)
-        os.replace(tmp_json, json_path)
-    except BaseException:
-        for tmp in (tmp_st, tmp_json):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
+    write_pair(st_path, json_path, data, doc)
     return st_path, json_path
 
 

@@ -8,11 +8,12 @@ run's files and this one's.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from daamkit.errors import InputError
@@ -85,6 +86,19 @@ def staged_dir(out: str | os.PathLike[str], *, overwrite: bool = False, option: 
     except BaseException:
         _remove(stage, created)
         raise
+
+
+def save_result(out: str | os.PathLike[str], write: Callable[[Path], dict[str, str]], *, command: str,
+                overwrite: bool = False, settings: dict | None = None) -> dict[str, str]:
+    """Write a result folder whole: ``write(folder)`` puts its files into a staging folder and returns
+    them by name; a :data:`RESULT_MARKER` naming them marks the result finished; the folder then
+    becomes ``out``. Returns the files' paths under ``out``."""
+    final = Path(out).expanduser().absolute()
+    with staged_dir(out, overwrite=overwrite) as stage:
+        written = {k: Path(v).relative_to(stage).as_posix() for k, v in write(stage).items()}
+        summary = {"command": command, "files": written, "settings": settings or {}}
+        (stage / RESULT_MARKER).write_text(json.dumps(summary, indent=2, default=str))
+    return {k: str(final / v) for k, v in written.items()}
 
 
 def _commit(stage: Path, final: Path) -> None:
