@@ -30,7 +30,8 @@ def test_no_stale_or_doubled_entries():
     assert not set(NOT_SUPPORTED) - set(found), "NOT_SUPPORTED names classes diffusers no longer has"
     assert len({f.name for f in FAMILIES}) == len(FAMILIES)
     for f in FAMILIES:
-        assert (ROOT / f.tests).is_file(), f"{f.name}: test file {f.tests} is missing"
+        for d in f.denoisers:
+            assert (ROOT / f.tests_of(d)).is_file(), f"{f.name}: test file {f.tests_of(d)!r} of {d} is missing"
         for p in f.pipelines:
             assert hasattr(diffusers, p), f"{f.name}: {p} is not a diffusers pipeline"
 

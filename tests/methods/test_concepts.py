@@ -87,3 +87,17 @@ def test_concept_errors(sd3, clip_tokenizer_dir):
             tc.heat_maps(0, method="concept")
         with pytest.raises(ValueError, match="method"):
             tc.heat_maps(0, method="nope")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_concept_maps_follow_the_step_selection(family, sd3, flux):
+    """trace(steps=...) selects the steps of concept maps as of word maps: the two single-step maps
+    average (before the softmax over concepts) to the map of both steps."""
+    pipe = sd3 if family == "sd3" else flux
+    sums = {}
+    for steps in ([0], [1], None):
+        with trace(pipe, concepts=["dog", "sky"], steps=steps, concept_softmax=False) as tc:
+            run(pipe)
+            sums[str(steps)] = tc.heat_maps(0, method="concept").maps
+    assert not torch.allclose(sums["[0]"], sums["[1]"])
+    torch.testing.assert_close((sums["[0]"] + sums["[1]"]) / 2, sums["None"], rtol=1e-5, atol=1e-6)

@@ -104,7 +104,7 @@ def coverage() -> list[Row]:
     for name, module in sorted(text_conditioned_denoisers().items()):
         fam = next((f for f in FAMILIES if name in f.denoisers), None)
         if fam is not None:
-            rows.append(Row(name, module, fam.name, "supported", fam.pipelines, fam.tests))
+            rows.append(Row(name, module, fam.name, "supported", fam.pipelines, fam.tests_of(name)))
         else:
             rows.append(Row(name, module, None, NOT_SUPPORTED.get(name, "not listed")))
     return sorted(rows, key=lambda r: (r.family is None, r.family or "", r.denoiser))

@@ -195,8 +195,15 @@ class Family:
     # why a denoiser's text keys are not a fixed function of its text input (None: they are)
     text_varies: Callable[[nn.Module], str | None] | None = None
     pipelines: tuple[str, ...] = ()  # pipelines tested with this family
-    tests: str = ""  # the test file
+    # the test file, or per denoiser class where a family's denoisers are tested apart: ((class, file), ...)
+    tests: str | tuple[tuple[str, str], ...] = ""
     notes: str = ""
+
+    def tests_of(self, denoiser: str) -> str:
+        """The test file of one of this family's denoiser classes."""
+        if isinstance(self.tests, str):
+            return self.tests
+        return dict(self.tests).get(denoiser, "")
 
     def text_parts(self, called: Sequence[str]) -> list[TextPart]:
         """The parts whose encoders ran (all of them when none was seen: ``prompt_embeds``)."""
@@ -509,8 +516,9 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLModularPipeline",
             "KolorsPipeline", "KolorsImg2ImgPipeline", "AnimateDiffPipeline", "AnimateDiffVideoToVideoPipeline",
         ),
-        # Kolors: tests/capture/test_family_kolors.py; AnimateDiff: tests/capture/test_family_animatediff.py
-        tests="tests/capture/test_trace.py",
+        # Kolors (a UNet2DConditionModel too): tests/capture/test_family_kolors.py
+        tests=(("UNet2DConditionModel", "tests/capture/test_trace.py"),
+               ("UNetMotionModel", "tests/capture/test_family_animatediff.py")),
         notes=(
             "SDXL concatenates its encoders along features: one tokenizer's ids index the keys; Kolors' "
             "ChatGLM keys are left-padded, [gMASK] sop before the prompt, padding not masked; AnimateDiff: "
