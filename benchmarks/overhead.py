@@ -505,6 +505,32 @@ class Run:
     mem: MemSample
     image: np.ndarray | None = None
     trace_state_bytes: int = 0  # tensors the Trace object still holds after the call (accumulators, ids)
+    denoiser_seconds: float = 0.0  # wall time inside the denoiser's forward calls (hooks included)
+
+
+class DenoiserClock:
+    """Wall time spent inside the denoiser's forward calls, to split a call's time into the denoising
+    (where the capture runs) and the rest (text encoders, VAE, entering and leaving the trace). Its
+    hooks are on the denoiser in both arms, outermost, so the capture's own hooks count as denoising."""
+
+    def __init__(self, denoiser: torch.nn.Module, device: torch.device):
+        self.device, self.total, self._t0 = device, 0.0, 0.0
+        self.handles = [
+            denoiser.register_forward_pre_hook(self._start, prepend=True),
+            denoiser.register_forward_hook(self._stop, always_call=True),
+        ]
+
+    def _start(self, module: torch.nn.Module, args: Any) -> None:
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module: torch.nn.Module, args: Any, out: Any) -> None:
+        _sync(self.device)
+        self.total += time.perf_counter() - self._t0
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
 
 
 def tensor_bytes(obj: Any, skip: tuple[type, ...] = (torch.nn.Module,)) -> int:
@@ -549,7 +575,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced: bool, trace_fn) -> Run:
+def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced: bool, trace_fn,
+             clock: DenoiserClock | None = None) -> Run:
     kwargs = model.kwargs(args)
     kwargs.update(
         num_inference_steps=steps,
@@ -588,7 +615,8 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
         state = tensor_bytes({k: v for k, v in vars(tc).items() if k != "pipe"})
     image = out.frames[0].float().cpu().numpy() if model.video else np.asarray(out.images[0])
     del out
-    return Run(traced, steps, seconds, cpu_seconds, hm_seconds, meter.sample, image, state)  # type: ignore[arg-type]
+    denoising = clock.take() if clock is not None else 0.0
+    return Run(traced, steps, seconds, cpu_seconds, hm_seconds, meter.sample, image, state, denoising)  # type: ignore[arg-type]
 
 
 def _median(xs: list[float]) -> float:
@@ -636,6 +664,16 @@ def summarize(runs: list[Run], steps: int) -> dict[str, Any]:
         out["cpu_time_ratio_median"] = _median([r.cpu_seconds for r in t]) / _median(
             [r.cpu_seconds for r in u]
         )
+        if all(r.denoiser_seconds > 0 for r in u + t):
+            out["denoiser_s"] = {"untraced": [round(r.denoiser_seconds, 3) for r in u],
+                                 "traced": [round(r.denoiser_seconds, 3) for r in t]}
+            out["outside_denoiser_s"] = {"untraced": [round(r.seconds - r.denoiser_seconds, 3) for r in u],
+                                         "traced": [round(r.seconds - r.denoiser_seconds, 3) for r in t]}
+            if len(u) == len(t) and len(u) > 1:
+                out["denoiser_ratio_paired"] = paired_ratio([r.denoiser_seconds for r in u],
+                                                            [r.denoiser_seconds for r in t])
+                out["outside_denoiser_ratio_paired"] = paired_ratio([r.seconds - r.denoiser_seconds for r in u],
+                                                                    [r.seconds - r.denoiser_seconds for r in t])
         if len(u) == len(t) and len(u) > 1:  # the measured calls come as back-to-back pairs
             out["time_ratio_paired"] = paired_ratio([r.seconds for r in u], [r.seconds for r in t])
             out["cpu_time_ratio_paired"] = paired_ratio([r.cpu_seconds for r in u], [r.cpu_seconds for r in t])
@@ -758,12 +796,15 @@ def main(argv: list[str] | None = None) -> int:
     traced_modes = (False, True) if trace_fn is not None else (False,)
     if trace_note:
         print(trace_note, flush=True)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    clock = DenoiserClock(denoiser, device) if isinstance(denoiser, torch.nn.Module) else None
 
     def go(traced: bool, steps: int) -> Run:
-        r = run_once(pipe, args, device, model, steps, traced, trace_fn)
+        r = run_once(pipe, args, device, model, steps, traced, trace_fn, clock)
         print(
             f"  {'traced  ' if traced else 'untraced'} steps={steps:<3d} {r.seconds:8.2f} s  "
-            f"call peak {r.mem.call_peak / MiB:8.1f} MiB  total peak {r.mem.peak / MiB:8.0f} MiB",
+            f"call peak {r.mem.call_peak / MiB:8.1f} MiB  total peak {r.mem.peak / MiB:8.0f} MiB  "
+            f"denoiser {r.denoiser_seconds:8.2f} s",
             flush=True,
         )
         return r
@@ -877,7 +918,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
             ("CPU-time ratio (process, median)", f"{m['cpu_time_ratio_median']:.4f}"),
         ]
-        for key, label in (("time_ratio_paired", "time ratio, paired"), ("cpu_time_ratio_paired", "CPU-time ratio, paired")):
+        for key, label in (("time_ratio_paired", "time ratio, paired"), ("cpu_time_ratio_paired", "CPU-time ratio, paired"),
+                           ("denoiser_ratio_paired", "  in the denoiser, paired"),
+                           ("outside_denoiser_ratio_paired", "  outside it, paired")):
             if key in m:
                 pr = m[key]
                 rows.append((label, f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} [{pr['low']:.4f}, "

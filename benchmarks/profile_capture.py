@@ -143,6 +143,28 @@ def parts_of(events) -> tuple[dict[str, float], float]:
     return {k: v / 1e3 for k, v in parts.items()}, step / 1e3
 
 
+CAPTURE_RANGES = ("after", "probs", "acc")
+
+
+def op_times(events) -> dict[str, float]:
+    """Self CPU ms per operator inside the denoiser step, the capture's own operators (those under one
+    of its ranges) apart as "capture: <op>": which of the model's operators a trace slows down."""
+    out: dict[str, float] = defaultdict(float)
+    for ev in events:
+        if ev.name == "denoiser step" or ev.name.startswith("hooks:") or ev.name in CAPTURE_RANGES:
+            continue
+        node, inside, in_step = ev.cpu_parent, False, False
+        while node is not None:
+            inside = inside or node.name in CAPTURE_RANGES or node.name.startswith("hooks:")
+            if node.name == "denoiser step":
+                in_step = True
+                break
+            node = node.cpu_parent
+        if in_step:
+            out[("capture: " if inside else "") + ev.name] += ev.self_cpu_time_total / 1e3
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sd15", choices=sorted(MODELS))
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="a photograph of a dog sitting on a wooden bench in a park")
     p.add_argument("--seed", type=int, default=0)
     add_model_args(p)
+    p.add_argument("--ops", type=int, default=0,
+                   help="also list the N operators of the step whose time grew most when traced")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
 
@@ -208,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         call(True)
     runs: dict[bool, list] = {False: [], True: []}
     usages: dict[bool, list] = {False: [], True: []}
+    ops: dict[bool, list] = {False: [], True: []}
     for i in range(args.repeats):
         for traced in (False, True) if i % 2 == 0 else (True, False):
             events, usage = call(traced)
             parts, step = parts_of(events)
             runs[traced].append((parts, step))
+            if args.ops:
+                ops[traced].append(op_times(events))
             usages[traced].append(usage)
             print(
                 f"  {'traced  ' if traced else 'untraced'} step {step:9.1f} ms  call: user {usage['user_s']:.1f} s, "
@@ -233,6 +260,20 @@ def main(argv: list[str] | None = None) -> int:
     for k in names:
         print(f"| {k} | {table[k]:.1f} | {100 * table[k] / traced_step:.2f} % |")
     print(f"| **capture path, total** | **{total:.1f}** | **{100 * total / traced_step:.2f} %** |")
+    grown: list[tuple[str, float, float]] = []
+    if args.ops:
+        def med(traced: bool, name: str) -> float:
+            return statistics.median(o.get(name, 0.0) for o in ops[traced])
+
+        names_ops = {k for o in ops[False] + ops[True] for k in o}
+        grown = sorted(((k, med(False, k), med(True, k)) for k in names_ops), key=lambda x: x[1] - x[2])[: args.ops]
+        print(f"\n| operator (self CPU, median of {args.repeats}) | untraced ms | traced ms | traced - untraced |")
+        print("| --- | ---: | ---: | ---: |")
+        for k, u, t in grown:
+            print(f"| {k} | {u:.1f} | {t:.1f} | {t - u:+.1f} |")
+        u_all = statistics.median(sum(o.values()) for o in ops[False])
+        t_all = statistics.median(sum(o.values()) for o in ops[True])
+        print(f"| all operators of the step | {u_all:.1f} | {t_all:.1f} | {t_all - u_all:+.1f} |")
     result = {
         "benchmark": "daamkit capture profile",
         "model": args.model,
@@ -246,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts_ms": table,
         "call_usage": {"untraced": usages[False], "traced": usages[True]},
         "capture_total_ms": total,
+        "ops_grown": [{"op": k, "untraced_ms": u, "traced_ms": t} for k, u, t in grown],
     }
     print(json.dumps(result))
     if args.json_path:

@@ -70,6 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                           batch_size=args.batch_size, methods=args.methods,
                                           trace_options=trace_kwargs(args), progress=not args.no_progress)
             faith.settings["model"] = str(model)
+
     def write(folder: Path) -> dict[str, str]:
         paths = result.save(folder, tau=tau)
         if not args.runs and args.faithfulness:
