@@ -628,10 +628,13 @@ def paired_ratio(u: list[float], t: list[float], seed: int = 0, draws: int = 100
     a 95 % bootstrap interval over the pairs. Slow drift of the machine cancels within a pair, so
     this resolves a smaller difference than the ratio of medians does with the same calls."""
     logs = np.log(np.asarray(t, dtype=float) / np.asarray(u, dtype=float))
-    rng = np.random.default_rng(seed)
-    means = logs[rng.integers(0, len(logs), size=(draws, len(logs)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"ratio": float(np.exp(logs.mean())), "low": float(np.exp(lo)), "high": float(np.exp(hi)),
+    lo = hi = float("nan")  # two pairs are too few for an interval
+    if len(logs) >= 3:
+        rng = np.random.default_rng(seed)
+        means = logs[rng.integers(0, len(logs), size=(draws, len(logs)))].mean(axis=1)
+        lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"ratio": float(np.exp(logs.mean())), "low": float(np.exp(lo)) if lo == lo else None,
+            "high": float(np.exp(hi)) if hi == hi else None,
             "median": float(np.exp(np.median(logs))), "pairs": [round(float(x), 4) for x in np.exp(logs)]}
 
 
@@ -923,8 +926,9 @@ def main(argv: list[str] | None = None) -> int:
                            ("outside_denoiser_ratio_paired", "  outside it, paired")):
             if key in m:
                 pr = m[key]
-                rows.append((label, f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} [{pr['low']:.4f}, "
-                                    f"{pr['high']:.4f}] (95 %, {len(pr['pairs'])} pairs) {pr['pairs']}"))
+                ci = f"[{pr['low']:.4f}, {pr['high']:.4f}] (95 %, " if pr["low"] is not None else "(no interval: "
+                rows.append((label, f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} {ci}"
+                                    f"{len(pr['pairs'])} pairs) {pr['pairs']}"))
     rows.append(
         (
             "untraced peak: call / total",

@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             *[
                 (f"  {arm}: {label}, paired", f"median {s[key]['median']:.4f}, geometric mean {s[key]['ratio']:.4f} "
-                                               f"[{s[key]['low']:.4f}, {s[key]['high']:.4f}] {s[key]['pairs']}")
+                                               f"[{s[key]['low']}, {s[key]['high']}] {s[key]['pairs']}")
                 for key, label in (("time_ratio_paired", "time ratio"), ("cpu_time_ratio_paired", "CPU-time ratio"))
                 if key in s
             ],
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in vs:
             pr = vs[key]
             rows.append((f"daamkit / peer, {label}", f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} "
-                                                     f"[{pr['low']:.4f}, {pr['high']:.4f}] {pr['pairs']}"))
+                                                     f"[{pr['low']}, {pr['high']}] {pr['pairs']}"))
     for prob in (args.probabilities, other_probabilities):
         a = agree.get(prob)
         if not a:
