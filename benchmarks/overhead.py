@@ -638,6 +638,12 @@ def paired_ratio(u: list[float], t: list[float], seed: int = 0, draws: int = 100
             "median": float(np.exp(np.median(logs))), "pairs": [round(float(x), 4) for x in np.exp(logs)]}
 
 
+def format_paired(pr: dict[str, Any]) -> str:
+    """One line for a :func:`paired_ratio` result."""
+    ci = f"[{pr['low']:.4f}, {pr['high']:.4f}] (95 %, " if pr["low"] is not None else "(no interval: "
+    return f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} {ci}{len(pr['pairs'])} pairs) {pr['pairs']}"
+
+
 def summarize(runs: list[Run], steps: int) -> dict[str, Any]:
     def pick(traced: bool) -> list[Run]:
         return [r for r in runs if r.traced == traced and r.steps == steps]
@@ -925,10 +931,7 @@ def main(argv: list[str] | None = None) -> int:
                            ("denoiser_ratio_paired", "  in the denoiser, paired"),
                            ("outside_denoiser_ratio_paired", "  outside it, paired")):
             if key in m:
-                pr = m[key]
-                ci = f"[{pr['low']:.4f}, {pr['high']:.4f}] (95 %, " if pr["low"] is not None else "(no interval: "
-                rows.append((label, f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} {ci}"
-                                    f"{len(pr['pairs'])} pairs) {pr['pairs']}"))
+                rows.append((label, format_paired(m[key])))
     rows.append(
         (
             "untraced peak: call / total",

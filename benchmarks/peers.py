@@ -91,6 +91,7 @@ from overhead import (  # noqa: E402
     _fmt_table,
     _median,
     add_model_args,
+    format_paired,
     paired_ratio,
     parse_size,
     tensor_bytes,
@@ -627,8 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"CPU time {s['cpu_time_ratio_median']:.4f}",
             ),
             *[
-                (f"  {arm}: {label}, paired", f"median {s[key]['median']:.4f}, geometric mean {s[key]['ratio']:.4f} "
-                                               f"[{s[key]['low']}, {s[key]['high']}] {s[key]['pairs']}")
+                (f"  {arm}: {label}, paired", format_paired(s[key]))
                 for key, label in (("time_ratio_paired", "time ratio"), ("cpu_time_ratio_paired", "CPU-time ratio"))
                 if key in s
             ],
@@ -646,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     vs = result.get("daamkit_vs_peer", {})
     for key, label in (("time_ratio_paired", "time"), ("cpu_time_ratio_paired", "CPU time")):
         if key in vs:
-            pr = vs[key]
-            rows.append((f"daamkit / peer, {label}", f"median {pr['median']:.4f}, geometric mean {pr['ratio']:.4f} "
-                                                     f"[{pr['low']}, {pr['high']}] {pr['pairs']}"))
+            rows.append((f"daamkit / peer, {label}", format_paired(vs[key])))
     for prob in (args.probabilities, other_probabilities):
         a = agree.get(prob)
         if not a:

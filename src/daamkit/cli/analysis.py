@@ -168,20 +168,19 @@ def entangle_main(args: argparse.Namespace) -> int:
                     raise CLIError(f"--pairs takes X,Y (got {spec!r})")
                 prompts.append(pair_prompt(a.strip().lower(), b.strip().lower(), onto_for_pairs, seed=args.seed + i, index=i))
         pipe = load_pipeline(model, device=args.device, dtype=args.dtype)
-        done: list[Any] = []
 
         def write(folder: Path) -> dict[str, str]:
             # generated inside the staging folder: the records written along the way go with the result
+            nonlocal res
             res = run_entanglement(pipe, prompts, n=args.n, seed=args.seed, world=world, ontology=onto,
                                    steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
                                    threshold=args.threshold, save_dir=(folder / "records") if args.save_records else None,
                                    progress=not args.no_progress)
             res.settings["model"] = str(model)
-            done.append(res)
             return res.save(folder)
 
+        res = None
         paths = save_result(args.out, write, command="entangle", overwrite=args.overwrite, settings={"model": str(model)})
-        res = done[0]
         if not world:
             print("note: generation success on real models needs a judge (e.g. an object detector): pass "
                   "judge=... to daamkit.analysis.entanglement.run_entanglement; only overlaps are reported here")

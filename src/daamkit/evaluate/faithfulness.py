@@ -12,8 +12,9 @@ every method's map of each noun and colour adjective whose object was drawn is p
   attention is set to zero in the region where the map is at least tau of its maximum, and, as the
   control, in a random region of equal area (the same region rolled by a random offset, wrapping).
   The world's own segmenter judges whether the requested object (its colour and shape) is still
-  drawn (so only objects the clean image drew with their shape are put to this test); the share of the image's pixel change that falls inside the region says where the edit
-  acted (a region of area a that the edit ignores gets about a of a change spread evenly).
+  drawn (so only objects the clean image drew with their shape are put to this test); the share of
+  the image's pixel change that falls inside the region says where the edit acted (a region of area
+  a that the edit ignores gets about a of a change spread evenly).
 
 A map that tells the truth makes the counterfactual change land on it (high correlation and AUC) and
 makes deletion in its own region remove the object more often than deletion in a random region of the
