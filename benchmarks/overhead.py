@@ -24,6 +24,9 @@ downloaded), warms up, then alternates untraced and traced calls (ABBA order) an
     python benchmarks/overhead.py --model wan --size 832x480 --frames 81 --steps 1 --repeats 1 --warmup 0 \
         --step-factor 0                                                    # Wan 2.1 1.3B width, 81 frames
     python benchmarks/overhead.py --method refined   # with the self-attention refinement (trace(refine=True))
+    python benchmarks/overhead.py --size 512 --steps 1 --latent --repeats 12 --step-factor 0 --arm hooks
+        # latents only (short calls, more pairs); the second arm runs the hooks without their arithmetic
+        # (--arm none: both arms untraced, the design's own bias and spread)
 
 Targets: time ratio <= 1.03 (SD3/Flux: <= 1.05), extra peak memory <= 2 % of the
 untraced run, extra memory independent of the number of steps. A model is one builder function in
@@ -46,6 +49,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -61,6 +65,7 @@ TARGET_TIME_RATIO = 1.03
 TARGET_TIME_RATIO_LARGE = 1.02  # at 512 px and up, where users generate
 TARGET_EXTRA_MEM_PCT = 2.0
 MiB = 1024 * 1024
+NEVER_STEP = 10**9  # a step index no generation reaches (the --arm hooks selection)
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -506,6 +511,7 @@ class Run:
     image: np.ndarray | None = None
     trace_state_bytes: int = 0  # tensors the Trace object still holds after the call (accumulators, ids)
     denoiser_seconds: float = 0.0  # wall time inside the denoiser's forward calls (hooks included)
+    minor_faults: int = 0  # pages first touched during the call (fresh memory from the OS costs time)
 
 
 class DenoiserClock:
@@ -583,7 +589,7 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
         height=args.height,
         width=args.width,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        output_type="latent" if model.video else "np",
+        output_type="latent" if model.video or args.latent else "np",
     )
     if model.video:
         kwargs["num_frames"] = args.frames
@@ -596,9 +602,13 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
     state = 0
     with meter:
         _sync(device)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0 = time.process_time()
         t0 = time.perf_counter()
-        if traced:
+        if traced and args.arm == "hooks":
+            with trace_fn(pipe, hooks_only=True) as tc:
+                out = pipe(prompt=args.prompt, **kwargs)
+        elif traced and args.arm == "trace":
             with trace_fn(pipe) as tc:
                 out = pipe(prompt=args.prompt, **kwargs)
                 _sync(device)
@@ -611,12 +621,19 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
         _sync(device)
         seconds = time.perf_counter() - t0
         cpu_seconds = time.process_time() - c0
-    if traced:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    if traced and args.arm != "none":
         state = tensor_bytes({k: v for k, v in vars(tc).items() if k != "pipe"})
-    image = out.frames[0].float().cpu().numpy() if model.video else np.asarray(out.images[0])
+    if model.video:
+        image = out.frames[0].float().cpu().numpy()
+    elif args.latent:
+        image = out.images[0].float().cpu().numpy()
+    else:
+        image = np.asarray(out.images[0])
     del out
     denoising = clock.take() if clock is not None else 0.0
-    return Run(traced, steps, seconds, cpu_seconds, hm_seconds, meter.sample, image, state, denoising)  # type: ignore[arg-type]
+    return Run(traced, steps, seconds, cpu_seconds, hm_seconds, meter.sample, image, state, denoising,  # type: ignore[arg-type]
+               faults)
 
 
 def _median(xs: list[float]) -> float:
@@ -653,6 +670,7 @@ def summarize(runs: list[Run], steps: int) -> dict[str, Any]:
     if u:
         out["untraced_s"] = [round(r.seconds, 4) for r in u]
         out["untraced_median_s"] = _median([r.seconds for r in u])
+        out["untraced_minor_faults"] = [r.minor_faults for r in u]
         out["untraced_call_peak_mib"] = _median([r.mem.call_peak for r in u]) / MiB
         out["untraced_total_peak_mib"] = _median([r.mem.peak for r in u]) / MiB
         out["untraced_retained_mib"] = _median([r.mem.after - r.mem.baseline for r in u]) / MiB
@@ -662,6 +680,7 @@ def summarize(runs: list[Run], steps: int) -> dict[str, Any]:
     if t:
         out["traced_s"] = [round(r.seconds, 4) for r in t]
         out["traced_median_s"] = _median([r.seconds for r in t])
+        out["traced_minor_faults"] = [r.minor_faults for r in t]
         out["heat_maps_median_s"] = _median([r.heat_maps_seconds for r in t])
         out["traced_call_peak_mib"] = _median([r.mem.call_peak for r in t]) / MiB
         out["traced_total_peak_mib"] = _median([r.mem.peak for r in t]) / MiB
@@ -739,6 +758,20 @@ def main(argv: list[str] | None = None) -> int:
         help="what the traced runs record and read: DAAM alone, or also the self-attention refinement "
         "(trace(refine=True), heat_maps(0, method='refined')); the targets are DAAM's",
     )
+    p.add_argument(
+        "--arm",
+        default="trace",
+        choices=["trace", "hooks", "none"],
+        help="what the second arm of each pair runs: the full trace (default); 'hooks': the trace entered "
+        "with a step selection that no call reaches, so every hook runs and no probability is computed "
+        "(the hooks' presence apart from the arithmetic); 'none': untraced as well, a control whose ratio "
+        "shows the design's own bias and spread",
+    )
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="return latents (output_type='latent'): no VAE decode, so short calls give more pairs",
+    )
     add_model_args(p)
     p.add_argument("--json", dest="json_path", default=None, help="also write the result JSON here")
     args = p.parse_args(argv)
@@ -765,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from daamkit import trace as plain_trace
 
-            def trace_fn(pipe):
+            def trace_fn(pipe, hooks_only: bool = False):
+                if hooks_only:  # a step no generation reaches: hooks run, their arithmetic is skipped
+                    return plain_trace(pipe, steps=[NEVER_STEP])
                 return plain_trace(pipe, refine=True) if args.method == "refined" else plain_trace(pipe)
         except ImportError as e:  # the tracing API is not there yet: measure the untraced path only
             trace_note = f"daamkit.trace unavailable ({e}); untraced only"
@@ -806,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     if trace_note:
         print(trace_note, flush=True)
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    clock = DenoiserClock(denoiser, device) if isinstance(denoiser, torch.nn.Module) else None
+    # on a GPU the clock's synchronisation at every denoiser call would also hide any the trace adds
+    clock = DenoiserClock(denoiser, device) if isinstance(denoiser, torch.nn.Module) and device.type == "cpu" else None
 
     def go(traced: bool, steps: int) -> Run:
         r = run_once(pipe, args, device, model, steps, traced, trace_fn, clock)
@@ -870,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "traced": trace_fn is not None,
         "method": args.method,
+        "arm": args.arm,
+        "latent": args.latent,
         "trace_note": trace_note,
         "main": main_sum,
     }
@@ -880,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.height, args.width) >= 512:
         target = min(target, TARGET_TIME_RATIO_LARGE)
     result["time_target"] = target
-    if trace_fn is not None:
+    if trace_fn is not None and args.arm == "trace":
         # judged on the median of the back-to-back pairs' ratios and on CPU time where there are pairs
         wall = main_sum.get("time_ratio_paired", {}).get("median", main_sum["time_ratio_median"])
         cpu = main_sum.get("cpu_time_ratio_paired", {}).get("median", main_sum["cpu_time_ratio_median"])
@@ -903,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
     m = main_sum
     rows = [
         ("model / device / dtype", f"{args.model} / {result['device_name']} ({device}) / {result['dtype']}"),
-        ("traced method", args.method),
+        ("traced method", args.method if args.arm == "trace" else f"{args.arm} (control arm, no target)"),
         *([("reduced from the released model", model.reduced(args))] if model.reduced(args) else []),
         (
             "image, steps",
@@ -949,6 +987,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['extra_peak_mib']:+.1f} MiB = {m['extra_peak_pct_of_untraced_total']:+.3f} % of untraced total   target <= {TARGET_EXTRA_MEM_PCT} %",
             ),
             ("peak ratio traced/untraced", f"{m['peak_ratio']:.4f}"),
+            ("minor page faults per call", f"untraced {m['untraced_minor_faults']}, traced {m['traced_minor_faults']}"),
             ("max |image diff| traced vs untraced", f"{m['max_abs_image_diff']:.2e}"),
         ]
         if scaled_steps:

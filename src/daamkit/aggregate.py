@@ -180,9 +180,13 @@ def layer_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int, int]:
 CPU_BLOCK_MIB = 8.0
 
 
-def chunk_size(total: int, frame: int, bytes_per_query: int, mib: float) -> int:
+def chunk_size(total: int, frame: int, bytes_per_query: int, mib: float,
+               device: torch.device | str | None = None) -> int:
     """Image queries per chunk (``total``: no chunking) so that a chunk's probabilities fit in ``mib``
-    MiB; whole frames where a frame fits, since resizing works frame by frame."""
+    MiB; whole frames where a frame fits, since resizing works frame by frame. A block computed on the
+    CPU (``device``) is also kept within ``CPU_BLOCK_MIB``."""
+    if device is not None and torch.device(device).type == "cpu":
+        mib = min(mib, CPU_BLOCK_MIB)
     budget = int(mib * 2**20)
     if total * bytes_per_query <= budget:
         return total

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from daamkit.aggregate import CPU_BLOCK_MIB, Accumulator, AggregationConfig, chunk_size
+from daamkit.aggregate import Accumulator, AggregationConfig, chunk_size
 from daamkit.capture import UnsupportedPipelineError, detect_capture
 from daamkit.capture.base import DenoiserCall, HookSet, ImageQueries, LayerInfo, QueryChunk, is_traced
 from daamkit.errors import InputError, TraceError
@@ -419,10 +419,7 @@ class Trace:
     def query_chunk(self, total: int, frame: int, bytes_per_query: int, device: torch.device | None = None) -> int:
         if not all(m.chunks for m in self._attention_methods):
             return total
-        mib = self.config.chunk_mib
-        if device is not None and device.type == "cpu":
-            mib = min(mib, CPU_BLOCK_MIB)
-        return chunk_size(total, frame, bytes_per_query, mib)
+        return chunk_size(total, frame, bytes_per_query, self.config.chunk_mib, device)
 
     def on_attention(self, layer: LayerInfo, probs: torch.Tensor, branch: str, chunk: QueryChunk | None = None) -> None:
         assert self._gen is not None

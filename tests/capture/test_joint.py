@@ -100,8 +100,8 @@ class HandSet:
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_images_unchanged_processors_restored_and_maps_peak_in_the_hand_set_region(family, sd3, flux):
-    pipe = sd3 if family == "sd3" else flux
+def test_images_unchanged_processors_restored_and_maps_peak_in_the_hand_set_region(family, request):
+    pipe = request.getfixturevalue(family)  # only the family in use is built
     before = state(pipe)
     ref = run(pipe)
     with trace(pipe) as tc:
@@ -210,8 +210,8 @@ def test_flux_batches_true_cfg_and_block_selection(flux):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_restored_after_errors_and_nested_traces_refused(family, sd3, flux):
-    pipe = sd3 if family == "sd3" else flux
+def test_restored_after_errors_and_nested_traces_refused(family, request):
+    pipe = request.getfixturevalue(family)  # only the family in use is built
     before = state(pipe)
 
     def boom(p, i, t, kw):
@@ -322,8 +322,8 @@ class ProjectionOracle:
     ("flux", "transformer_blocks.0.attn", "double"),
     ("flux", "single_transformer_blocks.0.attn", "single"),
 ])
-def test_text_and_model_probabilities_match_a_recomputation_from_the_projections(family, layer, kind, sd3, flux):
-    pipe = sd3 if family == "sd3" else flux
+def test_text_and_model_probabilities_match_a_recomputation_from_the_projections(family, layer, kind, request):
+    pipe = request.getfixturevalue(family)  # only the family in use is built
     module = pipe.transformer.get_submodule(layer)
     maps = {}
     for probabilities in ("text", "model"):

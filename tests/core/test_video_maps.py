@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_heatmap import PIECES, make_alignment
 
-from daamkit.aggregate import Accumulator, AggregationConfig, chunk_size
+from daamkit.aggregate import CPU_BLOCK_MIB, Accumulator, AggregationConfig, chunk_size
 from daamkit.capture.base import LayerInfo, QueryChunk
 from daamkit.frames import TimeAxis
 from daamkit.heatmap import GlobalHeatMap, WordHeatMap
@@ -128,6 +128,17 @@ def test_chunk_size_fits_the_budget(total, frame, per_query, mib):
         assert n * per_query <= max(per_query, mib * 2**20)
         if frame * per_query <= mib * 2**20:
             assert n % frame == 0  # whole frames where one fits
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 50_000), st.integers(1, 4096), st.floats(0.01, 64))
+def test_chunk_size_keeps_cpu_blocks_small(total, per_query, mib):
+    on_cpu = chunk_size(total, 0, per_query, mib, "cpu")
+    elsewhere = chunk_size(total, 0, per_query, mib, "meta")
+    assert elsewhere == chunk_size(total, 0, per_query, mib)  # the CPU rule touches CPU blocks only
+    assert on_cpu == chunk_size(total, 0, per_query, min(mib, CPU_BLOCK_MIB))
+    if on_cpu < total:
+        assert on_cpu * per_query <= max(per_query, CPU_BLOCK_MIB * 2**20)
 
 
 def test_chunk_budget_must_be_positive():

@@ -21,8 +21,8 @@ def hook_count(pipe):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_concept_maps_leave_the_image_unchanged(family, sd3, flux):
-    pipe = sd3 if family == "sd3" else flux
+def test_concept_maps_leave_the_image_unchanged(family, request):
+    pipe = request.getfixturevalue(family)  # only the family in use is built
     hooks = hook_count(pipe)
     ref = run(pipe)
     with trace(pipe, concepts=["dog", "tree", "sky", "traffic light"]) as tc:
@@ -40,10 +40,10 @@ def test_concept_maps_leave_the_image_unchanged(family, sd3, flux):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_concept_stream_equals_the_models_text_stream(family, sd3, flux):
+def test_concept_stream_equals_the_models_text_stream(family, request):
     """Fed the prompt's own context tokens as concepts, the side stream must reproduce the text stream
     of every joint block exactly: same modulation, projections, norms, attention over [text; image]."""
-    pipe = sd3 if family == "sd3" else flux
+    pipe = request.getfixturevalue(family)  # only the family in use is built
     kw = dict(max_sequence_length=16)
     if family == "sd3":
         emb = pipe.encode_prompt("a red dog", "a red dog", "a red dog", do_classifier_free_guidance=False, **kw)[0]
@@ -90,10 +90,10 @@ def test_concept_errors(sd3, clip_tokenizer_dir):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_concept_maps_follow_the_step_selection(family, sd3, flux):
+def test_concept_maps_follow_the_step_selection(family, request):
     """trace(steps=...) selects the steps of concept maps as of word maps: the two single-step maps
     average (before the softmax over concepts) to the map of both steps."""
-    pipe = sd3 if family == "sd3" else flux
+    pipe = request.getfixturevalue(family)  # only the family in use is built
     sums = {}
     for steps in ([0], [1], None):
         with trace(pipe, concepts=["dog", "sky"], steps=steps, concept_softmax=False) as tc:

@@ -31,13 +31,10 @@ def world_pipe():
     return load_pipeline(path, dtype="float32")
 
 
-def _own_vs_other(world_pipe, kinds):
-    """For every word of ``kinds`` whose object and at least one other object were drawn: does the
-    map's mean normalised heat over its own object beat its mean over every other drawn object?"""
-    from daamkit.world import COLORS, PLURALS, SHAPES
-
-    nouns = set(SHAPES) | set(PLURALS.values())
-    results = []
+@pytest.fixture(scope="module")
+def generated(world_pipe):
+    """Each case's image and word maps, generated once for both tests."""
+    out = []
     for prompt, seed in CASES:
         with trace(world_pipe) as tc:
             image = world_pipe(
@@ -47,6 +44,18 @@ def _own_vs_other(world_pipe, kinds):
                 generator=torch.Generator().manual_seed(seed),
             ).images[0]
             maps = tc.heat_maps(0)
+        out.append((prompt, image, maps))
+    return out
+
+
+def _own_vs_other(generated, kinds):
+    """For every word of ``kinds`` whose object and at least one other object were drawn: does the
+    map's mean normalised heat over its own object beat its mean over every other drawn object?"""
+    from daamkit.world import COLORS, PLURALS, SHAPES
+
+    nouns = set(SHAPES) | set(PLURALS.values())
+    results = []
+    for prompt, image, maps in generated:
         check = generation_accuracy(image, prompt)
         objects = [m.mask for m in check.matches if m is not None]
         for word, per_occurrence in drawn_masks(image, prompt).items():
@@ -66,15 +75,15 @@ def _own_vs_other(world_pipe, kinds):
     return results
 
 
-def test_colour_word_maps_sit_on_their_own_object(world_pipe):
-    results = _own_vs_other(world_pipe, {"colour"})
+def test_colour_word_maps_sit_on_their_own_object(generated):
+    results = _own_vs_other(generated, {"colour"})
     assert len(results) >= 8, f"too few colour words with two drawn objects to judge: {results}"
     wins = sum(r[-1] for r in results)
     assert wins / len(results) >= 0.9, [r for r in results if not r[-1]]
 
 
-def test_noun_maps_sit_on_their_own_object(world_pipe):
-    results = _own_vs_other(world_pipe, {"noun"})
+def test_noun_maps_sit_on_their_own_object(generated):
+    results = _own_vs_other(generated, {"noun"})
     assert len(results) >= 8, f"too few nouns with two drawn objects to judge: {results}"
     wins = sum(r[-1] for r in results)
     assert wins / len(results) >= 0.85, [r for r in results if not r[-1]]

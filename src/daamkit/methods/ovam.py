@@ -517,7 +517,8 @@ class OvamMethod(AttributionMethod):
         frames = max(1, trace.generation.call.frames)
         step = trace.generation.step
         # a video's (queries x attribution tokens) block is small per query but its queries are many
-        size = chunk_size(total, total // frames, b * heads * int(keys.shape[-2]) * 4, trace.config.chunk_mib)
+        size = chunk_size(total, total // frames, b * heads * int(keys.shape[-2]) * 4, trace.config.chunk_mib,
+                          q.device)
         with torch.no_grad():
             for start, stop, chunk in query_chunks(total, size):
                 probs = attribution_probs(q[:, :, start:stop], keys, queries.scale, self._mask)

@@ -302,7 +302,7 @@ class RefinedMethod(DaamMethod):
         b, n = int(q.shape[0]), int(q.shape[1])
         heads = int(attn1.heads)
         # scores and their softmax exist together: twice the (b, heads, rows, N) block per row
-        rows = chunk_size(n, 0, 2 * b * heads * n * 4, trace.config.chunk_mib)
+        rows = chunk_size(n, 0, 2 * b * heads * n * 4, trace.config.chunk_mib, q.device)
         with torch.no_grad():
             refined = propagate(
                 q, k, m.to(q.device), heads=heads, scale=float(attn1.scale), norm_q=getattr(attn1, "norm_q", None),
