@@ -258,6 +258,34 @@ def _sana_reduced(args: argparse.Namespace) -> str:
     )
 
 
+def build_zimage(device: torch.device, dtype: torch.dtype, seed: int, args: argparse.Namespace):
+    """Z-Image at full width (3840 = 30 heads x 128, FFN 10240, caption dim 2560, rope axes [32, 48, 48])
+    with few of its 30 main layers, and a Qwen3-4B-width text encoder with few layers: 6.2B + 4.0B
+    parameters are 41 GB in fp32."""
+    from daamkit.testing.configs import build_random_pipeline
+
+    return build_random_pipeline(
+        "zimage",
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        overrides={
+            "transformer": {"n_layers": args.zimage_blocks},
+            "text_encoder": {"num_hidden_layers": args.zimage_text_layers},
+        },
+    )
+
+
+def _zimage_reduced(args: argparse.Namespace) -> str:
+    return (
+        f"transformer: {args.zimage_blocks} of 30 main layers at full width, both 2-layer refiners as released; "
+        f"Qwen3-4B text encoder: {args.zimage_text_layers} of 36 layers at full width (hidden 2560, 32 heads / 8 "
+        "KV heads, MLP 9728, vocab 151936; the pipeline reads the second-to-last hidden state), driven by a "
+        "small Qwen2 BPE tokenizer trained offline with Qwen3's special tokens and chat template (not Qwen's "
+        "vocabulary); 16-ch VAE as released"
+    )
+
+
 def wan_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "transformer": {"num_layers": args.wan_blocks},
@@ -329,6 +357,14 @@ MODELS: dict[str, Model] = {
         time_target=TARGET_TIME_RATIO_LARGE,
         reduced=_sana_reduced,
     ),
+    "zimage": Model(
+        build_zimage,
+        {"guidance_scale": 0.0},
+        "Z-Image architecture (single-stream DiT 6.2B at full width, few main layers; Qwen3-4B-width text "
+        "encoder with few layers; 16-ch VAE)",
+        time_target=TARGET_TIME_RATIO_LARGE,
+        reduced=_zimage_reduced,
+    ),
     "wan": Model(
         build_wan,
         {"guidance_scale": 1.0},
@@ -373,6 +409,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sana-text-layers", type=int, default=2, help="sana: Gemma 2 text encoder layers (released: 26)"
+    )
+    p.add_argument(
+        "--zimage-blocks", type=int, default=2, help="zimage: main transformer layers at full width (released: 30)"
+    )
+    p.add_argument(
+        "--zimage-text-layers", type=int, default=2, help="zimage: Qwen3 text encoder layers (released: 36)"
     )
     p.add_argument("--wan-blocks", type=int, default=2, help="wan: transformer blocks at full width (released: 30)")
     p.add_argument("--wan-text-layers", type=int, default=1, help="wan: UMT5 encoder layers (released: 24)")

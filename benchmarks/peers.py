@@ -166,7 +166,7 @@ def _call_kwargs(args, model, device: torch.device) -> dict[str, Any]:
         height=args.height,
         width=args.width,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        output_type="latent" if model.video else "np",
+        output_type="latent" if model.video or args.latent else "np",
     )
     if model.video:
         kwargs["num_frames"] = args.frames
@@ -248,7 +248,12 @@ def run_call(
     changed = state.differences(pipe) if state is not None else []
     if changed:
         state.put_back()  # later calls must run on the pipeline as it was built
-    image = out.frames[0].float().cpu().numpy() if model.video else np.asarray(out.images[0])
+    if model.video:
+        image = out.frames[0].float().cpu().numpy()
+    elif args.latent:
+        image = out.images[0].float().cpu().numpy()
+    else:
+        image = np.asarray(out.images[0])
     del out
     return Call(arm, seconds, cpu_seconds, post, meter.sample, image, held, changed, result)  # type: ignore[arg-type]
 
@@ -296,6 +301,11 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def agreement(hm: Any, peer: torch.Tensor) -> dict[str, Any]:
     """Pearson r of each word's map (mean over its token positions) between daamkit's and the peer's."""
+    extra = peer.shape[0] - hm.maps.shape[0]
+    # Z-Image pads its caption with a learnt token to a multiple of 32 after the prompt's tokens; the peer
+    # keeps those key columns, daamkit's text ends with the prompt's own tokens
+    if extra > 0 and tuple(peer.shape[1:]) == tuple(hm.maps.shape[1:]):
+        peer = peer[: hm.maps.shape[0]]
     if tuple(peer.shape) != tuple(hm.maps.shape):
         return {"error": f"daamkit maps {tuple(hm.maps.shape)} vs peer {tuple(peer.shape)}"}
     words = {}
@@ -313,6 +323,7 @@ def agreement(hm: Any, peer: torch.Tensor) -> dict[str, Any]:
         "r_min": float(min(rs)) if rs else float("nan"),
         "max_rel_diff": max((v["max_rel_diff"] for v in words.values()), default=float("nan")),
         "all_tokens_r": _pearson(hm.maps, peer),
+        "peer_extra_key_columns": max(extra, 0),
     }
 
 
@@ -396,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         default="common",
         choices=["common", "all"],
         help="common: only the layers the peer records (same work); all: daamkit's default",
+    )
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="return latents (output_type='latent'): no VAE decode, which neither tool traces, so short "
+        "calls give more rounds",
     )
     p.add_argument("--prompt", default="a photograph of a dog sitting on a wooden bench in a park")
     p.add_argument("--seed", type=int, default=0)
@@ -562,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "frames": args.frames if MODELS[args.model].video else None,
         "steps": args.steps,
+        "latent": args.latent,
         "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": load0,
@@ -601,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         ("model / device / dtype", f"{args.model} / {result['device_name']} ({device}) / {result['dtype']}"),
         *([("reduced from the released model", result["reduced"])] if result["reduced"] else []),
         ("image, steps", f"{args.width}x{args.height} px{f' x {args.frames} frames' if model.video else ''}, "
-                         f"{args.steps} steps"),
+                         f"{args.steps} steps" + (", latents returned" if args.latent else "")),
         ("load avg", f"{load0} -> {load1}, {result['torch_threads']} torch threads"),
         (
             "peer",

@@ -165,3 +165,31 @@ def test_methods_declare_what_they_need(sd3, clip_tokenizer_dir):
 
     with pytest.raises(InputError, match=r"\['cross'\] already belong"):
         Trace(sd3, AggregationConfig(), methods=[Shadowing()])
+
+
+def test_readme_method_table_names_the_families_each_method_accepts():
+    """README's "Which method runs on which family" table against the methods' own ``families``."""
+    import re
+    from pathlib import Path
+
+    from daamkit.methods.concept import ConceptMethod
+    from daamkit.methods.ovam import OvamMethod
+    from daamkit.methods.refined import RefinedMethod
+    from daamkit.methods.relations import ImageRelationMethod, TextRelationMethod
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("| method | families |") :].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        method, families = (cell.strip() for cell in line.strip("|").split("|"))
+        # a cell names families as words; parentheses only explain them
+        rows[method] = set(re.findall(r"[a-z0-9_]+", re.sub(r"\(.*?\)", "", families)))
+    expected = {
+        "`ovam`": OvamMethod,
+        "`concept`": ConceptMethod,
+        "`refined`": RefinedMethod,
+        "relation `image->image`": ImageRelationMethod,
+        "relation `text->text`": TextRelationMethod,
+    }
+    for method, cls in expected.items():
+        assert rows.get(method) == set(cls.families), (method, rows.get(method), cls.families)

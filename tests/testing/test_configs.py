@@ -250,6 +250,8 @@ QWEN3_4B = 4_022_468_096
 FLUX2_KLEIN_PARAMS = {"transformer": 3_875_544_576, "text_encoder": QWEN3_4B, "vae": 84_046_115}
 QWENIMAGE_PARAMS = {"transformer": 20_430_401_088, "text_encoder": 8_292_166_656, "vae": 126_892_531}
 SANA_PARAMS = {"transformer": 1_604_462_752, "text_encoder": 2_614_341_888, "vae": 312_250_275}
+# Z-Image: the transformer of the class defaults (the released architecture, "6B"), Qwen3-4B, Flux.1's VAE
+ZIMAGE_PARAMS = {"transformer": 6_154_908_736, "text_encoder": QWEN3_4B, "vae": 83_819_683}
 RELEASED = {  # (config, component): (stated size, half a unit of its last stated digit)
     ("flux2-klein", "transformer"): (3.9e9, 0.05e9),
     ("flux2-klein", "text_encoder"): (4.02e9, 0.005e9),
@@ -258,11 +260,13 @@ RELEASED = {  # (config, component): (stated size, half a unit of its last state
     ("qwenimage", "text_encoder"): (8.29e9, 0.005e9),
     ("sana", "transformer"): (1.6e9, 0.05e9),
     ("sana", "text_encoder"): (2.61e9, 0.005e9),
+    ("zimage", "transformer"): (6e9, 0.5e9),
+    ("zimage", "text_encoder"): (4.02e9, 0.005e9),
 }
 
 
 def test_new_configs_are_listed():
-    assert {"flux2-klein", "qwenimage", "sana"} <= set(configs.available())
+    assert {"flux2-klein", "qwenimage", "sana", "zimage"} <= set(configs.available())
     assert configs.components("flux2-klein")["transformer"] == ("diffusers", "Flux2Transformer2DModel")
     assert configs.components("flux2-klein")["text_encoder"] == ("transformers", "Qwen3ForCausalLM")
     assert configs.components("qwenimage")["transformer"] == ("diffusers", "QwenImageTransformer2DModel")
@@ -273,11 +277,18 @@ def test_new_configs_are_listed():
     assert configs.components("sana")["transformer"] == ("diffusers", "SanaTransformer2DModel")
     assert configs.components("sana")["vae"] == ("diffusers", "AutoencoderDC")
     assert configs.model_index("flux2-klein")["is_distilled"] is True
+    assert configs.components("zimage")["transformer"] == ("diffusers", "ZImageTransformer2DModel")
+    assert configs.components("zimage")["text_encoder"] == ("transformers", "Qwen3Model")
 
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("flux2-klein", FLUX2_KLEIN_PARAMS), ("qwenimage", QWENIMAGE_PARAMS), ("sana", SANA_PARAMS)],
+    [
+        ("flux2-klein", FLUX2_KLEIN_PARAMS),
+        ("qwenimage", QWENIMAGE_PARAMS),
+        ("sana", SANA_PARAMS),
+        ("zimage", ZIMAGE_PARAMS),
+    ],
 )
 def test_new_parameter_counts(name, expected):
     counts = configs.parameter_counts(name)
@@ -319,6 +330,9 @@ def test_new_key_settings():
     )
     assert s["caption_channels"] == configs.load_config("sana", "text_encoder")["hidden_size"] == 2304
     assert (s["in_channels"], s["sample_size"], s["mlp_ratio"]) == (32, 32, 2.5)
+    z = configs.load_config("zimage", "transformer")
+    assert (z["dim"], z["n_heads"], z["n_layers"], z["n_refiner_layers"]) == (3840, 30, 30, 2)
+    assert z["cap_feat_dim"] == configs.load_config("zimage", "text_encoder")["hidden_size"] == 2560
     vae = configs.load_config("sana", "vae")
     assert (vae["latent_channels"], vae["scaling_factor"], len(vae["encoder_block_out_channels"])) == (
         32,

@@ -244,6 +244,7 @@ TOKENIZER_FACTORIES: dict[str, Callable[[], Any]] = {
     "flux2-klein/tokenizer": _family_tokenizer("flux2", "qwen3_tokenizer"),
     "qwenimage/tokenizer": _family_tokenizer("qwenimage", "qwen2_5_vl_tokenizer"),
     "sana/tokenizer": _family_tokenizer("sana", "gemma_tokenizer"),
+    "zimage/tokenizer": _family_tokenizer("zimage", "qwen3_tokenizer"),
     "T5TokenizerFast": _t5_tokenizer,
     "tokenizer": _clip_tokenizer("<|endoftext|>"),
     "tokenizer_2": _clip_tokenizer("!"),
