@@ -54,6 +54,31 @@ def generate(pipe, captions, seeds, args, **trace_kw):
     return tc, out
 
 
+def training_image(pipe, shape: str, args):
+    """The first scene from ``args.train_seed`` on whose caption names ``shape`` and whose object was
+    drawn, traced with its OVAM queries kept: (trace, scene, caption, drawn mask)."""
+    k = args.train_seed
+    while True:
+        caption = make_heldout_scene(k).caption
+        if names_shape(caption, shape):
+            tc, out = generate(pipe, [caption], [k], args, methods=[OvamMethod([shape], keep_queries=True)])
+            truth = drawn_masks(pil(out)[0], caption).get(shape, [None])[0]
+            if truth is not None:
+                return tc, k, caption, truth
+        k += 1
+
+
+def scenes_naming(shape: str, seed: int, n: int) -> list[tuple[int, str]]:
+    """The first ``n`` (scene, caption) from ``seed`` on whose caption names ``shape``."""
+    scenes, s = [], seed
+    while len(scenes) < n:
+        caption = make_heldout_scene(s).caption
+        if names_shape(caption, shape):
+            scenes.append((s, caption))
+        s += 1
+    return scenes
+
+
 def iou(wmap, truth, tau: float) -> float:
     return mask_iou(scaled_threshold_mask(wmap.normalized().numpy(), tau), truth)
 
@@ -83,15 +108,7 @@ def main() -> None:
     for shape in args.shapes:
         t0 = time.time()
         # ---- learn the token on one image
-        k = args.train_seed
-        while True:
-            caption = make_heldout_scene(k).caption
-            if names_shape(caption, shape):
-                tc, out = generate(pipe, [caption], [k], args, methods=[OvamMethod([shape], keep_queries=True)])
-                truth = drawn_masks(pil(out)[0], caption).get(shape, [None])[0]
-                if truth is not None:
-                    break
-            k += 1
+        tc, k, caption, truth = training_image(pipe, shape, args)
         train_plain = iou(tc.heat_maps(0, method="ovam").word(shape), truth, args.tau)
         token = optimize_token(tc, truth, init=shape, iterations=args.iterations, lr=args.lr,
                                positions=args.positions)
@@ -103,12 +120,7 @@ def main() -> None:
         t_train = time.time() - t0
 
         # ---- held-out images naming the shape
-        scenes, s = [], args.seed
-        while len(scenes) < args.n:
-            caption = make_heldout_scene(s).caption
-            if names_shape(caption, shape):
-                scenes.append((s, caption))
-            s += 1
+        scenes = scenes_naming(shape, args.seed, args.n)
         scores: dict[str, list[float]] = {"daam": [], "ovam_word": [], "ovam_word_at": [], "ovam_token": []}
         for start in range(0, len(scenes), args.batch):
             part = scenes[start : start + args.batch]

@@ -665,16 +665,20 @@ def run_once(pipe, args, device: torch.device, model: Model, steps: int, traced:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     if traced and args.arm != "none":
         state = tensor_bytes({k: v for k, v in vars(tc).items() if k != "pipe"})
-    if model.video:
-        image = out.frames[0].float().cpu().numpy()
-    elif args.latent:
-        image = out.images[0].float().cpu().numpy()
-    else:
-        image = np.asarray(out.images[0])
+    image = first_output(out, model, args)
     del out
     denoising = clock.take() if clock is not None else 0.0
     return Run(traced, steps, seconds, cpu_seconds, hm_seconds, meter.sample, image, state, denoising,  # type: ignore[arg-type]
                faults)
+
+
+def first_output(out: Any, model: Model, args: argparse.Namespace) -> np.ndarray:
+    """The call's first image (or video, or latents) as an array, to compare arms bit for bit."""
+    if model.video:
+        return out.frames[0].float().cpu().numpy()
+    if args.latent:
+        return out.images[0].float().cpu().numpy()
+    return np.asarray(out.images[0])
 
 
 def _median(xs: list[float]) -> float:

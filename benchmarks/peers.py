@@ -91,6 +91,7 @@ from overhead import (  # noqa: E402
     _fmt_table,
     _median,
     add_model_args,
+    first_output,
     format_paired,
     paired_ratio,
     parse_size,
@@ -248,12 +249,7 @@ def run_call(
     changed = state.differences(pipe) if state is not None else []
     if changed:
         state.put_back()  # later calls must run on the pipeline as it was built
-    if model.video:
-        image = out.frames[0].float().cpu().numpy()
-    elif args.latent:
-        image = out.images[0].float().cpu().numpy()
-    else:
-        image = np.asarray(out.images[0])
+    image = first_output(out, model, args)
     del out
     return Call(arm, seconds, cpu_seconds, post, meter.sample, image, held, changed, result)  # type: ignore[arg-type]
 
