@@ -680,7 +680,9 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "  compared",
                 f"{agree['layers']} layers x {agree['steps']} steps, head mean, "
-                f"{agree['tokens']} text keys on a {agree['grid'][0]}x{agree['grid'][1]} grid",
+                f"{agree['tokens']} text keys on a {agree['grid'][0]}x{agree['grid'][1]} grid"
+                + (f" (the peer's {n} key columns after them left out)"
+                   if (n := agree[args.probabilities].get("peer_extra_key_columns")) else ""),
             )
         )
         words = agree[args.probabilities].get("words", {})
