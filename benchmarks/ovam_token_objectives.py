@@ -22,12 +22,11 @@ token's map (``ovam_map``, the method's maps over the kept steps, to the image s
 positions. Pooled means with 95 % bootstrap intervals, and each objective's paired difference from
 the word.
 
-    python benchmarks/ovam_token_objectives.py --n 20     # ~9 min on 2 cores
+    python benchmarks/ovam_token_objectives.py --n 20     # ~7 min on 2 cores
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -38,14 +37,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ovam_tokens import generate, pil, scenes_naming, training_image  # noqa: E402
+from ovam_tokens import generate, pil, scene_parser, scenes_naming, training_image, world_pipeline  # noqa: E402
 
-from daamkit.jobs.pipeline import load_pipeline  # noqa: E402
 from daamkit.methods import OvamMethod, encode_positions  # noqa: E402
 from daamkit.methods.ovam import ovam_map  # noqa: E402
 from daamkit.metrics import mask_iou, scaled_threshold_mask  # noqa: E402
 from daamkit.stats import bootstrap_mean_ci  # noqa: E402
-from daamkit.world import SHAPES, default_model_path, drawn_masks  # noqa: E402
+from daamkit.world import drawn_masks  # noqa: E402
 
 # name: (loss, iterations, lr, learn the start row, drop the end row)
 OBJECTIVES = {
@@ -100,22 +98,9 @@ def learn(tc, truth, base, rows, loss_name, iterations, lr, learn_start, drop_en
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=20, help="images per shape scored")
-    p.add_argument("--seed", type=int, default=200_000, help="first scene scored (default: a validation range)")
-    p.add_argument("--train-seed", type=int, default=100_000, help="first scene searched for training images")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--positions", type=int, default=14)
-    p.add_argument("--tau", type=float, default=0.4)
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    p.add_argument("--json", help="write the per-shape results here")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    pipe = load_pipeline(default_model_path(), progress=False)
-    pipe.set_progress_bar_config(disable=True)
+    args = scene_parser(__doc__.split("\n")[0], seed=200_000, seed_help="first scene scored (default: a validation range)",
+                        n_help="images per shape scored", threads=2).parse_args()
+    pipe = world_pipeline(args)
 
     results = {}
     for shape in args.shapes:

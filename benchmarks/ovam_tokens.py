@@ -83,26 +83,39 @@ def iou(wmap, truth, tau: float) -> float:
     return mask_iou(scaled_threshold_mask(wmap.normalized().numpy(), tau), truth)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=20, help="held-out images per shape")
-    p.add_argument("--seed", type=int, default=0, help="first held-out scene of the evaluation")
+def scene_parser(description: str, *, seed: int, seed_help: str, n_help: str, threads: int) -> argparse.ArgumentParser:
+    """The options of the shapes-world token benchmarks: which scenes, how they are generated and scored."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--n", type=int, default=20, help=n_help)
+    p.add_argument("--seed", type=int, default=seed, help=seed_help)
     p.add_argument("--train-seed", type=int, default=100_000, help="first scene searched for training images")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--iterations", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--positions", type=int, default=14,
                    help="positions the word and the token are encoded at (1: once, as before)")
     p.add_argument("--tau", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--json", help="write the per-shape results here")
-    args = p.parse_args()
+    return p
+
+
+def world_pipeline(args: argparse.Namespace):
+    """The shipped shapes-world pipeline, on ``args.threads`` threads, without progress bars."""
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(default_model_path(), progress=False)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    p = scene_parser(__doc__.split("\n")[0], seed=0, seed_help="first held-out scene of the evaluation",
+                     n_help="held-out images per shape", threads=1)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.01)
+    args = p.parse_args()
+    pipe = world_pipeline(args)
 
     rows = []
     for shape in args.shapes:

@@ -221,7 +221,7 @@ def test_decoder_runs_alongside_the_unet_in_a_second_process(tmp_path, workers):
     # through the CLI, whose parsed namespace also carries its dispatch function (not picklable);
     # enough UNet steps that the decoder process (a fresh interpreter) finishes while the UNet trains
     extra = [] if workers is None else ["--unet-workers", str(workers)]
-    # (on a 2-core CPU the decoder is done after ~75 single-thread UNet steps)
+    # (comfortably more single-thread steps than the decoder process needs on a 2-core CPU)
     steps = 120
     assert main(["world", "train", "--out", str(out), "--threads", "2", "--unet-steps", str(steps), *extra, *_TINY]) == 0
     assert json.loads((out / "decoder.done").read_text())["steps"] == 3
