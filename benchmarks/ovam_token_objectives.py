@@ -8,7 +8,8 @@ positions (one offset shared by the copies, as ``optimize_token(..., positions=n
 
 * ``bce``: the library's objective (``optimize_token``): binary cross-entropy between the token's
   summed OVAM probability and the mask, start and end tokens as encoded; at 30 iterations / lr 0.01
-  (``ovam_tokens.py``'s setting) and at 200 / 0.02 (``optimize_token``'s defaults).
+  and 200 / 0.02 (small steps), 100 / 0.2, and 100 / 1.0 (``optimize_token``'s defaults; lr in units
+  of the word's root-mean-square entry).
 * ``bce_max``: the same on the map divided by its maximum, the form the evaluation thresholds;
   ``bce_max_start`` also learns the start token's row.
 * ``ovam``: the objective of OVAM's code: the start token and the word's rows learned, the end token
@@ -22,7 +23,8 @@ token's map (``ovam_map``, the method's maps over the kept steps, to the image s
 positions. Pooled means with 95 % bootstrap intervals, and each objective's paired difference from
 the word.
 
-    python benchmarks/ovam_token_objectives.py --n 20     # ~7 min on 2 cores
+    python benchmarks/ovam_token_objectives.py --n 20     # ~10 min on 2 cores
+    python benchmarks/ovam_token_objectives.py --n 20 --model runs/world_ungrounded/model
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from daamkit.world import drawn_masks  # noqa: E402
 OBJECTIVES = {
     "bce_30": ("bce", 30, 0.01, False, False),
     "bce_200": ("bce", 200, 0.02, False, False),
+    "bce_lr0.2_100": ("bce", 100, 0.2, False, False),
+    "bce_lr1_100": ("bce", 100, 1.0, False, False),
     "bce_max_100": ("bce_max", 100, 0.02, False, False),
     "bce_max_start_100": ("bce_max", 100, 0.02, True, False),
     "ovam_100": ("ovam", 100, 0.02, True, True),

@@ -39,6 +39,8 @@ class Site:
         text-image one and are let pass (a cross-attention that first attends to image-context keys).
     per_row: the module calls attention once per batch row (batch 1), in row order, each call with
         that row's own text length; its text keys are the first tokens of the module's text.
+    packed_rows: ``locate`` gives one ``Slices`` per batch row: the rows place their text and image at
+        different offsets, so no one [text, image] layout holds for the call (relation maps need one).
     """
 
     pattern: str
@@ -49,6 +51,7 @@ class Site:
     locate: Callable[..., Any] | None = None
     skip: Callable[[nn.Module], int] | None = None
     per_row: bool = False  # one attention call per batch row (see AttentionTap)
+    packed_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -698,7 +701,7 @@ FAMILIES: tuple[Family, ...] = (
         title="Lumina-Image 2.0",
         denoisers=("Lumina2Transformer2DModel",),
         # context_refiner / noise_refiner attend within the caption / the image alone
-        sites=(Site(r"layers\.\d+\.attn", "joint", "text_image", locate=_lumina2_locate),),
+        sites=(Site(r"layers\.\d+\.attn", "joint", "text_image", locate=_lumina2_locate, packed_rows=True),),
         # prompts follow the system prompt and " <Prompt Start> "; a negative prompt has no prefix
         text=(TextPart("text_encoder", "tokenizer", after=("<Prompt Start>", "<bos>")),),
         denoiser_text_len=lambda args, kwargs: max(_caption_lengths(args, kwargs)),
@@ -882,7 +885,7 @@ FAMILIES: tuple[Family, ...] = (
         name="hunyuanvideo15",
         title="HunyuanVideo 1.5",
         denoisers=("HunyuanVideo15Transformer3DModel",),
-        sites=(Site(r"transformer_blocks\.\d+\.attn", "double", "image_text", locate=_hunyuanvideo15_locate),),
+        sites=(Site(r"transformer_blocks\.\d+\.attn", "double", "image_text", locate=_hunyuanvideo15_locate, packed_rows=True),),
         # Qwen2.5-VL in its chat template, the system part (108 tokens) cut by count
         text=(TextPart("text_encoder", "tokenizer", drop="prompt_template_encode_start_idx", after="<|im_start|>user\n"),),
         grid=video_grid,

@@ -650,8 +650,8 @@ def optimize_token(
     init: str,
     image: int = 0,
     name: str | None = None,
-    iterations: int = 200,
-    lr: float = 0.02,
+    iterations: int = 100,
+    lr: float = 1.0,
     positions: int = 1,
 ) -> OvamEmbedding:
     """Learn one attribution token from ``mask`` (a (H, W) bool/0-1 array over image ``image`` of the
@@ -662,6 +662,13 @@ def optimize_token(
     Adam (``lr``, ``iterations`` steps) lowers the binary cross-entropy between that row's OVAM map
     (:func:`ovam_map`, on the aggregation grid; the mask is area-averaged onto it) and the mask.
     Returns the embedding, named ``name`` (default ``init``), for ``OvamMethod(embeds=...)``.
+
+    ``lr`` is in units of the starting rows' root-mean-square entry, so it means the same for every
+    encoder. The defaults move the token far from its word, as OVAM's own optimiser does: where the
+    word's attention does not follow its object (a model never trained to ground its words), small
+    steps leave the token's map where the word's was. Where the word already follows its object (a
+    model trained with a grounding loss) a token learned from one image fits that image and maps
+    other images worse than the word; compare the two on images other than the training one.
 
     positions: above 1, ``init`` (one word) is encoded at that many positions
     (:func:`encode_positions`) and one offset, shared by all its rows, is learned; the token's map is

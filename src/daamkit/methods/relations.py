@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 
 
 def _joint(family: Any) -> bool:
-    return all(s.layout in ("text_image", "image_text") and s.locate is None and not s.per_row for s in family.sites)
+    """Every site is one [text, image] sequence shared by the batch's rows (the capture then hands over
+    each call's whole q and k)."""
+    return all(s.layout in ("text_image", "image_text") and not (s.per_row or s.packed_rows) for s in family.sites)
 
 
 #: Transformer families whose every traced attention is one joint sequence of text and image tokens.
