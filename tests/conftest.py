@@ -44,22 +44,38 @@ def t5_tokenizer_dir(tmp_path_factory) -> str:
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def sd_tokenizer_2(clip_tokenizer_2_dir):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_2_dir)
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer(t5_tokenizer_dir):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(t5_tokenizer_dir)
+
+
+# A fresh pipeline per test (tests may change one), sharing the session's loaded tokenizers, which
+# pipelines only read
 @pytest.fixture()
-def sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir):
+def sd3(sd_tokenizer, sd_tokenizer_2, t5_tokenizer):
     from daamkit.testing.pipelines import tiny_sd3
 
-    return tiny_sd3(clip_tokenizer_dir, clip_tokenizer_2_dir, t5_tokenizer_dir)
+    return tiny_sd3(sd_tokenizer, sd_tokenizer_2, t5_tokenizer)
 
 
 @pytest.fixture()
-def flux(clip_tokenizer_dir, t5_tokenizer_dir):
+def flux(sd_tokenizer, t5_tokenizer):
     from daamkit.testing.pipelines import tiny_flux
 
-    return tiny_flux(clip_tokenizer_dir, t5_tokenizer_dir)
+    return tiny_flux(sd_tokenizer, t5_tokenizer)
 
 
 @pytest.fixture()
-def sdxl(clip_tokenizer_dir, clip_tokenizer_2_dir):
+def sdxl(sd_tokenizer, sd_tokenizer_2):
     from daamkit.testing.pipelines import tiny_sdxl
 
-    return tiny_sdxl(clip_tokenizer_dir, clip_tokenizer_2_dir)
+    return tiny_sdxl(sd_tokenizer, sd_tokenizer_2)

@@ -202,9 +202,10 @@ def test_bf16_default_follows_native_support():
     assert parse("--bf16").bf16 is True and parse("--no-bf16").bf16 is False
 
 
+# one data process: the data phase's spawned workers have their own test
 _TINY = (
     "--dataset-size 24 --vae-channels 8,8,8 --vae-steps 2 --vae-batch 4 --unet-channels 16,16,16 --heads 2 "
-    "--text-width 16 --batch 4 --decoder-steps 3 --sample-steps 0"
+    "--text-width 16 --batch 4 --decoder-steps 3 --sample-steps 0 --data-workers 1"
 ).split()
 
 

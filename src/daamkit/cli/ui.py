@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,7 +75,10 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             return 2
         print(f"daamkit ui: serving {app.daamkit_session.model.label} at {app.local_url} (Ctrl+C to stop)",
               flush=True)
-        app.block_thread()  # returns on Ctrl+C / SIGTERM, after closing the server
+        # not Gradio's block_thread: on Ctrl+C it closes the server before the page heartbeats stop, so an
+        # open page held the shutdown for its 5-second timeout; app.close() below stops them first
+        while app.is_running:
+            time.sleep(0.1)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,7 +1,9 @@
 """Tiny randomly initialised pipelines of each family, built offline (diffusers' test sizes).
 
 The text encoders use the full CLIP vocabulary (49408) so that the real Stable Diffusion tokenizer,
-rebuilt offline by :mod:`daamkit.testing.tokenizers`, can drive them.
+rebuilt offline by :mod:`daamkit.testing.tokenizers`, can drive them. Each tokenizer argument is its
+folder or a tokenizer already loaded from it (shared, not copied: loading the full CLIP vocabulary
+takes most of a tiny build's time).
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+Tokenizer = str | PreTrainedTokenizerBase
+
+
+def _tokenizer(cls: type, source: Tokenizer) -> PreTrainedTokenizerBase:
+    return source if isinstance(source, PreTrainedTokenizerBase) else cls.from_pretrained(source)
 
 
 def _text_config(hidden: int = 32, projection_dim: int = 32) -> CLIPTextConfig:
@@ -70,7 +84,7 @@ def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
     )
 
 
-def tiny_sd(tokenizer_dir: str, seed: int = 0) -> StableDiffusionPipeline:
+def tiny_sd(tokenizer_dir: Tokenizer, seed: int = 0) -> StableDiffusionPipeline:
     unet = tiny_sd_unet(seed)
     torch.manual_seed(seed + 1)
     vae = _vae()
@@ -80,7 +94,7 @@ def tiny_sd(tokenizer_dir: str, seed: int = 0) -> StableDiffusionPipeline:
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        tokenizer=_tokenizer(CLIPTokenizer, tokenizer_dir),
         scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -90,7 +104,7 @@ def tiny_sd(tokenizer_dir: str, seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def tiny_sdxl(tokenizer_dir: str, tokenizer_2_dir: str, seed: int = 0) -> StableDiffusionXLPipeline:
+def tiny_sdxl(tokenizer_dir: Tokenizer, tokenizer_2_dir: Tokenizer, seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -119,8 +133,8 @@ def tiny_sdxl(tokenizer_dir: str, tokenizer_2_dir: str, seed: int = 0) -> Stable
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2_dir),
+        tokenizer=_tokenizer(CLIPTokenizer, tokenizer_dir),
+        tokenizer_2=_tokenizer(CLIPTokenizer, tokenizer_2_dir),
         scheduler=_scheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -176,7 +190,7 @@ def _dit_vae(latent_channels: int, seed: int) -> AutoencoderKL:
     )
 
 
-def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0, dual_attention_layers: tuple = ()):
+def tiny_sd3(clip_dir: Tokenizer, clip_2_dir: Tokenizer, t5_dir: Tokenizer, seed: int = 0, dual_attention_layers: tuple = ()):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5TokenizerFast
 
@@ -194,14 +208,14 @@ def tiny_sd3(clip_dir: str, clip_2_dir: str, t5_dir: str, seed: int = 0, dual_at
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=te1, text_encoder_2=te2, text_encoder_3=te3,
-        tokenizer=CLIPTokenizer.from_pretrained(clip_dir), tokenizer_2=CLIPTokenizer.from_pretrained(clip_2_dir),
-        tokenizer_3=T5TokenizerFast.from_pretrained(t5_dir),
+        tokenizer=_tokenizer(CLIPTokenizer, clip_dir), tokenizer_2=_tokenizer(CLIPTokenizer, clip_2_dir),
+        tokenizer_3=_tokenizer(T5TokenizerFast, t5_dir),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def tiny_flux(clip_dir: str, t5_dir: str, seed: int = 0):
+def tiny_flux(clip_dir: Tokenizer, t5_dir: Tokenizer, seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5TokenizerFast
 
@@ -217,7 +231,7 @@ def tiny_flux(clip_dir: str, t5_dir: str, seed: int = 0):
     pipe = FluxPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=te1, text_encoder_2=te2,
-        tokenizer=CLIPTokenizer.from_pretrained(clip_dir), tokenizer_2=T5TokenizerFast.from_pretrained(t5_dir),
+        tokenizer=_tokenizer(CLIPTokenizer, clip_dir), tokenizer_2=_tokenizer(T5TokenizerFast, t5_dir),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
