@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +49,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from daamkit.ui.app import build_app as _build
-        from daamkit.ui.app import launch
+        from daamkit.ui.app import launch, wait_until_interrupted
     except ImportError as e:
         print(f"daamkit: error: {INSTALL_HINT} ({e})", file=sys.stderr)
         return 2
@@ -75,10 +74,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             return 2
         print(f"daamkit ui: serving {app.daamkit_session.model.label} at {app.local_url} (Ctrl+C to stop)",
               flush=True)
-        # not Gradio's block_thread: on Ctrl+C it closes the server before the page heartbeats stop, so an
-        # open page held the shutdown for its 5-second timeout; app.close() below stops them first
-        while app.is_running:
-            time.sleep(0.1)
+        wait_until_interrupted(app)
     except KeyboardInterrupt:
         pass
     finally:

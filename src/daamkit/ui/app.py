@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -351,9 +352,27 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, ope
     other than loopback prints one warning line on stderr: the page has no login."""
     ses = getattr(app, "daamkit_session", None)
     warn_if_exposed(host, ses.allowed_dir if ses is not None else None)
-    return app.queue(default_concurrency_limit=4).launch(
+    served = app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, inbrowser=open_browser, share=False, show_error=False,
-        prevent_thread_lock=not block, css=CSS, ssr_mode=False,
+        prevent_thread_lock=True, css=CSS, ssr_mode=False,
         run_history=False,  # gradio 6's run-history page can sync runs to a Hub bucket: keep it off
         **kwargs,
     )
+    if block:
+        try:
+            wait_until_interrupted(app)
+        finally:
+            app.close()
+    return served
+
+
+def wait_until_interrupted(app: gr.Blocks) -> None:
+    """Return on Ctrl+C (KeyboardInterrupt) or when the app is closed; the caller then closes it.
+
+    Not Gradio's ``block_thread``: on Ctrl+C it closes the server before the page heartbeats stop, so
+    an open page held every shutdown for Gradio's 5-second join; ``app.close()`` stops them first."""
+    try:
+        while app.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
