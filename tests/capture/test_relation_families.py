@@ -1,7 +1,8 @@
 """Relation maps on the joint families whose text sits at an offset the capture locates per call: Z-Image
-([image, image pads, caption, caption pads]) and AuraFlow ([registers, text, image]). Each relation is
-checked against the probabilities recomputed from the q and k the layer's own attention call received,
-at positions these tests work out from the model's layout; images unchanged, hooks removed."""
+([image, image pads, caption, caption pads]) and AuraFlow ([registers, text, image]), and text->text on a
+video model (CogVideoX). Each relation is checked against the probabilities recomputed from the q and k
+the layer's own attention call received, at positions these tests work out from the model's layout;
+images unchanged, hooks removed."""
 
 from __future__ import annotations
 
@@ -139,3 +140,30 @@ def test_families_that_pack_each_row_differently_are_refused(tmp_path):
     with pytest.raises(UnsupportedPipelineError, match="text->text relations need a joint-attention transformer"):
         with trace(pipe, relations=["text->text"]):
             pass
+
+
+def test_text_relation_of_a_video_model_matches_its_attention_call(t5_tokenizer_dir):
+    """Token-to-token attention does not read the frames: CogVideoX ([text, video] in one sequence) gives
+    the same matrix as its attention call; where a video relation is not defined (image->image), the
+    trace says so before anything runs."""
+    from daamkit.testing.families.cogvideox import tiny_cogvideox
+
+    pipe = tiny_cogvideox(t5_tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    layer = "transformer_blocks.0.attn1"
+    module = pipe.transformer.get_submodule(layer)
+    with trace(pipe, steps=[0], layers=[layer], relations=["text->text"]) as tc:
+        oracle = FirstAttentionCall(module)
+        try:
+            pipe(prompt=PROMPT, num_inference_steps=1, height=32, width=48, num_frames=9, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np")
+        finally:
+            oracle.remove()
+        mat = tc.relation(0, "text->text")
+    q, k, mask = oracle.calls[0]
+    n = mat.matrix.shape[0]
+    assert n == 226 and n < q.shape[2]  # the padded T5 caption first, then the video's tokens
+    torch.testing.assert_close(mat.matrix, softmax_block(q, k, mask, slice(0, n), slice(0, n))[0], rtol=1e-4, atol=1e-6)
+    assert mat.words()[0] == ["a", "red", "dog", "on", "a#2", "bench"]
+    with pytest.raises(UnsupportedPipelineError, match="image->image relations need"):
+        trace(pipe, relations=["image->image"], query=(0, 0))

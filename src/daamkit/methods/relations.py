@@ -62,9 +62,10 @@ class RelationMethod(AttributionMethod):
     def relation(self, trace: Trace, i: int, **options: Any) -> Any:
         """The relation of image ``i`` of the latest generation (options: ``steps``, ``layers``, ``heads``)."""
 
-    def _check_image(self, trace: Trace, i: int) -> None:
+    def _check_image(self, trace: Trace, i: int, video: bool = False) -> None:
+        """video: whether the relation is defined for a video (text->text is: it never reads the frames)."""
         gen = trace.generation
-        if gen.call.frames > 1:
+        if gen.call.frames > 1 and not video:
             raise TraceError(f"{self.name} relations of videos are not supported: the traced call denoised several frames")
         if not 0 <= i < gen.num_images:
             raise IndexError(f"image index {i} out of range: the traced call made {gen.num_images} image(s)")
@@ -323,8 +324,9 @@ class TextRelationMethod(RelationMethod):
         heads: Sequence[int] | None = None,
         **_: Any,
     ) -> TokenRelationMatrix:
-        """prompt: the image's prompt where the pipeline was given ``prompt_embeds`` (as for heat_maps)."""
-        self._check_image(trace, i)
+        """prompt: the image's prompt where the pipeline was given ``prompt_embeds`` (as for heat_maps);
+        ``i`` indexes the call's images or videos."""
+        self._check_image(trace, i, video=True)
         if not self.sums:
             raise TraceError("no text->text relation was recorded (no selected joint attention layer ran inside "
                              "the trace)")
