@@ -96,8 +96,13 @@ def other_objects(drawn: dict, shape: str, truth: np.ndarray) -> np.ndarray | No
     return union if union is not None and union.any() else None
 
 
+def region(wmap, tau: float) -> np.ndarray:
+    """A word map's tau region (``daamkit eval``'s thresholding)."""
+    return scaled_threshold_mask(wmap.normalized().numpy(), tau)
+
+
 def iou(wmap, truth, tau: float) -> float:
-    return mask_iou(scaled_threshold_mask(wmap.normalized().numpy(), tau), truth)
+    return mask_iou(region(wmap, tau), truth)
 
 
 def scene_parser(description: str, *, seed: int, seed_help: str, n_help: str, threads: int) -> argparse.ArgumentParser:
@@ -168,16 +173,19 @@ def main() -> None:
                 truth = drawn.get(shape, [None])[0]
                 if truth is None:
                     continue  # not drawn: nothing to score against, as in daamkit eval
+                regions = {
+                    "daam": region(tc_word.heat_maps(j).word(shape, occurrence=0), args.tau),
+                    "ovam_word": region(tc_word.heat_maps(j, method="ovam").word(shape), args.tau),
+                    "ovam_word_at": region(tc_at.heat_maps(j, method="ovam").word(shape), args.tau),
+                    "ovam_token": region(tc_token.heat_maps(j, method="ovam").word(shape), args.tau),
+                }
+                for name, r in regions.items():
+                    scores[name].append(mask_iou(r, truth))
                 others = other_objects(drawn, shape, truth)
                 if others is not None:  # does the map pick this shape, or any object?
-                    for name, tc in (("ovam_word_at", tc_at), ("ovam_token", tc_token)):
-                        m = scaled_threshold_mask(tc.heat_maps(j, method="ovam").word(shape).normalized().numpy(),
-                                                  args.tau)
-                        off[name].append(float((m & others).sum() / max(1, m.sum())))
-                scores["daam"].append(iou(tc_word.heat_maps(j).word(shape, occurrence=0), truth, args.tau))
-                scores["ovam_word"].append(iou(tc_word.heat_maps(j, method="ovam").word(shape), truth, args.tau))
-                scores["ovam_word_at"].append(iou(tc_at.heat_maps(j, method="ovam").word(shape), truth, args.tau))
-                scores["ovam_token"].append(iou(tc_token.heat_maps(j, method="ovam").word(shape), truth, args.tau))
+                    for name in off:
+                        r = regions[name]
+                        off[name].append(float((r & others).sum() / max(1, r.sum())))
         row = {"shape": shape, "train_scene": k, "train_iou_word": train_plain,
                "train_iou_token": train_token, "scored": len(scores["daam"]),
                **{name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()},
